@@ -1,0 +1,361 @@
+"""Read interaction logs in the public ReSpect layouts and explode them into turns.
+
+Sources are Parquet or JSON-lines files (or folders of them) in the public
+``interaction`` layout (one row per game) or ``turn`` layout (one row per turn).
+Both become one normalised interactions table (:data:`tables.INTERACTIONS`),
+checked row by row; a bad row is refused with ``FILE: row N: field: reason``,
+or kept aside in a quarantine table when the caller asks, never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from respect_hpc.multiref import DEFAULT_MAX_TURNS, LETTERS
+from respect_hpc.tables import INTERACTIONS, QUARANTINE, TURNS
+
+# Policy names of the public logs: sft = initial policy; b/t = binary/ternary
+# decoder; p/a/k = FFT/RL/KTO; "human" for human-human games.
+PUBLIC_POLICIES = ("sft", "bp", "tp", "ba", "ta", "bk", "tk", "human")
+
+INTERACTION_LAYOUT = {"game_id", "chat", "clicks", "context", "targets", "end", "policy_name", "round"}
+TURN_LAYOUT = {"game_id", "turn_id", "chats", "currently_selected", "selected", "deselected",
+               "context", "targets", "end", "policy_name", "round"}
+
+_STR = ("a string", lambda v: isinstance(v, str))
+_STR_LIST = ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+_FIELD_TYPES = {
+    "game_id": _STR, "policy_name": _STR,
+    "chat": _STR_LIST, "chats": _STR_LIST, "context": _STR_LIST, "targets": _STR_LIST,
+    "currently_selected": _STR_LIST, "selected": _STR_LIST, "deselected": _STR_LIST,
+    "clicks": ("a list of lists of strings",
+               lambda v: isinstance(v, list) and all(_STR_LIST[1](x) for x in v)),
+}
+
+
+class IngestError(ValueError):
+    """A source that cannot be read, or a bad row when quarantine is off."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    interactions: pl.DataFrame
+    turns: pl.DataFrame
+    quarantine: pl.DataFrame
+    rows_in: int
+
+    @property
+    def rows_out(self) -> int:
+        return self.rows_in - self.rows_quarantined
+
+    @property
+    def rows_quarantined(self) -> int:
+        return int(self.quarantine["rows"].sum()) if self.quarantine.height else 0
+
+    def accounting(self) -> str:
+        return (f"rows in {self.rows_in} = rows out {self.rows_out} "
+                f"+ rows quarantined {self.rows_quarantined}")
+
+
+def source_files(sources: list[str | Path]) -> list[Path]:
+    """Expand files and folders into the Parquet and JSON-lines files they hold, in order."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found = sorted(p for p in source.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+            if not found:
+                raise IngestError(f"{source}: folder holds no .parquet or .jsonl files")
+            files += found
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise IngestError(f"{source}: no such file or folder")
+    return files
+
+
+def hash_speaker(speaker: str) -> str:
+    """A stable pseudonym for a speaker id; already-hashed ids pass through."""
+    if speaker.startswith("h:"):
+        return speaker
+    return "h:" + hashlib.sha256(speaker.encode()).hexdigest()[:16]
+
+
+def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
+    """Rows of a JSON-lines file, with a row-level error for each line of wrong shape."""
+    rows, errors = [], []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                errors.append(_error(path, line_no, None, "line", f"not valid JSON ({exc.msg})"))
+                continue
+            if not isinstance(record, dict):
+                errors.append(_error(path, line_no, None, "line", "expected a JSON object"))
+                continue
+            problem = next(((field, expected) for field, (expected, ok) in _FIELD_TYPES.items()
+                            if field in record and record[field] is not None and not ok(record[field])), None)
+            if problem:
+                errors.append(_error(path, line_no, record.get("game_id"), problem[0], f"expected {problem[1]}"))
+                continue
+            for field in ("end", "round", "speaker", "date", "dataset_alias"):
+                if record.get(field) is not None:
+                    record[field] = str(record[field])
+            record["_row"] = line_no
+            rows.append(record)
+    columns = sorted({key for row in rows for key in row})
+    frame = pl.DataFrame({c: [row.get(c) for row in rows] for c in columns}) if rows else pl.DataFrame()
+    return frame, errors
+
+
+def _error(path: Path, row: int, game_id: object, field: str, reason: str, rows: int = 1) -> dict:
+    return {"file": str(path), "row": row, "game_id": None if game_id is None else str(game_id),
+            "field": field, "reason": reason, "rows": rows}
+
+
+def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
+    """One source file as (frame with ``_row``, row errors, number of records read)."""
+    if path.suffix == ".parquet":
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as exc:  # a corrupt or non-Parquet file: name it
+            raise IngestError(f"{path}: cannot read as Parquet ({exc})") from None
+        frame = frame.with_row_index("_row", offset=1).with_columns(pl.col("_row").cast(pl.Int64))
+        errors: list[dict] = []
+    else:
+        frame, errors = _read_jsonl(path)
+    columns = set(frame.columns)
+    layout = INTERACTION_LAYOUT if "chat" in columns or "chats" not in columns else TURN_LAYOUT
+    missing = sorted(layout - columns)
+    if frame.height and missing:
+        raise IngestError(f"{path}: missing columns {', '.join(missing)} of the public "
+                          f"{'interaction' if layout is INTERACTION_LAYOUT else 'turn'} layout")
+    for field, (expected, _) in _FIELD_TYPES.items():
+        if field in columns and frame.height:
+            dtype = frame.schema[field]
+            want = pl.String if expected == "a string" else (
+                pl.List(pl.String) if expected == "a list of strings" else pl.List(pl.List(pl.String)))
+            if dtype != want and dtype != pl.Null:
+                raise IngestError(f"{path}: column {field}: expected {expected}, got {dtype}")
+    records = frame.height + len(errors)
+    if not frame.height:
+        return pl.DataFrame(schema=INTERACTIONS).with_columns(
+            _file=pl.lit(str(path)), _row=pl.lit(0, pl.Int64), _rows=pl.lit(1, pl.Int64)).clear(), errors, records
+    frame = _from_interaction_layout(frame) if layout is INTERACTION_LAYOUT else _from_turn_layout(frame)
+    return frame.with_columns(_file=pl.lit(str(path))), errors, records
+
+
+def _optional(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
+    return pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype)
+
+
+_END = (pl.col("end").cast(pl.String).str.to_lowercase().str.strip_chars()
+        .replace_strict({"successful": "1", "1": "1", "true": "1", "unsuccessful": "0", "0": "0", "false": "0"},
+                        default=None))
+
+
+def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
+    chat_len = pl.col("chat").list.len()
+    return frame.select(
+        pl.col("game_id").cast(pl.String),
+        pl.col("round").cast(pl.Int64, strict=False),
+        pl.col("policy_name").cast(pl.String).alias("policy"),
+        _optional(frame, "speaker", pl.String).alias("speaker"),
+        _optional(frame, "date", pl.String).alias("date"),
+        _optional(frame, "dataset_alias", pl.String).alias("dataset_alias"),
+        "context", "targets", "chat",
+        pl.col("clicks").cast(pl.List(pl.List(pl.String))),
+        pl.coalesce(_optional(frame, "prob_action", pl.List(pl.Float64)),
+                    pl.col("chat").list.eval(pl.lit(None, pl.Float64))).alias("prob_action"),  # p unlogged
+        (_END == "1").alias("success"),
+        chat_len.cast(pl.Int64).alias("num_turns"),
+        pl.col("end").cast(pl.String).alias("_end"),
+        pl.col("round").cast(pl.String).alias("_round"),
+        "_row",
+        pl.lit(1, pl.Int64).alias("_rows"),
+    )
+
+
+def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
+    """Group turn rows into games; the selection after a turn is before - deselected + selected."""
+    after = (pl.col("currently_selected").list.set_difference("deselected")
+             .list.concat("selected").list.unique().list.sort())
+    utterance = pl.col("chats").list.last()
+    return (
+        frame.with_columns(
+            pl.col("turn_id").cast(pl.Int64, strict=False),
+            _after=after, _utterance=utterance,
+            _p=_optional(frame, "prob_action", pl.Float64),
+            _speaker=_optional(frame, "speaker", pl.String),
+            _date=_optional(frame, "date", pl.String),
+            _alias=_optional(frame, "dataset_alias", pl.String),
+        )
+        .sort("game_id", "turn_id", "_row")
+        .group_by("game_id", maintain_order=True)
+        .agg(
+            pl.col("round").first().cast(pl.Int64, strict=False),
+            pl.col("policy_name").first().cast(pl.String).alias("policy"),
+            pl.col("_speaker").first().alias("speaker"),
+            pl.col("_date").first().alias("date"),
+            pl.col("_alias").first().alias("dataset_alias"),
+            pl.col("context").first(), pl.col("targets").first(),
+            pl.col("_utterance").alias("chat"),
+            pl.col("_after").alias("clicks"),
+            pl.col("_p").alias("prob_action"),
+            (_END.first() == "1").alias("success"),
+            pl.len().cast(pl.Int64).alias("num_turns"),
+            pl.col("end").cast(pl.String).first().alias("_end"),
+            pl.col("round").cast(pl.String).first().alias("_round"),
+            pl.col("_row").min(),
+            pl.len().cast(pl.Int64).alias("_rows"),
+            (pl.col("turn_id").diff().drop_nulls() != 1).any().alias("_turn_gap"),
+        )
+    )
+
+
+def _problems(max_turns: int, policies: frozenset[str], max_round: int | None) -> pl.Expr:
+    """The first problem of a normalised row as "field\\treason", or null for a good row."""
+    n_chat = pl.col("chat").list.len()
+    n_clicks = pl.col("clicks").list.len()
+    clicked = pl.col("clicks").list.eval(pl.element().explode()).list.unique()
+    outside = clicked.list.set_difference("context").list.sort()
+    stray_targets = pl.col("targets").list.set_difference("context").list.sort()
+    known = ", ".join(sorted(policies))
+    round_ok = pl.col("round").is_not_null() & (pl.col("round") >= 0)
+    if max_round is not None:
+        round_ok &= pl.col("round") <= max_round
+    checks = [
+        (pl.col("game_id").is_null() | (pl.col("game_id") == ""), "game_id", pl.lit("missing game id")),
+        (pl.col("_duplicate_of").is_not_null(), "game_id",
+         pl.format("duplicate game id {}, first seen in {} row {}", "game_id", "_first_file", "_duplicate_of")),
+        (n_chat == 0, "chat", pl.lit("empty game: no turns")),
+        (pl.col("_turn_gap").fill_null(False), "turn_id", pl.lit("turn ids of the game are not consecutive")),
+        (n_clicks != n_chat, "clicks", pl.format("{} selections for {} utterances", n_clicks, n_chat)),
+        (n_chat > max_turns, "chat", pl.format("{} turns, more than the limit of {}", n_chat, pl.lit(max_turns))),
+        ((pl.col("context").list.len() == 0) | (pl.col("context").list.len() > len(LETTERS)), "context",
+         pl.format("expected 1 to {} images, got {}", pl.lit(len(LETTERS)), pl.col("context").list.len())),
+        (pl.col("context").list.n_unique() != pl.col("context").list.len(), "context",
+         pl.lit("an image appears twice")),
+        (stray_targets.list.len() > 0, "targets",
+         pl.format("names images outside the context: {}", stray_targets.list.join(" "))),
+        (outside.list.len() > 0, "clicks",
+         pl.format("names images outside the context: {}", outside.list.join(" "))),
+        (pl.col("success").is_null() | pl.col("_end").is_null(), "end",
+         pl.format("expected 'successful', 'unsuccessful', 0 or 1, got '{}'", pl.col("_end").fill_null("null"))),
+        (~pl.col("policy").is_in(list(policies)) | pl.col("policy").is_null(), "policy_name",
+         pl.format("unknown policy '{}': expected one of {}", pl.col("policy").fill_null("null"), pl.lit(known))),
+        (~round_ok, "round",
+         pl.format("unknown round '{}': expected an integer from 0 to {}", pl.col("_round").fill_null("null"),
+                   pl.lit("any" if max_round is None else str(max_round)))),
+        (pl.col("prob_action").list.len() != n_chat, "prob_action",
+         pl.format("{} probabilities for {} turns", pl.col("prob_action").list.len(), n_chat)),
+        (pl.col("prob_action").list.eval((pl.element() <= 0) | (pl.element() > 1)).list.any(), "prob_action",
+         pl.lit("expected probabilities in (0, 1]")),
+    ]
+    problem = pl.lit(None, pl.String)
+    for bad, field, reason in reversed(checks):
+        problem = pl.when(bad.fill_null(True)).then(pl.concat_str(pl.lit(field + "\t"), reason)).otherwise(problem)
+    return problem
+
+
+def read_interactions(sources: list[str | Path], *, quarantine: bool = False, max_turns: int = DEFAULT_MAX_TURNS,
+                      policies: list[str] | tuple[str, ...] = PUBLIC_POLICIES,
+                      max_round: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Read and check sources; returns (interactions, quarantine, records read).
+
+    Without ``quarantine`` the first bad row raises :class:`IngestError` naming
+    its file, row and field.
+    """
+    frames, errors, records = [], [], 0
+    for path in source_files(sources):
+        frame, file_errors, n = _read_file(path)
+        frames.append(frame.with_columns(pl.col("_turn_gap") if "_turn_gap" in frame.columns
+                                         else pl.lit(False).alias("_turn_gap")))
+        errors += file_errors
+        records += n
+    if not frames:
+        raise IngestError("no sources given")
+    games = pl.concat(frames, how="diagonal_relaxed")
+    first = pl.col("_row").first().over("game_id")
+    games = games.with_columns(
+        _duplicate_of=pl.when(pl.int_range(pl.len()).over("game_id") > 0).then(first),
+        _first_file=pl.col("_file").first().over("game_id"),
+    ).with_columns(_problem=_problems(max_turns, frozenset(policies), max_round))
+    bad = games.filter(pl.col("_problem").is_not_null())
+    refused = pl.concat([
+        pl.DataFrame(errors, schema={**QUARANTINE, "rows": pl.Int64}),
+        bad.select(file="_file", row="_row", game_id="game_id",
+                   field=pl.col("_problem").str.split_exact("\t", 1).struct.field("field_0"),
+                   reason=pl.col("_problem").str.split_exact("\t", 1).struct.field("field_1"),
+                   rows="_rows"),
+    ]).sort("file", "row")
+    if refused.height and not quarantine:
+        first_bad = refused.row(0, named=True)
+        more = f" (and {refused.height - 1} more bad rows; --quarantine keeps them aside)" if refused.height > 1 else ""
+        raise IngestError(f"{first_bad['file']}: row {first_bad['row']}: {first_bad['field']}: "
+                          f"{first_bad['reason']}{more}")
+    good = games.filter(pl.col("_problem").is_null())
+    speakers = good["speaker"].drop_nulls().unique().to_list()
+    good = good.with_columns(pl.col("speaker").replace_strict(
+        {s: hash_speaker(s) for s in speakers}, default=None, return_dtype=pl.String))
+    return good.select(INTERACTIONS.names()).cast(dict(INTERACTIONS)), refused, records
+
+
+def _letters(frame: pl.DataFrame, images: str, positions: pl.DataFrame) -> pl.DataFrame:
+    """Sorted listener letters of the images in column ``images`` of each turn."""
+    return (frame.select("game_turn_id", "game_id", images).explode(images)
+            .join(positions, left_on=["game_id", images], right_on=["game_id", "image"], how="inner")
+            .group_by("game_turn_id")
+            .agg(pl.col("letter").sort().str.join(" ").alias(f"_{images}_letters")))
+
+
+def explode_turns(interactions: pl.DataFrame) -> pl.DataFrame:
+    """One row per logged action (:data:`tables.TURNS`); a game's last action is kept, flagged."""
+    empty = pl.lit([], pl.List(pl.String))
+    turns = (
+        interactions.with_columns(turn_id=pl.int_ranges(0, pl.col("num_turns")))
+        .explode("turn_id")
+        .with_columns(
+            game_turn_id=pl.format("{}_{}", "game_id", "turn_id"),
+            chats=pl.col("chat").list.head(pl.col("turn_id") + 1),
+            utterance=pl.col("chat").list.get(pl.col("turn_id")),
+            after=pl.col("clicks").list.get(pl.col("turn_id")),
+            currently_selected=pl.when(pl.col("turn_id") > 0)
+            .then(pl.col("clicks").list.get(pl.col("turn_id") - 1, null_on_oob=True)).otherwise(empty),
+            has_follow_up=pl.col("turn_id") < pl.col("num_turns") - 1,
+            follow_up=pl.col("chat").list.get(pl.col("turn_id") + 1, null_on_oob=True).fill_null(""),
+            prob_action=pl.col("prob_action").list.get(pl.col("turn_id")),
+        )
+        .with_columns(
+            selected=pl.col("after").list.set_difference("currently_selected").list.sort(),
+            deselected=pl.col("currently_selected").list.set_difference("after").list.sort(),
+        )
+    )
+    positions = (interactions.select("game_id", pl.col("context").alias("image"),
+                                     pl.int_ranges(0, pl.col("context").list.len()).alias("pos"))
+                 .explode("image", "pos")
+                 .with_columns(letter=pl.lit(LETTERS).str.slice(pl.col("pos"), 1)))
+    turns = (turns.join(_letters(turns, "selected", positions), on="game_turn_id", how="left")
+             .join(_letters(turns, "deselected", positions), on="game_turn_id", how="left"))
+    d, s = pl.col("_deselected_letters"), pl.col("_selected_letters")
+    action = (pl.when(d.is_not_null() & s.is_not_null()).then(pl.format("Deselect {} select {}", d, s))
+              .when(d.is_not_null()).then(pl.format("Deselect {}", d))
+              .when(s.is_not_null()).then(pl.format("Select {}", s))
+              .otherwise(pl.lit("")))
+    return (turns.with_columns(action=action, game_success=pl.col("success"))
+            .sort("game_id", "turn_id")
+            .with_columns(previous_action=pl.col("action").shift(1).over("game_id"))
+            .select(TURNS.names()).cast(dict(TURNS)))
+
+
+def ingest(sources: list[str | Path], **options) -> IngestResult:
+    """Read, check and explode sources (options as :func:`read_interactions`)."""
+    interactions, refused, records = read_interactions(sources, **options)
+    return IngestResult(interactions, explode_turns(interactions), refused, records)
