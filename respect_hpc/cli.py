@@ -1,0 +1,191 @@
+"""The ``respect-hpc`` command line.
+
+Bad input (a manifest problem, a bad log row, a missing file) ends with a
+one-line message naming the file, row or field, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import jobs.ingest
+import jobs.metrics
+from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
+from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
+from respect_hpc.metrics import N_RESAMPLES, round_metrics
+from respect_hpc.multiref import DEFAULT_MAX_TURNS
+from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
+
+app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
+                       "on this machine or a SLURM cluster.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: no wrapping of tables
+err = Console(stderr=True)
+
+Sources = Annotated[list[Path], typer.Argument(help="Parquet or JSON-lines logs in the public interaction or "
+                                                    "turn layout, or folders of them.")]
+Quarantine = Annotated[bool, typer.Option("--quarantine", help="Keep bad rows aside (quarantine.parquet) "
+                                                               "instead of stopping at the first.")]
+MaxTurns = Annotated[int, typer.Option(help="Turn limit of a game; longer games are bad rows.")]
+Policies = Annotated[list[str] | None, typer.Option("--policy", help="A policy name to accept besides the "
+                                                                     "public ones (repeatable).")]
+MaxRound = Annotated[int | None, typer.Option(help="Highest round to accept; later rounds are bad rows.")]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _ingest_options(quarantine: bool, max_turns: int, policy: list[str] | None, max_round: int | None) -> dict:
+    return {"quarantine": quarantine, "max_turns": max_turns,
+            "policies": tuple(PUBLIC_POLICIES) + tuple(policy or ()), "max_round": max_round}
+
+
+@app.command()
+def validate(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")],
+             files: Annotated[bool, typer.Option(help="Check that the files the manifest names exist "
+                                                      "(--no-files to check a cluster manifest elsewhere).")] = True,
+             ) -> None:
+    """Check a round manifest: prints ok, or one FILE:LINE: field: problem line each and exits 2."""
+    try:
+        load_manifest(manifest, check_files=files)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            print(problem)
+        raise typer.Exit(2) from None
+    print("ok")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of round manifests (for editor completion)."""
+    print(json.dumps(manifest_json_schema(), indent=2))
+
+
+@app.command("ingest")
+def ingest_command(sources: Sources,
+                   out: Annotated[Path, typer.Option(help="Folder for interactions.parquet and turns.parquet.")],
+                   quarantine: Quarantine = False, max_turns: MaxTurns = DEFAULT_MAX_TURNS,
+                   policy: Policies = None, max_round: MaxRound = None) -> None:
+    """Normalise logs into interactions.parquet and turns.parquet (one row per logged action)."""
+    try:
+        with err.status("ingesting"):
+            result = jobs.ingest.run(sources, out, **_ingest_options(quarantine, max_turns, policy, max_round))
+    except IngestError as exc:
+        _fail(str(exc))
+    console.print(f"{result.interactions.height} games, {result.turns.height} turns -> {out}")
+    if quarantine:
+        console.print(result.accounting() + (f" (see {out / jobs.ingest.QUARANTINE_FILE})"
+                                             if result.rows_quarantined else ""))
+
+
+def print_metrics(metrics, title: str = "round metrics") -> None:
+    table = Table(title=title)
+    for name in ("policy", "round", "games", "success", "turns", "click acc.", "vocab", "utt. len",
+                 "resets", "try again"):
+        table.add_column(name, justify="left" if name == "policy" else "right")
+    for row in metrics.iter_rows(named=True):
+        table.add_row(
+            row["policy"], str(row["round"]), str(row["games"]),
+            f"{100 * row['success_rate']:.1f} [{100 * row['success_ci_low']:.1f}, {100 * row['success_ci_high']:.1f}]",
+            f"{row['turns_mean']:.2f} [{row['turns_ci_low']:.2f}, {row['turns_ci_high']:.2f}]",
+            f"{row['click_accuracy']:.3f}", str(row["vocab_size"]), f"{row['utterance_len_mean']:.2f}",
+            str(row["reset_count"]), str(row["try_again_count"]))
+    console.print(table)
+
+
+@app.command()
+def metrics(sources: Sources,
+            as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line per (policy, round).")]
+            = False,
+            seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+            resamples: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = N_RESAMPLES,
+            quarantine: Quarantine = False, max_turns: MaxTurns = DEFAULT_MAX_TURNS,
+            policy: Policies = None, max_round: MaxRound = None) -> None:
+    """Round metrics per (policy, round): success rate and turns per game with 95% bootstrap intervals,
+    click accuracy, and the speakers' language."""
+    try:
+        result = ingest(sources, **_ingest_options(quarantine, max_turns, policy, max_round))
+    except IngestError as exc:
+        _fail(str(exc))
+    if quarantine and result.rows_quarantined:
+        err.print(result.accounting())
+    table = round_metrics(result.interactions, result.turns, seed=seed, n_resamples=resamples)
+    if as_json:
+        for row in table.iter_rows(named=True):
+            sys.stdout.write(json.dumps(row) + "\n")
+    else:
+        print_metrics(table)
+
+
+def _parse_policies(specs: list[str]) -> dict[str, float]:
+    policies = {}
+    for spec in specs:
+        name, _, skill = spec.partition("=")
+        try:
+            policies[name] = float(skill)
+        except ValueError:
+            _fail(f"--policy {spec!r}: expected NAME=SKILL with SKILL a number in [0, 1]")
+        if not 0 <= policies[name] <= 1:
+            _fail(f"--policy {spec!r}: SKILL must lie in [0, 1]")
+    return policies
+
+
+@app.command()
+def synth(out: Annotated[Path, typer.Argument(help="Output file: .parquet or .jsonl (public interaction layout).")],
+          games: Annotated[int, typer.Option(help="Games per (policy, round).")] = 100,
+          policy: Annotated[list[str] | None, typer.Option(help="NAME=SKILL, repeatable; skill in [0, 1] is how "
+                                                               "often the policy picks the described target.")]
+          = None,
+          rounds: Annotated[list[int] | None, typer.Option("--round", help="Rounds to generate (repeatable).")]
+          = None,
+          seed: int = 0,
+          images: Annotated[Path | None, typer.Option(help="Where to draw the procedural images when KiloGram "
+                                                          "is absent.")] = None) -> None:
+    """Generate seeded synthetic MultiRef logs (real KiloGram names and descriptions when present)."""
+    bank = load_image_bank(DEFAULT_KILOGRAM)
+    if bank.source == "procedural" and images is not None:
+        draw_procedural_images(bank, images)
+    if out.suffix not in (".parquet", ".jsonl"):
+        _fail(f"{out}: expected a .parquet or .jsonl file name")
+    frame = synthesize(games, seed=seed, policies=_parse_policies(policy or ["sft=0.45"]),
+                       rounds=rounds or [0], bank=bank)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        frame.write_parquet(out)
+    else:
+        frame.write_ndjson(out)
+    console.print(f"{frame.height} synthetic games ({bank.source} images) -> {out}")
+
+
+@app.command()
+def demo(workdir: Annotated[Path, typer.Option(help="Run directory of the demo.")] = Path("runs/demo"),
+         games: Annotated[int, typer.Option(help="Games per (policy, round).")] = 300) -> None:
+    """The embedded default: synthetic logs of two rounds -> ingest -> round metrics, on this machine."""
+    bank = load_image_bank(DEFAULT_KILOGRAM)
+    logs = workdir / "logs" / "interactions.parquet"
+    with err.status("generating synthetic logs"):
+        if bank.source == "procedural":
+            draw_procedural_images(bank, workdir / "images")
+        frame = synthesize(games, seed=0, policies={"sft": 0.45, "bp": 0.6, "tp": 0.6}, rounds=[0, 1], bank=bank)
+        logs.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(logs)
+    console.print(f"{frame.height} synthetic games ({bank.source} images) -> {logs}")
+    with err.status("ingesting"):
+        result = jobs.ingest.run([logs], workdir / "data", quarantine=True)
+    console.print(f"ingest: {result.accounting()}; {result.turns.height} turns -> {workdir / 'data'}")
+    with err.status("round metrics (10,000 bootstrap resamples per interval)"):
+        table = jobs.metrics.run(workdir / "data", workdir / "metrics")
+    print_metrics(table, title=f"round metrics ({workdir / 'metrics' / jobs.metrics.METRICS_FILE})")
+
+
+if __name__ == "__main__":
+    app()

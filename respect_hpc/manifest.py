@@ -1,0 +1,389 @@
+"""Round manifests: the YAML file that names a round's data, model, variants, seeds and cluster.
+
+:func:`load_manifest` validates a manifest with pydantic and reports every
+problem as ``FILE:LINE: field.path: what is wrong``. Relative paths are resolved
+against the manifest's folder. Strings that reach a scheduler (partition,
+account, QOS, constraint, names) must match a conservative pattern, so nothing
+from a manifest reaches a shell unvalidated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
+
+from respect_hpc.multiref import DEFAULT_MAX_TURNS
+from respect_hpc.prompts import DECODER_TEMPLATES, DEFAULT_DECODER_TEMPLATE, DEFAULT_POLICY_TEMPLATE, POLICY_TEMPLATES
+
+Objective = Literal["fft", "rl", "kto"]
+FeedbackKind = Literal["binary", "ternary"]
+Stage = Literal["ingest", "decode", "train", "select", "metrics"]
+
+_SAFE = "letters, digits, '_', '.', '-'"
+_SAFE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _safe(value: str) -> str:
+    if not value or not set(value) <= _SAFE_CHARS or value.startswith("-"):
+        raise ValueError(f"unsafe value {value!r}: expected {_SAFE}, not starting with '-'")
+    return value
+
+
+def _safe_constraint(value: str) -> str:
+    # SLURM constraint expressions also use '&', '|', ',' and '*' between feature names.
+    if not value or not set(value) <= _SAFE_CHARS | set("&|,*") or value.startswith("-"):
+        raise ValueError(f"unsafe value {value!r}: expected feature names ({_SAFE}) joined by '&', '|' or ','")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(Strict):
+    interactions: list[Path] = Field(min_length=1, description="interaction logs of the rounds so far "
+                                     "(Parquet or JSON lines, public layout; files or folders)")
+    seed_data: Path | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
+    validation: Path | None = Field(None, description="human-human validation games for checkpoint selection")
+    images: Path | None = Field(None, description="folder of the tangram PNGs named in the logs")
+    max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=26, description="turn limit of a game")
+
+
+class ModelSection(Strict):
+    path: Path = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside path, when the model is one")
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class DecoderSection(Strict):
+    model: ModelSection | None = Field(None, description="decoder model; default: the round's base model")
+    templates: dict[FeedbackKind, str] = Field(default_factory=lambda: dict(DEFAULT_DECODER_TEMPLATE))
+    shards: int = Field(1, ge=1, description="array tasks that decoding is split into")
+    batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for kind, key in value.items():
+            template = DECODER_TEMPLATES.get(key)
+            if template is None:
+                raise ValueError(f"unknown template {key!r}: expected one of {', '.join(sorted(DECODER_TEMPLATES))}")
+            if template.kind != kind:
+                raise ValueError(f"template {key!r} is {template.kind}, not {kind}")
+        return {**DEFAULT_DECODER_TEMPLATE, **value}
+
+
+class Hyperparameters(Strict):
+    """Training hyperparameters of one objective; defaults are RESPECT.md Table 1."""
+
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    learning_rate: float = Field(1e-4, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: int = Field(20, ge=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    effective_batch: int = Field(64, ge=1)
+    micro_batch: int = Field(4, ge=1, description="examples per device per forward pass")
+    entropy_weight: float = Field(0.01, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    beta: float = Field(0.5, gt=0, description="KTO")
+    lambda_desirable: float = Field(4.0, gt=0, description="KTO")
+    lambda_undesirable: float = Field(1.0, gt=0, description="KTO")
+    negatives_per_5_positives: float = Field(4.0, gt=0, description="RL and KTO negative subsampling")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(8, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_placement: Literal["paper", "enhanced"] = "paper"
+
+
+OBJECTIVE_DEFAULTS: dict[str, dict] = {
+    "fft": {},
+    "rl": {},
+    "kto": {"optimizer": "rmsprop", "learning_rate": 1e-5, "schedule": "constant", "entropy_weight": 0.1},
+}
+
+
+class TrainingSection(Strict):
+    """Per-objective hyperparameters; a manifest gives only what differs from Table 1."""
+
+    fft: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["fft"])
+    rl: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["rl"])
+    kto: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["kto"])
+
+    @field_validator("fft", "rl", "kto", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: object, info: ValidationInfo) -> object:
+        return {**OBJECTIVE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
+
+
+class Variant(Strict):
+    name: SafeName
+    feedback: FeedbackKind
+    objective: Objective
+    init: Literal["base", "previous"] | None = Field(
+        None, description="train from the base model (default for fft, rl) or continue from the "
+                          "previous round's selected adapter (default for kto)")
+    previous_adapter: Path | None = Field(None, description="default: the previous round's policies/<name>")
+
+    @property
+    def continues(self) -> bool:
+        return (self.init or ("previous" if self.objective == "kto" else "base")) == "previous"
+
+
+PAPER_VARIANTS = [Variant(name=f"{f[0]}-{o}", feedback=f, objective=o)
+                  for o in ("fft", "rl", "kto") for f in ("binary", "ternary")]
+
+
+class StageResources(Strict):
+    gpus: int = Field(0, ge=0, description="GPUs per task")
+    cpus: int = Field(1, ge=1, description="CPUs per task")
+    mem_gb: int = Field(4, ge=1)
+    time_min: int = Field(60, ge=1, description="time limit of one task in minutes")
+    nodes: int = Field(1, ge=1)
+    max_parallel: int | None = Field(None, ge=1, description="array tasks running at once")
+
+
+def _default_stages() -> dict[str, StageResources]:
+    return {"ingest": StageResources(), "decode": StageResources(), "train": StageResources(),
+            "select": StageResources(), "metrics": StageResources()}
+
+
+class ClusterSection(Strict):
+    executor: Literal["local", "slurm", "debug"] = "local"
+    partition: SafeName | None = None
+    account: SafeName | None = None
+    qos: SafeName | None = None
+    constraint: Annotated[str, AfterValidator(_safe_constraint)] | None = None
+    stages: dict[Stage, StageResources] = Field(default_factory=_default_stages)
+
+    @field_validator("stages")
+    @classmethod
+    def _fill_stages(cls, value: dict[str, StageResources]) -> dict[str, StageResources]:
+        return {**_default_stages(), **value}
+
+
+class Manifest(Strict):
+    experiment: SafeName
+    round: int = Field(ge=0)
+    workdir: Path = Field(Path("runs"), description="where run directories are created")
+    data: DataSection
+    model: ModelSection
+    policy_template: str = DEFAULT_POLICY_TEMPLATE
+    decoder: DecoderSection = DecoderSection()
+    variants: list[Variant] = Field(default_factory=lambda: list(PAPER_VARIANTS), min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    training: TrainingSection = TrainingSection()
+    cluster: ClusterSection = ClusterSection()
+
+    @field_validator("policy_template")
+    @classmethod
+    def _known_policy_template(cls, value: str) -> str:
+        if value not in POLICY_TEMPLATES:
+            raise ValueError(f"unknown template {value!r}: expected one of {', '.join(sorted(POLICY_TEMPLATES))}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, value: list[Variant], info: ValidationInfo) -> list[Variant]:
+        names = [v.name for v in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"variant names repeat: {', '.join(repeated)}")
+        for variant in value:
+            if variant.continues and info.data.get("round") == 0 and variant.previous_adapter is None:
+                raise ValueError(f"variant {variant.name} continues from the previous round, "
+                                 "but round 0 has none: set init: base or previous_adapter")
+        return value
+
+    def objective(self, variant: Variant) -> Hyperparameters:
+        return getattr(self.training, variant.objective)
+
+    def content_hash(self) -> str:
+        """Hash of the resolved manifest: equal for manifests that mean the same round."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class ManifestError(ValueError):
+    """A manifest with problems; ``problems`` holds one ``FILE:LINE: path: message`` line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _loc_text(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int:
+    """1-based line of the YAML node at ``loc``, or of its nearest existing parent."""
+    node, line = root, 1 if root is None else root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _message(error: dict, model_fields: list[str]) -> str:
+    kind, value = error["type"], error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(error["loc"][-1]), model_fields, n=1)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind == "missing":
+        return "required field missing"
+    if kind == "literal_error":
+        choices = ", ".join(s.strip("'") for s in ctx["expected"].replace(" or ", ", ").split(", "))
+        name = next((p for p in reversed(error["loc"]) if isinstance(p, str)), "value")
+        return f"unknown {name} {value!r}: expected one of {choices}"
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+                "list": "a list", "dict": "a mapping", "model": "a mapping", "path": "a path"}
+    for prefix, what in expected.items():
+        if kind.startswith(prefix + "_") and kind != "string_too_short":
+            return f"expected {what}, got {value!r}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"expected a value {sign} {bound}, got {value!r}"
+    if kind == "too_short":
+        return "expected at least one entry"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the model at ``loc`` (for did-you-mean suggestions)."""
+    model: type[BaseModel] | None = Manifest
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        args = getattr(annotation, "__args__", ()) or (annotation,)
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model else []
+
+
+def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
+    """The paths a manifest names: (loc, path, "file" | "folder" | "any")."""
+    found = [(("data", "interactions", i), p, "any") for i, p in enumerate(manifest.data.interactions)]
+    for name, kind in (("seed_data", "any"), ("validation", "any"), ("images", "folder")):
+        value = getattr(manifest.data, name)
+        if value is not None:
+            found.append((("data", name), value, kind))
+    found.append((("model", "path"), manifest.model.path, "any"))
+    if manifest.decoder.model is not None:
+        found.append((("decoder", "model", "path"), manifest.decoder.model.path, "any"))
+    for i, variant in enumerate(manifest.variants):
+        if variant.previous_adapter is not None:
+            found.append((("variants", i, "previous_adapter"), variant.previous_adapter, "folder"))
+    return found
+
+
+def _resolve(data: object, base: Path) -> object:
+    """Resolve the relative paths of a raw manifest against its folder."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    sections = {"data": ("interactions", "seed_data", "validation", "images"), "model": ("path",)}
+    for section, keys in sections.items():
+        if isinstance(data.get(section), dict):
+            data[section] = part = dict(data[section])
+            for key in keys:
+                value = part.get(key)
+                if isinstance(value, str):
+                    part[key] = str(base / value)
+                elif isinstance(value, list):
+                    part[key] = [str(base / v) if isinstance(v, str) else v for v in value]
+    if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("model"), dict):
+        data["decoder"] = {**data["decoder"], "model": _resolve({"model": data["decoder"]["model"]}, base)["model"]}
+    if isinstance(data.get("variants"), list):
+        data["variants"] = [{**v, "previous_adapter": str(base / v["previous_adapter"])}
+                            if isinstance(v, dict) and isinstance(v.get("previous_adapter"), str) else v
+                            for v in data["variants"]]
+    if isinstance(data.get("workdir"), str):
+        data["workdir"] = str(base / data["workdir"])
+    return data
+
+
+def _duplicate_keys(node: yaml.Node | None, path: tuple = ()) -> list[tuple[tuple, int]]:
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        found = []
+        for key, value in node.value:
+            if key.value in seen:
+                found.append((path + (key.value,), key.start_mark.line + 1))
+            seen.add(key.value)
+            found += _duplicate_keys(value, path + (key.value,))
+        return found
+    if isinstance(node, yaml.SequenceNode):
+        return [d for i, item in enumerate(node.value) for d in _duplicate_keys(item, path + (i,))]
+    return []
+
+
+def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest; raises :class:`ManifestError` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError([f"{path}:1: (file): cannot read: {exc.strerror}"]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise ManifestError([f"{path}:{line}: (yaml): {getattr(exc, 'problem', None) or exc}"]) from None
+    problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in _duplicate_keys(root)]
+    if not isinstance(raw, dict):
+        raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping of manifest sections"])
+    manifest = None
+    try:
+        manifest = Manifest.model_validate(_resolve(raw, path.parent))
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {_message(error, _fields_at(loc))}")
+    if check_files and manifest is not None:
+        for loc, target, kind in _paths(manifest):
+            if not target.exists():
+                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: no such file or folder '{target}'")
+            elif kind == "folder" and not target.is_dir():
+                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: expected a folder, got a file '{target}'")
+    if problems or manifest is None:
+        raise ManifestError(sorted(problems, key=lambda p: int(p[len(str(path)) + 1:].split(":", 1)[0])))
+    return manifest
+
+
+def manifest_json_schema() -> dict:
+    return Manifest.model_json_schema()
