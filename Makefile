@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/respect-hpc demo --workdir runs/demo
+	$(BIN)/respect-hpc demo manifests/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -21,7 +21,11 @@ from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
 from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
 from respect_hpc.metrics import N_RESAMPLES, round_metrics
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
+from respect_hpc.rundir import RunDir
+from respect_hpc.tables import atomic_write_parquet
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
+
+DEMO_MANIFEST = Path("manifests/demo.yaml")
 
 app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
                        "on this machine or a SLURM cluster.", no_args_is_help=True,
@@ -167,24 +171,33 @@ def synth(out: Annotated[Path, typer.Argument(help="Output file: .parquet or .js
 
 
 @app.command()
-def demo(workdir: Annotated[Path, typer.Option(help="Run directory of the demo.")] = Path("runs/demo"),
-         games: Annotated[int, typer.Option(help="Games per (policy, round).")] = 300) -> None:
-    """The embedded default: synthetic logs of two rounds -> ingest -> round metrics, on this machine."""
+def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
+         games: Annotated[int, typer.Option(help="Synthetic games per earlier round.")] = 300) -> None:
+    """The embedded default: writes the synthetic logs the demo manifest names (once), then runs the
+    round on this machine: ingest -> round metrics."""
+    try:
+        m = load_manifest(manifest, check_files=False)
+    except ManifestError as exc:
+        _fail(exc.problems[0])
     bank = load_image_bank(DEFAULT_KILOGRAM)
-    logs = workdir / "logs" / "interactions.parquet"
-    with err.status("generating synthetic logs"):
-        if bank.source == "procedural":
-            draw_procedural_images(bank, workdir / "images")
-        frame = synthesize(games, seed=0, policies={"sft": 0.45, "bp": 0.6, "tp": 0.6}, rounds=[0, 1], bank=bank)
-        logs.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_parquet(logs)
-    console.print(f"{frame.height} synthetic games ({bank.source} images) -> {logs}")
+    run = RunDir.of(m)
+    logs = m.data.interactions[0]
+    if not logs.exists():
+        with err.status("generating synthetic logs"):
+            if bank.source == "procedural":
+                draw_procedural_images(bank, run.root / "images")
+            frame = synthesize(games, seed=0, policies={"sft": 0.45}, rounds=range(m.round), bank=bank,
+                               max_turns=m.data.max_turns)
+            logs.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_parquet(frame, logs)
+        console.print(f"{frame.height} synthetic games ({bank.source} images) -> {logs}")
     with err.status("ingesting"):
-        result = jobs.ingest.run([logs], workdir / "data", quarantine=True)
-    console.print(f"ingest: {result.accounting()}; {result.turns.height} turns -> {workdir / 'data'}")
+        result = jobs.ingest.run(m.data.interactions, run.data, quarantine=True, max_turns=m.data.max_turns,
+                                 max_round=m.round - 1)
+    console.print(f"ingest: {result.accounting()}; {result.turns.height} turns -> {run.data}")
     with err.status("round metrics (10,000 bootstrap resamples per interval)"):
-        table = jobs.metrics.run(workdir / "data", workdir / "metrics")
-    print_metrics(table, title=f"round metrics ({workdir / 'metrics' / jobs.metrics.METRICS_FILE})")
+        table = jobs.metrics.run(run.data, run.metrics(m.round))
+    print_metrics(table, title=f"round metrics ({run.metrics(m.round) / jobs.metrics.METRICS_FILE})")
 
 
 if __name__ == "__main__":

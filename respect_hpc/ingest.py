@@ -36,6 +36,11 @@ _FIELD_TYPES = {
     "clicks": ("a list of lists of strings",
                lambda v: isinstance(v, list) and all(_STR_LIST[1](x) for x in v)),
 }
+_TURN_FIELD_TYPES = {**_FIELD_TYPES, "clicks": _STR_LIST}  # in the turn layout: the selection after the turn
+
+
+def _is_turn_layout(columns: set[str] | dict) -> bool:
+    return "chats" in columns and "chat" not in columns
 
 
 class IngestError(ValueError):
@@ -100,7 +105,8 @@ def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
             if not isinstance(record, dict):
                 errors.append(_error(path, line_no, None, "line", "expected a JSON object"))
                 continue
-            problem = next(((field, expected) for field, (expected, ok) in _FIELD_TYPES.items()
+            types = _TURN_FIELD_TYPES if _is_turn_layout(record) else _FIELD_TYPES
+            problem = next(((field, expected) for field, (expected, ok) in types.items()
                             if field in record and record[field] is not None and not ok(record[field])), None)
             if problem:
                 errors.append(_error(path, line_no, record.get("game_id"), problem[0], f"expected {problem[1]}"))
@@ -132,12 +138,12 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
     else:
         frame, errors = _read_jsonl(path)
     columns = set(frame.columns)
-    layout = INTERACTION_LAYOUT if "chat" in columns or "chats" not in columns else TURN_LAYOUT
+    layout = TURN_LAYOUT if _is_turn_layout(columns) else INTERACTION_LAYOUT
     missing = sorted(layout - columns)
     if frame.height and missing:
         raise IngestError(f"{path}: missing columns {', '.join(missing)} of the public "
                           f"{'interaction' if layout is INTERACTION_LAYOUT else 'turn'} layout")
-    for field, (expected, _) in _FIELD_TYPES.items():
+    for field, (expected, _) in (_TURN_FIELD_TYPES if layout is TURN_LAYOUT else _FIELD_TYPES).items():
         if field in columns and frame.height:
             dtype = frame.schema[field]
             want = pl.String if expected == "a string" else (
@@ -146,10 +152,14 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
                 raise IngestError(f"{path}: column {field}: expected {expected}, got {dtype}")
     records = frame.height + len(errors)
     if not frame.height:
-        return pl.DataFrame(schema=INTERACTIONS).with_columns(
-            _file=pl.lit(str(path)), _row=pl.lit(0, pl.Int64), _rows=pl.lit(1, pl.Int64)).clear(), errors, records
+        return pl.DataFrame(schema=_GAMES), errors, records
     frame = _from_interaction_layout(frame) if layout is INTERACTION_LAYOUT else _from_turn_layout(frame)
-    return frame.with_columns(_file=pl.lit(str(path))), errors, records
+    return frame.with_columns(_file=pl.lit(str(path))).select(_GAMES.names()).cast(dict(_GAMES)), errors, records
+
+
+# A source file's games: the normalised columns plus where each came from and what it said.
+_GAMES = pl.Schema({**INTERACTIONS, "_end": pl.String, "_round": pl.String, "_row": pl.Int64, "_rows": pl.Int64,
+                    "_turn_gap": pl.Boolean, "_file": pl.String})
 
 
 def _optional(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
@@ -180,6 +190,7 @@ def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
         pl.col("round").cast(pl.String).alias("_round"),
         "_row",
         pl.lit(1, pl.Int64).alias("_rows"),
+        pl.lit(False).alias("_turn_gap"),
     )
 
 
@@ -276,13 +287,12 @@ def read_interactions(sources: list[str | Path], *, quarantine: bool = False, ma
     frames, errors, records = [], [], 0
     for path in source_files(sources):
         frame, file_errors, n = _read_file(path)
-        frames.append(frame.with_columns(pl.col("_turn_gap") if "_turn_gap" in frame.columns
-                                         else pl.lit(False).alias("_turn_gap")))
+        frames.append(frame)
         errors += file_errors
         records += n
     if not frames:
         raise IngestError("no sources given")
-    games = pl.concat(frames, how="diagonal_relaxed")
+    games = pl.concat(frames)
     first = pl.col("_row").first().over("game_id")
     games = games.with_columns(
         _duplicate_of=pl.when(pl.int_range(pl.len()).over("game_id") > 0).then(first),

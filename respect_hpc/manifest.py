@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -309,6 +310,10 @@ def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
     return found
 
 
+def _join(base: Path, value: str) -> str:
+    return os.path.normpath(base / value)
+
+
 def _resolve(data: object, base: Path) -> object:
     """Resolve the relative paths of a raw manifest against its folder."""
     if not isinstance(data, dict):
@@ -321,17 +326,17 @@ def _resolve(data: object, base: Path) -> object:
             for key in keys:
                 value = part.get(key)
                 if isinstance(value, str):
-                    part[key] = str(base / value)
+                    part[key] = _join(base, value)
                 elif isinstance(value, list):
-                    part[key] = [str(base / v) if isinstance(v, str) else v for v in value]
+                    part[key] = [_join(base, v) if isinstance(v, str) else v for v in value]
     if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("model"), dict):
         data["decoder"] = {**data["decoder"], "model": _resolve({"model": data["decoder"]["model"]}, base)["model"]}
     if isinstance(data.get("variants"), list):
-        data["variants"] = [{**v, "previous_adapter": str(base / v["previous_adapter"])}
+        data["variants"] = [{**v, "previous_adapter": _join(base, v["previous_adapter"])}
                             if isinstance(v, dict) and isinstance(v.get("previous_adapter"), str) else v
                             for v in data["variants"]]
     if isinstance(data.get("workdir"), str):
-        data["workdir"] = str(base / data["workdir"])
+        data["workdir"] = _join(base, data["workdir"])
     return data
 
 

@@ -124,7 +124,7 @@ def play_game(rng: random.Random, bank: ImageBank, skill: float, max_turns: int 
             deselect = set(selection)
         elif wrong_selected and good is False and rng.random() < skill:
             deselect = set(wrong_selected)
-        candidates = [img for img in context if img not in selection - deselect]
+        candidates = [img for img in context if img not in selection]
         pick = target if (target and rng.random() < skill) else rng.choice(candidates)
         select = {pick} if pick not in selection - deselect and not reset else set()
         if not select and not deselect:  # the listener always clicks something

@@ -1,0 +1,106 @@
+"""MultiRef rules: action grammar, selections, success, letters <-> images."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from respect_hpc.multiref import (Action, ActionError, action_between, apply_action, canonicalise, format_action,
+                                  game_over, image_of, images_of, is_success, letter_of, letters_of, parse_action)
+
+
+@pytest.mark.parametrize("text, canonical", [
+    ("Select F", "Select F"),
+    ("Deselect J select A", "Deselect J select A"),
+    ("select C A", "Select A C"),
+    ("SELECT a".replace("a", "A"), "Select A"),
+    ("select B deselect J C", "Deselect C J select B"),
+    ("  Deselect   A  ", "Deselect A"),
+])
+def test_canonical_form(text, canonical):
+    assert canonicalise(text) == canonical
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Select Z", "letter Z is outside the context A..J"),
+    ("Deselect select", "'deselect' names no image"),
+    ("Select", "'select' names no image"),
+    ("", "empty action"),
+    ("Select A A", "letter A appears twice"),
+    ("Select A select B", "'select' appears twice"),
+    ("Click A", "expected 'Select' or 'Deselect' first, got 'Click'"),
+    ("Select AB", "expected an image letter A..J, got 'AB'"),
+    ("Select a", "expected an image letter A..J, got 'a'"),
+    ("Deselect A select A", "letters both deselected and selected: A"),
+])
+def test_malformed_actions(text, message):
+    with pytest.raises(ActionError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_action(text)
+
+
+def test_context_size_limits_letters():
+    assert parse_action("Select D", n_images=4) == Action(select=frozenset("D"))
+    with pytest.raises(ActionError, match="outside the context A..D"):
+        parse_action("Select E", n_images=4)
+
+
+letter_sets = st.sets(st.sampled_from("ABCDEFGHIJ"))
+
+
+@given(letter_sets, letter_sets, st.randoms())
+def test_format_of_parse_is_canonical_and_idempotent(deselect, select, rnd):
+    select -= deselect
+    if not deselect and not select:
+        return
+    # Build a messy but valid spelling: random clause order, letter order and keyword case.
+    clauses = [("deselect", sorted(deselect)), ("select", sorted(select))]
+    clauses = [(k, v) for k, v in clauses if v]
+    rnd.shuffle(clauses)
+    words = []
+    for keyword, letters in clauses:
+        rnd.shuffle(letters)
+        words += [rnd.choice([keyword, keyword.upper(), keyword.capitalize()]), *letters]
+    text = " ".join(words)
+    canonical = format_action(parse_action(text))
+    assert canonical == canonicalise(canonical)
+    assert parse_action(canonical) == Action(frozenset(deselect), frozenset(select))
+    expected_order = ([f"Deselect {' '.join(sorted(deselect))}"] if deselect else []) + (
+        [("select " if deselect else "Select ") + " ".join(sorted(select))] if select else [])
+    assert canonical == " ".join(expected_order)
+
+
+def test_apply_action_and_success():
+    selection = apply_action(frozenset(), parse_action("Select A C"))
+    assert selection == frozenset("AC")
+    selection = apply_action(selection, parse_action("Deselect C select D"))
+    assert selection == frozenset("AD")
+    assert is_success(selection, frozenset("DA"))
+    assert not is_success(selection, frozenset("ADE"))
+    with pytest.raises(ActionError, match="selects what is already selected: A"):
+        apply_action(selection, parse_action("Select A"))
+    with pytest.raises(ActionError, match="deselects what is not selected: B"):
+        apply_action(selection, parse_action("Deselect B"))
+
+
+def test_turn_limit():
+    assert game_over(frozenset("AB"), frozenset("AB"), turns=1)
+    assert not game_over(frozenset("A"), frozenset("AB"), turns=9)
+    assert game_over(frozenset("A"), frozenset("AB"), turns=10)
+    assert not game_over(frozenset("A"), frozenset("AB"), turns=10, max_turns=12)
+
+
+def test_action_between_selections():
+    action = action_between(frozenset("ABJ"), frozenset("ACD"))
+    assert format_action(action) == "Deselect B J select C D"
+    assert format_action(action_between(frozenset("A"), frozenset("A"))) == ""
+
+
+def test_letters_and_images():
+    context = ["x.png", "y.png", "z.png"]
+    assert letter_of("z.png", context) == "C"
+    assert image_of("B", context) == "y.png"
+    assert letters_of(["z.png", "x.png"], context) == frozenset("AC")
+    assert images_of(frozenset("CA"), context) == ["x.png", "z.png"]
+    with pytest.raises(ActionError, match="image 'w.png' is not in the context"):
+        letter_of("w.png", context)
+    with pytest.raises(ActionError, match="letter 'D' is outside the context A..C"):
+        image_of("D", context)
