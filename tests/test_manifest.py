@@ -1,0 +1,135 @@
+"""Round manifests: the shipped ones validate; every error kind gives its exact FILE:LINE message."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "logs.jsonl").write_text("")
+    (tmp_path / "model").mkdir(exist_ok=True)
+    path = tmp_path / "round.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD = """\
+experiment: test
+round: 1
+data:
+  interactions: [logs.jsonl]
+model:
+  path: model
+"""
+
+
+def problems(path: Path, **options) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, **options)
+    return [p.removeprefix(f"{path}:") for p in info.value.problems]
+
+
+def test_minimal_manifest_gets_the_paper_defaults(tmp_path):
+    manifest = load_manifest(write(tmp_path, GOOD))
+    assert [v.name for v in manifest.variants] == ["b-fft", "t-fft", "b-rl", "t-rl", "b-kto", "t-kto"]
+    assert manifest.seeds == [1, 2, 3]
+    assert manifest.data.interactions == [tmp_path / "logs.jsonl"]  # resolved against the manifest's folder
+    fft, kto = manifest.training.fft, manifest.training.kto
+    assert (fft.optimizer, fft.learning_rate, fft.schedule, fft.epochs, fft.warmup_steps, fft.weight_decay,
+            fft.effective_batch, fft.entropy_weight) == ("adamw", 1e-4, "cosine", 20, 10, 0.01, 64, 0.01)
+    assert (kto.optimizer, kto.learning_rate, kto.schedule, kto.entropy_weight, kto.beta) == (
+        "rmsprop", 1e-5, "constant", 0.1, 0.5)
+    assert manifest.variants[4].continues and not manifest.variants[0].continues
+    assert manifest.cluster.executor == "local" and manifest.cluster.stages["train"].gpus == 0
+
+
+def test_partial_objective_override_keeps_that_objectives_defaults(tmp_path):
+    manifest = load_manifest(write(tmp_path, GOOD + "training:\n  kto: {epochs: 3}\n"))
+    assert manifest.training.kto.epochs == 3
+    assert manifest.training.kto.optimizer == "rmsprop" and manifest.training.kto.learning_rate == 1e-5
+
+
+def test_content_hash_is_stable_and_sensitive(tmp_path):
+    first = load_manifest(write(tmp_path, GOOD)).content_hash()
+    assert load_manifest(write(tmp_path, GOOD)).content_hash() == first
+    assert load_manifest(write(tmp_path, GOOD + "seeds: [1, 2]\n")).content_hash() != first
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("modle: {path: model}\n", ["7: modle: unknown key (did you mean 'model'?)"]),
+    ("seeds: [1, two]\n", ["7: seeds[1]: expected an integer, got 'two'"]),
+    ("cluster:\n  partition: 'gpu; rm -rf /'\n",
+     ["8: cluster.partition: unsafe value 'gpu; rm -rf /': expected letters, digits, '_', '.', '-', "
+      "not starting with '-'"]),
+    ("cluster:\n  account: '$(whoami)'\n",
+     ["8: cluster.account: unsafe value '$(whoami)': expected letters, digits, '_', '.', '-', not starting with '-'"]),
+    ("cluster:\n  constraint: 'a100`id`'\n",
+     ["8: cluster.constraint: unsafe value 'a100`id`': expected feature names (letters, digits, '_', '.', '-') "
+      "joined by '&', '|' or ','"]),
+    ("variants:\n  - {name: b-ppo, feedback: binary, objective: ppo}\n",
+     ["8: variants[0].objective: unknown objective 'ppo': expected one of fft, rl, kto"]),
+    ("variants:\n  - {name: x, feedback: unary, objective: fft}\n",
+     ["8: variants[0].feedback: unknown feedback 'unary': expected one of binary, ternary"]),
+    ("cluster:\n  executor: kubernetes\n",
+     ["8: cluster.executor: unknown executor 'kubernetes': expected one of local, slurm, debug"]),
+    ("training:\n  fft: {epochs: 0}\n", ["8: training.fft.epochs: expected a value >= 1, got 0"]),
+    ("decoder:\n  templates: {binary: respect-ternary@1}\n",
+     ["8: decoder.templates: template 'respect-ternary@1' is ternary, not binary"]),
+    ("variants:\n  - {name: a, feedback: binary, objective: fft}\n  - {name: a, feedback: binary, objective: rl}\n",
+     ["7: variants: variant names repeat: a"]),
+    ("round: 2\n", ["7: round: duplicate key"]),
+])
+def test_manifest_errors(tmp_path, extra, expected):
+    assert problems(write(tmp_path, GOOD + extra)) == expected
+
+
+def test_missing_fields_and_wrong_types(tmp_path):
+    path = write(tmp_path, "experiment: test\nround: first\ndata: {}\n")
+    assert problems(path) == [
+        "1: model: required field missing",
+        "2: round: expected an integer, got 'first'",
+        "3: data.interactions: required field missing",
+    ]
+
+
+def test_missing_files_are_named(tmp_path):
+    path = write(tmp_path, GOOD.replace("logs.jsonl", "nowhere.jsonl") + "datas: 1\n")
+    assert problems(path) == ["7: datas: unknown key (did you mean 'data'?)"]
+    path = write(tmp_path, GOOD.replace("logs.jsonl", "nowhere.jsonl").replace("path: model", "path: gone"))
+    assert problems(path) == [
+        f"4: data.interactions[0]: no such file or folder '{tmp_path / 'nowhere.jsonl'}'",
+        f"6: model.path: no such file or folder '{tmp_path / 'gone'}'",
+    ]
+    assert load_manifest(path, check_files=False).model.path == tmp_path / "gone"
+
+
+def test_kto_in_round_zero_needs_an_adapter(tmp_path):
+    text = GOOD.replace("round: 1", "round: 0") + "variants:\n  - {name: b-kto, feedback: binary, objective: kto}\n"
+    assert problems(write(tmp_path, text)) == [
+        "7: variants: variant b-kto continues from the previous round, but round 0 has none: "
+        "set init: base or previous_adapter"]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    assert problems(write(tmp_path, GOOD + "seeds: [1, 2\n")) == ["8: (yaml): expected ',' or ']', but got '<stream end>'"]
+
+
+def test_shipped_manifests_validate():
+    paper = load_manifest(MANIFESTS / "paper-b-fft-round1.yaml", check_files=False)
+    assert [v.name for v in paper.variants] == ["b-fft"] and paper.cluster.executor == "slurm"
+    assert paper.model.dtype == "bf16" and paper.cluster.stages["train"].gpus == 4
+    demo = load_manifest(MANIFESTS / "demo.yaml", check_files=False)
+    assert demo.cluster.executor == "local"
+
+
+def test_json_schema_describes_the_sections():
+    schema = manifest_json_schema()
+    assert {"experiment", "round", "data", "model", "variants", "seeds", "training", "cluster"} <= set(
+        schema["properties"])
+    json.dumps(schema)
