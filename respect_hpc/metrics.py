@@ -21,9 +21,9 @@ import polars as pl
 N_RESAMPLES = 10_000
 CONFIDENCE = 0.95
 
-RESET_PATTERN = (r"\b(reset|restart|from scratch|all over|start over|"
-                 r"(deselect|remove|clear|unselect|drop)\s+(everything|all))\b")
-TRY_AGAIN_PATTERN = r"\b(try again|try one more time|the other one)\b"
+RESET_PATTERN = (r"\b(?:reset|restart|from scratch|all over|start over|"
+                 r"(?:deselect|remove|clear|unselect|drop)\s+(?:everything|all))\b")
+TRY_AGAIN_PATTERN = r"\b(?:try again|try one more time|the other one)\b"
 WORD_PATTERN = r"[a-z0-9']+"
 
 KEYS = ("policy", "round")
