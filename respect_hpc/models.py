@@ -1,0 +1,161 @@
+"""Load models from local folders, fingerprint them, and build tiny ones offline.
+
+A model is a transformers checkpoint folder (a causal LM, or an Idefics2-style
+image-text-to-text model) or a GGUF file in a folder. Nothing is fetched from a
+hub. :func:`build_tiny_idefics2` makes a few-hundred-thousand-parameter
+Idefics2 with its own byte-level BPE tokenizer and processor, for tests and the
+demo on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from respect_hpc.manifest import ModelSection
+from respect_hpc.prompts import DECODER_TEMPLATES, POLICY_TEMPLATES
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be used, with what is wrong and where."""
+
+
+def _check_folder(spec: ModelSection) -> None:
+    if not spec.path.is_dir():
+        raise ModelError(f"model.path: no such folder '{spec.path}'")
+    if spec.gguf_file and not (spec.path / spec.gguf_file).is_file():
+        raise ModelError(f"model.gguf_file: no file '{spec.gguf_file}' in '{spec.path}'")
+    if not spec.gguf_file and not (spec.path / "config.json").is_file():
+        raise ModelError(f"model.path: '{spec.path}' has no config.json (not a transformers checkpoint; "
+                         "for a GGUF file set model.gguf_file)")
+
+
+def load_tokenizer(spec: ModelSection):
+    from transformers import AutoTokenizer
+
+    _check_folder(spec)
+    tokenizer = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    if not tokenizer.chat_template:
+        raise ModelError(f"model.path: the tokenizer in '{spec.path}' has no chat template; "
+                         "add chat_template.jinja to the folder")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_multimodal(config) -> bool:
+    return hasattr(config, "vision_config") and hasattr(config, "text_config")
+
+
+def load_text_model(spec: ModelSection, device: str | torch.device = "cpu"):
+    """A model for text-only use (the feedback decoder): the LM of a multimodal checkpoint works too."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    _check_folder(spec)
+    config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    cls = AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
+    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantised
+        model.hf_quantizer.remove_quantization_config(model)
+    return model.to(device).eval()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
+    """A digest of a model's config and weights: equal fingerprints, equal model.
+
+    Hashing the weights of a large model takes a while, so digests are memoised in
+    ``memo`` (a JSON file) by file path, size and modification time.
+    """
+    _check_folder(spec)
+    cache = json.loads(memo.read_text()) if memo and memo.is_file() else {}
+    files = sorted(p for p in spec.path.iterdir()
+                   if p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "tokenizer.json"))
+    if spec.gguf_file:
+        files = [spec.path / spec.gguf_file]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        stat = path.stat()
+        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        cache[memo_key] = cache.get(memo_key) or _file_digest(path)
+        digest.update(f"{path.name}:{cache[memo_key]}\n".encode())
+    if memo:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, memo)
+    return digest.hexdigest()
+
+
+TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<fake_token_around_image>",
+                       "<end_of_utterance>"]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}:"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'text' %}{{ p['text'] }}{% else %}<image>{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _tiny_corpus(extra: list[str]) -> list[str]:
+    texts = [t.question + " " + t.answer_line + " " + " ".join(t.labels) for t in DECODER_TEMPLATES.values()]
+    texts += [t.intro + " " + t.none_selected + " " + t.selected for t in POLICY_TEMPLATES.values()]
+    texts += ["Select Deselect select " + " ".join("ABCDEFGHIJ") + " Listener: Speaker: Assistant: User: System:"]
+    return (texts + extra) * 4
+
+
+def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
+                        vocab_size: int = 1024) -> Path:
+    """Save a tiny random-weight Idefics2 (safetensors), its tokenizer and processor to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor,
+                              Idefics2Processor, PreTrainedTokenizerFast)
+
+    folder = Path(folder)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_tiny_corpus(corpus or []), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="<end_of_utterance>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>", "<fake_token_around_image>", "<end_of_utterance>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = Idefics2Config(
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=14),
+        perceiver_config=dict(hidden_size=64, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=16, num_key_value_heads=1),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = Idefics2Processor(image_processor=Idefics2ImageProcessor(do_image_splitting=False),
+                                  tokenizer=tokenizer, image_seq_len=8, chat_template=TINY_CHAT_TEMPLATE)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
