@@ -15,8 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import jobs.decode
 import jobs.ingest
 import jobs.metrics
+from respect_hpc.decode import DecoderError
+from respect_hpc.feedback import MergeError
+from respect_hpc.models import ModelError, build_tiny_idefics2
 from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
 from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
 from respect_hpc.metrics import N_RESAMPLES, round_metrics
@@ -31,7 +35,7 @@ app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one 
                        "on this machine or a SLURM cluster.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: no wrapping of tables
-err = Console(stderr=True)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 Sources = Annotated[list[Path], typer.Argument(help="Parquet or JSON-lines logs in the public interaction or "
                                                     "turn layout, or folders of them.")]
@@ -170,11 +174,69 @@ def synth(out: Annotated[Path, typer.Argument(help="Output file: .parquet or .js
     console.print(f"{frame.height} synthetic games ({bank.source} images) -> {out}")
 
 
+def _ensure_turns(m) -> None:
+    """Run the ingest stage for a manifest whose run directory has no turns table yet."""
+    run = RunDir.of(m)
+    if not (run.data / jobs.ingest.TURNS_FILE).is_file():
+        with err.status("ingesting"):
+            result = jobs.ingest.run(m.data.interactions, run.data, quarantine=True, max_turns=m.data.max_turns,
+                                     max_round=m.round - 1)
+        console.print(f"ingest: {result.accounting()}; {result.turns.height} turns -> {run.data}")
+
+
+def print_label_counts(feedback) -> None:
+    table = Table(title="decoded feedback")
+    counts = jobs.decode.label_counts(feedback)
+    for name in counts.columns:
+        table.add_column(name, justify="left" if name in ("kind", "policy") else "right")
+    for row in counts.iter_rows():
+        table.add_row(*map(str, row))
+    console.print(table)
+
+
+def _decode(m, shard: int | None, num_shards: int, merge_only: bool, check: int) -> None:
+    try:
+        _ensure_turns(m)
+        if shard is not None:
+            jobs.decode.run_shard(m, shard, num_shards)
+            return
+        if not merge_only:
+            for index in range(num_shards):
+                jobs.decode.run_shard(m, index, num_shards)
+        feedback = jobs.decode.merge(m, num_shards)
+        print_label_counts(feedback)
+        if check:
+            agree, checked = jobs.decode.check_generation(m, feedback, check)
+            console.print(f"greedy generation agrees with scoring on {agree}/{checked} windows "
+                          f"({100 * agree / max(checked, 1):.1f}%)")
+    except (IngestError, ModelError, DecoderError, MergeError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def decode(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")],
+           shard: Annotated[int | None, typer.Option(help="Decode only this shard (one array task).")] = None,
+           num_shards: Annotated[int | None, typer.Option(help="Shards in all (default: decoder.shards).")] = None,
+           merge: Annotated[bool, typer.Option("--merge", help="Only check the parts and merge them.")] = False,
+           check: Annotated[int, typer.Option(help="Also greedy-generate N sampled windows per kind and report "
+                                                    "agreement with scoring.")] = 0) -> None:
+    """Decode implicit feedback of every logged action with a follow-up, with the original base model.
+
+    Without --shard: every shard in turn, then the merge, then a summary of label counts. A shard whose
+    part is current is skipped; windows decoded in earlier rounds are reused."""
+    try:
+        m = load_manifest(manifest)
+    except ManifestError as exc:
+        _fail(exc.problems[0] + (f" (and {len(exc.problems) - 1} more: respect-hpc validate)"
+                                 if len(exc.problems) > 1 else ""))
+    _decode(m, shard, num_shards or m.decoder.shards, merge, check)
+
+
 @app.command()
 def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
          games: Annotated[int, typer.Option(help="Synthetic games per earlier round.")] = 300) -> None:
-    """The embedded default: writes the synthetic logs the demo manifest names (once), then runs the
-    round on this machine: ingest -> round metrics."""
+    """The embedded default: writes the synthetic logs and the tiny model the demo manifest names (once),
+    then runs the round on this machine: ingest -> decode -> round metrics."""
     try:
         m = load_manifest(manifest, check_files=False)
     except ManifestError as exc:
@@ -191,10 +253,12 @@ def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the de
             logs.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_parquet(frame, logs)
         console.print(f"{frame.height} synthetic games ({bank.source} images) -> {logs}")
-    with err.status("ingesting"):
-        result = jobs.ingest.run(m.data.interactions, run.data, quarantine=True, max_turns=m.data.max_turns,
-                                 max_round=m.round - 1)
-    console.print(f"ingest: {result.accounting()}; {result.turns.height} turns -> {run.data}")
+    if not m.model.path.exists():
+        with err.status("building a tiny Idefics2 offline"):
+            build_tiny_idefics2(m.model.path, corpus=[d for ds in bank.descriptions.values() for d in ds])
+        console.print(f"tiny Idefics2 (random weights) -> {m.model.path}")
+    _ensure_turns(m)
+    _decode(m, None, m.decoder.shards, False, 0)
     with err.status("round metrics (10,000 bootstrap resamples per interval)"):
         table = jobs.metrics.run(run.data, run.metrics(m.round))
     print_metrics(table, title=f"round metrics ({run.metrics(m.round) / jobs.metrics.METRICS_FILE})")

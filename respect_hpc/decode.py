@@ -8,13 +8,16 @@ Labels are compared on the token that greedy decoding would emit first, so a
 label word that tokenises into several pieces (``Ne`` + ``utral``) is decided by
 its first piece, which must differ from every other label's.
 
-Throughput: prompts are tokenised once, sorted by length, cut into batches that
-fit a token budget, left-padded to the longest prompt of their batch, and the
-language-model head runs on the last position only.
+Throughput: every decoder prompt starts with the same long question, so the
+key/value cache of the prompts' shared token prefix is computed once and each
+prompt runs only its own suffix. Suffixes are tokenised once, sorted by length,
+cut into batches that fit a token budget, left-padded to the longest of their
+batch, and the language-model head runs on the last position only.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -45,26 +48,33 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 
 
 def label_token_ids(tokenizer, labels: tuple[str, ...]) -> list[list[int]]:
-    """First token ids, in context after the generation prompt, of each label's spellings."""
+    """Token ids whose probability counts for each label, in context after the generation prompt.
+
+    The label as the template spells it counts by its first token, which must differ
+    from every other label's; other spellings (lower case, leading space) count when
+    they are one whole token.
+    """
     prefix = chat_prompt(tokenizer, _PROBE)
     base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
+    def continuation(spelling: str) -> list[int]:
+        full = tokenizer(prefix + spelling, add_special_tokens=False)["input_ids"]
+        return full[len(base):] if full[:len(base)] == base else []
+
     ids: list[list[int]] = []
     owner: dict[int, str] = {}
     for label in labels:
-        firsts = []
-        for spelling in dict.fromkeys((label, label.lower(), " " + label, " " + label.lower())):
-            full = tokenizer(prefix + spelling, add_special_tokens=False)["input_ids"]
-            if full[:len(base)] != base or len(full) == len(base):
-                raise DecoderError(f"label word {spelling!r} does not tokenise after the chat template's "
-                                   "generation prompt; the decoder cannot score it")
-            first = full[len(base)]
-            if owner.get(first, label) != label:
-                token = tokenizer.convert_ids_to_tokens(first)
-                raise DecoderError(f"label words {owner[first]!r} and {label!r} share their first token "
-                                   f"{token!r} under this tokenizer; the decoder cannot tell them apart")
-            owner[first] = label
-            firsts.append(first)
-        ids.append(sorted(set(firsts)))
+        tokens = continuation(label)
+        if not tokens:
+            raise DecoderError(f"label word {label!r} does not tokenise after the chat template's generation "
+                               "prompt; the decoder cannot score it")
+        if tokens[0] in owner:
+            token = tokenizer.convert_ids_to_tokens(tokens[0])
+            raise DecoderError(f"label words {owner[tokens[0]]!r} and {label!r} share their first token "
+                               f"{token!r} under this tokenizer; the decoder cannot tell them apart")
+        owner[tokens[0]] = label
+        whole = [t[0] for t in map(continuation, (label.lower(), " " + label, " " + label.lower())) if len(t) == 1]
+        ids.append(sorted({tokens[0], *whole}))
     return ids
 
 
@@ -87,12 +97,25 @@ def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int
     return batches
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens that every row starts with, leaving at least one token of each row to run."""
+    if not rows:
+        return 0
+    first, shortest = rows[0], min(map(len, rows))
+    length = shortest - 1
+    for row in rows[1:]:
+        length = next((k for k in range(length) if row[k] != first[k]), length)
+    return max(length, 0)
+
+
 class FeedbackScorer:
     """Scores decoder prompts with a causal LM (or the LM of a multimodal model)."""
 
-    def __init__(self, model, tokenizer, template: DecoderTemplate, batch_tokens: int = 8192):
+    def __init__(self, model, tokenizer, template: DecoderTemplate, batch_tokens: int = 8192,
+                 prefix_cache: bool = True):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.batch_tokens = batch_tokens
+        self.prefix_cache = prefix_cache
         self.label_ids = label_token_ids(tokenizer, template.labels)
         self.device = next(model.parameters()).device
 
@@ -100,21 +123,32 @@ class FeedbackScorer:
         texts = [chat_prompt(self.tokenizer, p) for p in prompts]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def _padded(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _padded(self, rows: list[list[int]], prefix: int = 0) -> dict[str, torch.Tensor]:
+        """Left-padded rows that continue ``prefix`` cached tokens (pads masked between the two)."""
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return {"input_ids": ids, "attention_mask": mask,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        positions = prefix + (mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([torch.ones(len(rows), prefix, dtype=mask.dtype, device=self.device), mask], dim=1)
+        return {"input_ids": ids, "attention_mask": full_mask, "position_ids": positions}
 
     @torch.inference_mode()
     def score(self, prompts: list[str]) -> Iterator[list[Scored]]:
         """Yields the scored prompts batch by batch (in length order, each with its input index)."""
         encoded = self.encode(prompts)
-        for batch in token_budget_batches([len(e) for e in encoded], self.batch_tokens):
-            inputs = self._padded([encoded[i] for i in batch])
-            logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+        prefix = shared_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
+        cached = None
+        if prefix:
+            cached = self.model(input_ids=torch.tensor([encoded[0][:prefix]], device=self.device),
+                                use_cache=True, logits_to_keep=1).past_key_values
+        suffixes = [e[prefix:] for e in encoded]
+        for batch in token_budget_batches([len(s) for s in suffixes], self.batch_tokens):
+            inputs = self._padded([suffixes[i] for i in batch], prefix)
+            if cached is not None:
+                inputs["past_key_values"] = cache = copy.deepcopy(cached)
+                cache.batch_repeat_interleave(len(batch))
+            logits = self.model(**inputs, logits_to_keep=1, use_cache=cached is not None).logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             per_label = torch.stack([torch.logsumexp(logprobs[:, ids], dim=-1) for ids in self.label_ids], dim=-1)
             best = per_label.argmax(dim=-1).tolist()

@@ -71,6 +71,7 @@ class DecoderSection(Strict):
     templates: dict[FeedbackKind, str] = Field(default_factory=lambda: dict(DEFAULT_DECODER_TEMPLATE))
     shards: int = Field(1, ge=1, description="array tasks that decoding is split into")
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
+    chunk_rows: int = Field(4096, ge=1, description="windows scored and streamed to disk at a time")
 
     @field_validator("templates")
     @classmethod

@@ -112,8 +112,10 @@ TINY_CHAT_TEMPLATE = (
 
 
 def _tiny_corpus(extra: list[str]) -> list[str]:
-    texts = [t.question + " " + t.answer_line + " " + " ".join(t.labels) for t in DECODER_TEMPLATES.values()]
+    texts = [t.question + " " + t.answer_line + " " + " ".join(t.labels) + " " + " ".join(t.labels).lower()
+             for t in DECODER_TEMPLATES.values()]
     texts += [t.intro + " " + t.none_selected + " " + t.selected for t in POLICY_TEMPLATES.values()]
+    texts += [w for t in DECODER_TEMPLATES.values() for label in t.labels for w in (label, label.lower())]
     texts += ["Select Deselect select " + " ".join("ABCDEFGHIJ") + " Listener: Speaker: Assistant: User: System:"]
     return (texts + extra) * 4
 
