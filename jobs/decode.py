@@ -34,7 +34,7 @@ from respect_hpc.tables import atomic_write_parquet
 
 FEEDBACK_FILE = "feedback.parquet"
 CACHE_FILE = "labels.parquet"
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in SLURM logs
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ class KindPlan:
     def parts(self) -> Path:
         return self.folder / f"round-{self.round_}"
 
-    @property
-    def reused(self) -> int:
-        return self.windows.join(self.earlier, on="key", how="semi").height
+    def reused(self, shard: int) -> int:
+        """Windows of a shard whose label an earlier round decoded."""
+        return self.windows.filter(pl.col("shard") == shard).join(self.earlier, on="key", how="semi").height
 
     def specs(self, n_shards: int) -> dict[int, dict]:
         template = decoder_template(self.template_key)
@@ -162,8 +162,8 @@ def _decode_to_part(manifest: Manifest, kind_plan: KindPlan, todo: pl.DataFrame,
         raise
     elapsed = time.perf_counter() - start
     console.print(f"{kind_plan.kind}: {todo.height} windows decoded in {elapsed:.1f} s "
-                  f"({todo.height / max(elapsed, 1e-9):.1f} examples/s), {kind_plan.reused} reused from earlier "
-                  f"rounds -> {path}")
+                  f"({todo.height / max(elapsed, 1e-9):.1f} examples/s), {kind_plan.reused(spec['shard'])} "
+                  f"reused from earlier rounds -> {path}")
     return todo.height
 
 
