@@ -233,6 +233,26 @@ def decode(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).
 
 
 @app.command()
+def report(sources: Annotated[list[Path], typer.Argument(help="Run directories, and files or folders of public "
+                                                               "tables (interaction, turn, human_eval, "
+                                                               "feedback_decoder_*, turn evaluations).")],
+           out: Annotated[Path, typer.Option(help="Folder for tables/, plots/ and report.html.")] = Path("report"),
+           embeddings: Annotated[Path | None, typer.Option(help="Parquet table image -> embedding (list of "
+                                                                "floats) for the similarity Sim(a, a*).")] = None,
+           seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+           resamples: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = N_RESAMPLES) -> None:
+    """Aggregate rounds, variants and sweeps into tables (Parquet, CSV), plots (PNG) and one HTML page."""
+    from respect_hpc import report as reporting
+
+    with err.status("aggregating"):
+        built = reporting.build(sources, embeddings, seed=seed, n_resamples=resamples)
+        page = reporting.write(built, out)
+    for line in built.missing:
+        err.print(f"[yellow]missing:[/yellow] {line}", highlight=False, soft_wrap=True)
+    console.print(f"{len(built.tables)} tables -> {out / 'tables'}; report -> {page}")
+
+
+@app.command()
 def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
          games: Annotated[int, typer.Option(help="Synthetic games per earlier round.")] = 300) -> None:
     """The embedded default: writes the synthetic logs and the tiny model the demo manifest names (once),

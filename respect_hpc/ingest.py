@@ -231,14 +231,14 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _problems(max_turns: int, policies: frozenset[str], max_round: int | None) -> pl.Expr:
+def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | None) -> pl.Expr:
     """The first problem of a normalised row as "field\\treason", or null for a good row."""
     n_chat = pl.col("chat").list.len()
     n_clicks = pl.col("clicks").list.len()
     clicked = pl.col("clicks").list.eval(pl.element().explode()).list.unique()
     outside = clicked.list.set_difference("context").list.sort()
     stray_targets = pl.col("targets").list.set_difference("context").list.sort()
-    known = ", ".join(sorted(policies))
+    known = ", ".join(sorted(policies or ()))
     round_ok = pl.col("round").is_not_null() & (pl.col("round") >= 0)
     if max_round is not None:
         round_ok &= pl.col("round") <= max_round
@@ -260,7 +260,8 @@ def _problems(max_turns: int, policies: frozenset[str], max_round: int | None) -
          pl.format("names images outside the context: {}", outside.list.join(" "))),
         (pl.col("success").is_null() | pl.col("_end").is_null(), "end",
          pl.format("expected 'successful', 'unsuccessful', 0 or 1, got '{}'", pl.col("_end").fill_null("null"))),
-        (~pl.col("policy").is_in(list(policies)) | pl.col("policy").is_null(), "policy_name",
+        (pl.col("policy").is_null() | (pl.lit(False) if policies is None else ~pl.col("policy").is_in(list(policies))),
+         "policy_name",
          pl.format("unknown policy '{}': expected one of {}", pl.col("policy").fill_null("null"), pl.lit(known))),
         (~round_ok, "round",
          pl.format("unknown round '{}': expected an integer from 0 to {}", pl.col("_round").fill_null("null"),
@@ -277,12 +278,12 @@ def _problems(max_turns: int, policies: frozenset[str], max_round: int | None) -
 
 
 def read_interactions(sources: list[str | Path], *, quarantine: bool = False, max_turns: int = DEFAULT_MAX_TURNS,
-                      policies: list[str] | tuple[str, ...] = PUBLIC_POLICIES,
+                      policies: list[str] | tuple[str, ...] | None = PUBLIC_POLICIES,
                       max_round: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """Read and check sources; returns (interactions, quarantine, records read).
 
     Without ``quarantine`` the first bad row raises :class:`IngestError` naming
-    its file, row and field.
+    its file, row and field. ``policies=None`` accepts any policy name.
     """
     frames, errors, records = [], [], 0
     for path in source_files(sources):
@@ -297,7 +298,7 @@ def read_interactions(sources: list[str | Path], *, quarantine: bool = False, ma
     games = games.with_columns(
         _duplicate_of=pl.when(pl.int_range(pl.len()).over("game_id") > 0).then(first),
         _first_file=pl.col("_file").first().over("game_id"),
-    ).with_columns(_problem=_problems(max_turns, frozenset(policies), max_round))
+    ).with_columns(_problem=_problems(max_turns, None if policies is None else frozenset(policies), max_round))
     bad = games.filter(pl.col("_problem").is_not_null())
     refused = pl.concat([
         pl.DataFrame(errors, schema={**QUARANTINE, "rows": pl.Int64}),

@@ -39,10 +39,19 @@ def group_rng(seed: int, *key: object) -> np.random.Generator:
 
 def bootstrap_mean_ci(values: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
                       n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile interval of the mean of a sample given as distinct ``values`` with ``counts``."""
+    """Percentile interval of the mean of a sample given as distinct ``values`` with ``counts``.
+
+    Few distinct values: counts drawn from the multinomial (exact, O(resamples x K)).
+    Many (a continuous statistic): plain resampling of indices, in chunks that bound memory.
+    """
     n = int(counts.sum())
-    draws = rng.multinomial(n, counts / n, size=n_resamples)
-    means = draws @ values / n
+    if len(values) <= 64:
+        means = rng.multinomial(n, counts / n, size=n_resamples) @ values / n
+    else:
+        sample = np.repeat(values, counts)
+        rows = max(1, 2**22 // n)
+        means = np.concatenate([sample[rng.integers(0, n, size=(min(rows, n_resamples - start), n))].mean(axis=1)
+                                for start in range(0, n_resamples, rows)])
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
