@@ -17,7 +17,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2e
 table { border-collapse: collapse; font-size: .85em; margin: .6em 0; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-img { max-width: 100%; } .missing { background: #fff6e0; border: 1px solid #f0c36d; padding: .6em 1.2em; }
+img { max-width: 100%; } .scroll { overflow-x: auto; } .missing { background: #fff6e0; border: 1px solid #f0c36d; padding: .6em 1.2em; }
 """
 
 SECTIONS = [
@@ -43,7 +43,7 @@ def _table(frame: pl.DataFrame, limit: int = 200) -> str:
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
                    for row in frame.head(limit).iter_rows())
     more = f"<p>{frame.height - limit} more rows in the table files.</p>" if frame.height > limit else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
 
 
 def _image(path: Path) -> str:

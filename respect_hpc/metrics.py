@@ -50,7 +50,7 @@ def bootstrap_mean_ci(values: np.ndarray, counts: np.ndarray, rng: np.random.Gen
     else:
         sample = np.repeat(values, counts)
         rows = max(1, 2**22 // n)
-        means = np.concatenate([sample[rng.integers(0, n, size=(min(rows, n_resamples - start), n))].mean(axis=1)
+        means = np.concatenate([sample[rng.integers(0, n, size=(min(rows, n_resamples - start), n), dtype=np.int32)].mean(axis=1)
                                 for start in range(0, n_resamples, rows)])
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import polars as pl  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 LABELS = [1, 0, -1]
 NAMES = {1: "pos", 0: "neu", -1: "neg"}
@@ -23,6 +24,7 @@ def _per_round(ax, table: pl.DataFrame, value: str, low: str | None, high: str |
                             alpha=0.2)
     ax.set_title(title)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
