@@ -99,6 +99,7 @@ def main() -> str:
         print(f"{start + len(chunk)}/{len(prompts)}: ours {ours_s:.0f} s, reference {reference_s:.0f} s", flush=True)
 
     agree = sum(s.label == g for s, g in zip(scored, generated)) / len(prompts)
+    assert agree >= 0.99, f"scoring and greedy generation agree on only {100 * agree:.2f}% of prompts"
     positive = sum(s.label == 0 for s in scored) / len(prompts)
     return f"""## Feedback decoding, SmolLM2-135M-Instruct, bf16, CPU (issue: decoding stage)
 
