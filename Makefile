@@ -20,11 +20,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/respect-hpc demo manifests/demo.yaml
 
-# Debian's chromium renders the HTML report in the tests; installed when missing and running as root.
+# Debian's chromium renders the HTML report in the tests, and a real single-node Slurm runs submitit
+# jobs; both are installed when missing and running as root (elsewhere those tests skip, saying why).
 system-deps:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
 	  echo "note: chromium not installed (needs root and apt-get); the browser test will skip"
+	@[ "$$(id -u)" != 0 ] || slurm/cluster.sh install || echo "note: Slurm packages not installed; the Slurm tests will skip"
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
