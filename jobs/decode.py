@@ -117,6 +117,19 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     return decoded
 
 
+def submit_shards(manifest: Manifest, n_shards: int, executor_kind: str | None = None) -> list[str]:
+    """Run every shard as one array job of the manifest's executor and wait; returns the job ids."""
+    from respect_hpc import launch
+
+    ex = launch.executor(manifest, "decode", executor_kind)
+    submitted = ex.map_array(run_shard, [manifest] * n_shards, list(range(n_shards)), [n_shards] * n_shards)
+    console.print(f"decode: {n_shards} shards submitted as {submitted[0].job_id.split('_')[0]} "
+                  f"({executor_kind or manifest.cluster.executor}); logs in {ex.folder.parent}")
+    for job in submitted:
+        job.result()  # raises FailedJobError with the failing shard's error
+    return [job.job_id for job in submitted]
+
+
 def _prompts(todo: pl.DataFrame, template_key: str) -> list[str]:
     template = decoder_template(template_key)
     return [decoder_prompt(template, prev, utterance, action, follow_up) for prev, utterance, action, follow_up

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import submitit
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -194,13 +195,16 @@ def print_label_counts(feedback) -> None:
     console.print(table)
 
 
-def _decode(m, shard: int | None, num_shards: int, merge_only: bool, check: int) -> None:
+def _decode(m, shard: int | None, num_shards: int, merge_only: bool, check: int, submit: bool = False,
+            executor: str | None = None) -> None:
     try:
         _ensure_turns(m)
         if shard is not None:
             jobs.decode.run_shard(m, shard, num_shards)
             return
-        if not merge_only:
+        if submit:
+            jobs.decode.submit_shards(m, num_shards, executor)
+        elif not merge_only:
             for index in range(num_shards):
                 jobs.decode.run_shard(m, index, num_shards)
         feedback = jobs.decode.merge(m, num_shards)
@@ -209,8 +213,9 @@ def _decode(m, shard: int | None, num_shards: int, merge_only: bool, check: int)
             agree, checked = jobs.decode.check_generation(m, feedback, check)
             console.print(f"greedy generation agrees with scoring on {agree}/{checked} windows "
                           f"({100 * agree / max(checked, 1):.1f}%)")
-    except (IngestError, ModelError, DecoderError, MergeError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    except (IngestError, ModelError, DecoderError, MergeError, FileNotFoundError, ValueError,
+            submitit.core.utils.FailedJobError) as exc:
+        _fail(str(exc).strip().splitlines()[-1] if isinstance(exc, submitit.core.utils.FailedJobError) else str(exc))
 
 
 @app.command()
@@ -219,7 +224,11 @@ def decode(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).
            num_shards: Annotated[int | None, typer.Option(help="Shards in all (default: decoder.shards).")] = None,
            merge: Annotated[bool, typer.Option("--merge", help="Only check the parts and merge them.")] = False,
            check: Annotated[int, typer.Option(help="Also greedy-generate N sampled windows per kind and report "
-                                                    "agreement with scoring.")] = 0) -> None:
+                                                    "agreement with scoring.")] = 0,
+           submit: Annotated[bool, typer.Option("--submit", help="Run the shards as one array job of the "
+                                                                 "manifest's executor, then merge.")] = False,
+           executor: Annotated[str | None, typer.Option(help="Override cluster.executor: local, slurm or debug.")]
+           = None) -> None:
     """Decode implicit feedback of every logged action with a follow-up, with the original base model.
 
     Without --shard: every shard in turn, then the merge, then a summary of label counts. A shard whose
@@ -229,7 +238,9 @@ def decode(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).
     except ManifestError as exc:
         _fail(exc.problems[0] + (f" (and {len(exc.problems) - 1} more: respect-hpc validate)"
                                  if len(exc.problems) > 1 else ""))
-    _decode(m, shard, num_shards or m.decoder.shards, merge, check)
+    if executor not in (None, "local", "slurm", "debug"):
+        _fail(f"--executor {executor!r}: expected local, slurm or debug")
+    _decode(m, shard, num_shards or m.decoder.shards, merge, check, submit, executor)
 
 
 @app.command()

@@ -212,3 +212,12 @@ def test_a_second_round_reuses_the_first_rounds_labels(round_one, taught_decoder
         first.sort("kind", "game_turn_id").select("key", "label"))
     assert set(second["decoded_in_round"]) == {1, 2}
     assert "decoded feedback" in done.stdout
+
+
+def test_decode_shards_run_with_the_local_executor(round_one):
+    root, manifest = round_one
+    done = cli("decode", manifest, "--submit", "--executor", "local")
+    assert done.returncode == 0, done.stderr
+    assert "decode: 2 shards submitted as" in done.stderr and "(local)" in done.stderr
+    assert len(list((root / "runs" / "test" / "feedback").glob("*/round-1/part-*-of-00002.parquet"))) == 4
+    assert (root / "runs" / "test" / "logs" / "decode").is_dir()

@@ -79,3 +79,20 @@ def test_a_failing_task_is_reported_with_its_error(slurm):
     assert jobs[0].result() == 1
     with pytest.raises(submitit.core.utils.FailedJobError, match="task three fails"):
         jobs[1].result()
+
+
+def test_decode_shards_run_as_one_array_on_slurm(slurm, taught_decoder, tmp_path):
+    from test_decode import cli, write_manifest
+
+    model, logs = taught_decoder
+    manifest = write_manifest(tmp_path, model, [logs], shards=3)
+    text = manifest.read_text() + "cluster:\n  executor: slurm\n  partition: debug\n"
+    manifest.write_text(text)
+    done = cli("decode", manifest, "--submit")
+    assert done.returncode == 0, done.stderr
+    assert "decode: 3 shards submitted as" in done.stderr and "(slurm)" in done.stderr
+    parts = sorted((tmp_path / "runs" / "test" / "feedback").glob("*/round-1/part-*-of-00003.parquet"))
+    assert len(parts) == 6  # 3 shards x (binary, ternary)
+    assert (tmp_path / "runs" / "test" / "round-1" / "feedback.parquet").is_file()
+    rerun = cli("decode", manifest, "--submit")  # every part current: the tasks skip
+    assert rerun.returncode == 0 and "decoded feedback" in rerun.stdout
