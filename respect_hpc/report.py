@@ -9,6 +9,7 @@ source lacks is listed under "missing", and the report renders the rest.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,18 +86,32 @@ def _label(column: str) -> pl.Expr:
                                                                            return_dtype=pl.Int8)
 
 
+def _columns(path: Path) -> set[str]:
+    if path.suffix == ".parquet":
+        return set(pl.read_parquet_schema(path))
+    with path.open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "{}")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return set()
+    return set(record) if isinstance(record, dict) else set()
+
+
 def _collect_file(path: Path, found: Collected) -> None:
-    """One loose table, by the columns it has."""
-    frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_ndjson(path, infer_schema_length=None)
-    columns = set(frame.columns)
+    """One loose table, by the columns it has; interaction logs go through the ingest checks."""
+    columns = _columns(path)
+    read = (lambda: pl.read_parquet(path)) if path.suffix == ".parquet" else (
+        lambda: pl.read_ndjson(path, infer_schema_length=None))
     if {"predictions", "labels", "game_turn_id"} <= columns:  # public feedback_decoder_* layout
+        frame = read()
         kind = "ternary" if "ternary" in path.name else "binary"
         found.labelled.append(frame.select(pl.lit(kind).alias("kind"), "game_turn_id",
                                            decoded=_label("predictions"), human=_label("labels")))
     elif "reference_selected" in columns:
-        found.evals.append(frame.select(TURN_EVAL.names()).cast(dict(TURN_EVAL)))
+        found.evals.append(read().select(TURN_EVAL.names()).cast(dict(TURN_EVAL)))
     elif {"correctness", "feedback", "selected"} <= columns:  # public human_eval layout: satisfaction only
-        found.evals.append(frame.select(
+        found.evals.append(read().select(
             pl.format("{}_{}", "game_id", "turn_id").alias("game_turn_id"), pl.col("round").cast(pl.Int64),
             pl.col("policy_name").alias("policy"), "selected", "deselected",
             pl.lit(None, pl.List(pl.String)).alias("reference_selected"),

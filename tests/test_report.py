@@ -145,8 +145,8 @@ def test_report_tables_plots_and_html(tmp_path):
 
 
 def test_bad_inputs_are_listed_and_the_rest_renders(tmp_path):
-    logs = write_jsonl(tmp_path / "logs.jsonl", [game("g1")])
-    old = make_run(tmp_path / "old", logs)
+    logs = write_jsonl(tmp_path / "logs.jsonl", [game("g1"), game("g2", end=0, policy_name="b-fft")])  # mixed
+    old = make_run(tmp_path / "old", write_jsonl(tmp_path / "old.jsonl", [game("g1")]))
     frame = pl.read_parquet(old / "data" / "interactions.parquet")
     frame.write_parquet(old / "data" / "interactions.parquet", metadata={"respect_hpc.schema_version": "0"})
     evals_of({"x": SIMILARITY_CASES["image without embedding"]}).write_parquet(tmp_path / "turn_eval.parquet")
@@ -157,7 +157,7 @@ def test_bad_inputs_are_listed_and_the_rest_renders(tmp_path):
     assert f"{old}: run directory of schema version 0; this respect-hpc reads version 1: skipped" in missing
     assert f"{tmp_path / 'embeddings.parquet'}: no embedding for 1 images (z)" in missing
     assert f"{tmp_path / 'nowhere'}: no such file or folder" in missing
-    assert report.tables["round_metrics"]["games"].to_list() == [1]  # the logs still count
+    assert report.tables["round_metrics"]["games"].to_list() == [1, 1]  # the logs still count, any policy
     assert report.tables["turn_metrics"]["similarity"].to_list() == [None]
     write(report, tmp_path / "out")
 
