@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from jobs.ingest import TURNS_FILE
+from respect_hpc import launch
 from respect_hpc.decode import FeedbackScorer
 from respect_hpc.feedback import (FEEDBACK, LABELS, SPEC_HASH_KEY, SPEC_KEY, MergeError, check_parts, decoder_key,
                                   is_current, labels_frame, part_name, shard_of, shard_spec, spec_hash, window_keys)
@@ -59,10 +60,9 @@ class KindPlan:
         """Windows of a shard whose label an earlier round decoded."""
         return self.windows.filter(pl.col("shard") == shard).join(self.earlier, on="key", how="semi").height
 
-    def specs(self, n_shards: int) -> dict[int, dict]:
-        template = decoder_template(self.template_key)
-        return {s: shard_spec(self.decoder_key, template, self.fingerprint, s, n_shards, self.shard_keys(s))
-                for s in range(n_shards)}
+    def spec(self, shard: int, n_shards: int) -> dict:
+        return shard_spec(self.decoder_key, decoder_template(self.template_key), self.fingerprint, shard, n_shards,
+                          self.shard_keys(shard))
 
     def shard_keys(self, shard: int) -> pl.Series:
         return self.pending.filter(pl.col("shard") == shard)["key"]
@@ -103,7 +103,7 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     decoded: dict[str, int] = {}
     model = tokenizer = None
     for kind_plan in plan(manifest, n_shards):
-        spec = kind_plan.specs(n_shards)[shard]
+        spec = kind_plan.spec(shard, n_shards)
         path = kind_plan.parts / part_name(shard, n_shards)
         if is_current(path, spec):
             console.print(f"{kind_plan.kind}: {path} is current, skipped")
@@ -119,8 +119,6 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
 
 def submit_shards(manifest: Manifest, n_shards: int, executor_kind: str | None = None) -> list[str]:
     """Run every shard as one array job of the manifest's executor and wait; returns the job ids."""
-    from respect_hpc import launch
-
     ex = launch.executor(manifest, "decode", executor_kind)
     submitted = ex.map_array(run_shard, [manifest] * n_shards, list(range(n_shards)), [n_shards] * n_shards)
     console.print(f"decode: {n_shards} shards submitted as {submitted[0].job_id.split('_')[0]} "
@@ -184,7 +182,7 @@ def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:
     """Check every part, update the cache and write round-R/feedback.parquet; returns that table."""
     frames = []
     for kind_plan in plan(manifest, n_shards):
-        specs = kind_plan.specs(n_shards)
+        specs = {s: kind_plan.spec(s, n_shards) for s in range(n_shards)}
         parts = check_parts(kind_plan.parts, specs, {s: set(kind_plan.shard_keys(s)) for s in specs})
         labels = pl.concat([kind_plan.earlier, *(pl.read_parquet(p) for p in parts)]).cast(dict(LABELS))
         atomic_write_parquet(labels, kind_plan.folder / CACHE_FILE)
