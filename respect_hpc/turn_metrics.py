@@ -13,6 +13,9 @@ it is null when neither action clicks anything or an image has no embedding.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import polars as pl
 
@@ -96,13 +99,19 @@ def turn_metrics(evals: pl.DataFrame, embeddings: pl.DataFrame | None = None, *,
         scored = scored.join(similarity(evals, embeddings), on="game_turn_id", how="left")
     else:
         scored = scored.with_columns(similarity=pl.lit(None, pl.Float64))
+    cells = sorted(scored.partition_by("policy", "round", as_dict=True).items())
+    names = ("exact_match", "similarity", "positive")
+    jobs = [(cell[name], (name, policy, round_)) for (policy, round_), cell in cells for name in names]
+    # Intervals run in threads (NumPy releases the GIL); each cell's generator comes from its own key,
+    # so the figures do not depend on the order in which threads finish.
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        intervals = iter(pool.map(lambda job: _interval(job[0], seed, job[1], n_resamples), jobs))
     rows = []
-    for (policy, round_), cell in scored.group_by("policy", "round"):  # one iteration per cell
+    for (policy, round_), cell in cells:
         row = {"policy": policy, "round": round_, "turns": cell.height}
-        for name in ("exact_match", "similarity", "positive"):
-            values = cell[name]
-            low, high = _interval(values, seed, (name, policy, round_), n_resamples)
-            row |= {name: values.mean(), f"{name}_ci_low": low, f"{name}_ci_high": high}
+        for name in names:
+            low, high = next(intervals)
+            row |= {name: cell[name].mean(), f"{name}_ci_low": low, f"{name}_ci_high": high}
         rows.append(row)
     columns = ["policy", "round", "turns"] + [f"{n}{s}" for n in ("exact_match", "similarity", "positive")
                                               for s in ("", "_ci_low", "_ci_high")]
