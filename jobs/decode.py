@@ -184,7 +184,7 @@ def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:
     for kind_plan in plan(manifest, n_shards):
         specs = {s: kind_plan.spec(s, n_shards) for s in range(n_shards)}
         parts = check_parts(kind_plan.parts, specs, {s: set(kind_plan.shard_keys(s)) for s in specs})
-        labels = pl.concat([kind_plan.earlier, *(pl.read_parquet(p) for p in parts)]).cast(dict(LABELS))
+        labels = pl.concat([kind_plan.earlier, *parts]).cast(dict(LABELS))
         atomic_write_parquet(labels, kind_plan.folder / CACHE_FILE)
         per_turn = kind_plan.windows.join(labels, on="key", how="left")
         unlabelled = per_turn.filter(pl.col("label").is_null())
@@ -211,11 +211,11 @@ def check_generation(manifest: Manifest, feedback: pl.DataFrame, n: int, seed: i
     spec = decoder_model(manifest)
     model = load_text_model(spec, "cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(spec)
+    all_turns = pl.read_parquet(RunDir.of(manifest).data / TURNS_FILE)
     agree = checked = 0
     for kind, rows in feedback.partition_by("kind", as_dict=True).items():
         sample = rows.sample(min(n, rows.height), seed=seed)
-        turns = pl.read_parquet(RunDir.of(manifest).data / TURNS_FILE).join(sample.select("game_turn_id", "label"),
-                                                                            on="game_turn_id")
+        turns = all_turns.join(sample.select("game_turn_id", "label"), on="game_turn_id")
         template = decoder_template(manifest.decoder.templates[kind[0]])
         scorer = FeedbackScorer(model, tokenizer, template, manifest.decoder.batch_tokens)
         answers = scorer.generate(_prompts(turns, template.key))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from respect_hpc.ingest import selection_after
 from respect_hpc.multiref import Action, format_action, letters_of
 
 REWARDS = {1: 1.0, 0: 0.0, -1: -0.1}
@@ -73,14 +74,13 @@ def seed_examples(d0_turns: pl.DataFrame, *, seed: int) -> pl.DataFrame:
     chosen = candidates.sample(count, seed=seed, shuffle=True)
     undo_actions = [format_action(Action(deselect=letters_of(sel, ctx)))
                     for sel, ctx in chosen.select("selected", "context").iter_rows()]
-    after = pl.col("currently_selected").list.concat("selected").list.unique().list.sort()
     augmented = chosen.with_columns(
         game_turn_id=pl.col("game_turn_id") + "_undo",
         source=pl.lit("augmented"),
         chats=pl.col("chats").list.concat(pl.lit([UNDO_UTTERANCE])),
         previous_actions=pl.concat_list("previous_actions", "action"),
         previous_selections=pl.col("previous_selections").list.concat(pl.col("currently_selected").repeat_by(1)),
-        currently_selected=after,
+        currently_selected=selection_after(),
         deselected=pl.col("selected"),
         selected=pl.lit([], pl.List(pl.String)),
         action=pl.Series(undo_actions, dtype=pl.String),

@@ -118,15 +118,15 @@ def labels_frame(template: DecoderTemplate, keys: list[str], scored: list, round
     }, schema=LABELS)
 
 
-def check_parts(folder: Path, specs: dict[int, dict], expected: dict[int, set[str]]) -> list[Path]:
-    """The part files of ``folder`` for shards 0..N-1, or MergeError naming the first wrong one.
+def check_parts(folder: Path, specs: dict[int, dict], expected: dict[int, set[str]]) -> list[pl.DataFrame]:
+    """The labels in the part files of ``folder`` for shards 0..N-1, or MergeError naming the first wrong one.
 
     Each part must exist, hold the shard its name says, carry the current spec, and
     hold exactly its shard's windows; as shards are a function of the key, parts
     that pass are disjoint.
     """
     n_shards = len(specs)
-    paths = []
+    parts = []
     for shard, spec in specs.items():
         path = folder / part_name(shard, n_shards)
         rerun = f"rerun decode --shard {shard} --num-shards {n_shards}"
@@ -138,8 +138,8 @@ def check_parts(folder: Path, specs: dict[int, dict], expected: dict[int, set[st
                              f"a duplicate of {part_name(found.get('shard', 0), found.get('num_shards', 1))}: {rerun}")
         if found != spec:
             raise MergeError(f"{path}: stale (made from other windows, decoder or code): {rerun}")
-        keys = set(pl.read_parquet(path, columns=["key"])["key"])
-        if keys != expected[shard]:
-            raise MergeError(f"{path}: holds {len(keys)} windows, expected {len(expected[shard])}: {rerun}")
-        paths.append(path)
-    return paths
+        part = pl.read_parquet(path)
+        if set(part["key"]) != expected[shard]:
+            raise MergeError(f"{path}: holds {part.height} windows, expected {len(expected[shard])}: {rerun}")
+        parts.append(part)
+    return parts

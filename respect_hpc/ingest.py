@@ -194,10 +194,15 @@ def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def selection_after() -> pl.Expr:
+    """The selection after a turn's action: before - deselected + selected, sorted."""
+    return (pl.col("currently_selected").list.set_difference("deselected")
+            .list.concat("selected").list.unique().list.sort())
+
+
 def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
-    """Group turn rows into games; the selection after a turn is before - deselected + selected."""
-    after = (pl.col("currently_selected").list.set_difference("deselected")
-             .list.concat("selected").list.unique().list.sort())
+    """Group turn rows into games, with the selection after each turn."""
+    after = selection_after()
     utterance = pl.col("chats").list.last()
     return (
         frame.with_columns(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from respect_hpc.ingest import selection_after
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
 
 DEFAULT_KILOGRAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "kilogram"
@@ -172,8 +173,7 @@ def to_public_turn_layout(turns: pl.DataFrame) -> pl.DataFrame:
     """A turns table (:data:`tables.TURNS`) in the public ``turn`` layout."""
     return turns.select(
         "game_turn_id", "game_id", "turn_id", "chats",
-        pl.col("currently_selected").list.set_difference("deselected").list.concat("selected").list.sort()
-        .alias("clicks"),
+        selection_after().alias("clicks"),
         "currently_selected", "selected", "deselected",
         pl.col("follow_up").alias("chat_feedback"), "prob_action", "context", "targets",
         pl.col("game_success").cast(pl.Int64).alias("end"),

@@ -81,3 +81,18 @@ def test_an_empty_training_set_is_refused_before_training(logged):
     negative_only = feedback.with_columns(label=pl.lit(-1, pl.Int8))
     with pytest.raises(DatasetError, match="variant b-fft: no positive binary feedback in the logs"):
         training_set(turns, negative_only, None, variant="b-fft", kind="binary", objective="fft", seed=1)
+
+
+def test_the_undo_turn_starts_from_the_selection_after_its_source_turn(tmp_path):
+    c = [f"page-{x}.png" for x in "ABC"]
+    games = [game(f"g{i}", clicks=[[c[0]], [c[1]], [c[2]]], targets=[c[2]]) for i in range(4)]  # 12 turns
+    d0 = ingest([write_jsonl(tmp_path / "d0.jsonl", games)]).turns
+    deselecting = 0
+    for seed in range(8):
+        examples = seed_examples(d0, seed=seed)
+        undo = examples.filter(pl.col("source") == "augmented").row(0, named=True)
+        source = d0.filter(pl.col("game_turn_id") == undo["game_turn_id"].removesuffix("_undo")).row(0, named=True)
+        after = sorted((set(source["currently_selected"]) - set(source["deselected"])) | set(source["selected"]))
+        assert undo["currently_selected"] == after
+        deselecting += bool(source["deselected"])
+    assert deselecting  # at least one seed picked a turn that deselects (the case the old expression got wrong)
