@@ -19,6 +19,9 @@ from rich.table import Table
 import jobs.decode
 import jobs.ingest
 import jobs.metrics
+import jobs.train
+from respect_hpc.datasets import DatasetError
+from respect_hpc import launch
 from respect_hpc.decode import DecoderError
 from respect_hpc.feedback import MergeError
 from respect_hpc.models import ModelError, build_tiny_idefics2
@@ -26,8 +29,10 @@ from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
 from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
 from respect_hpc.metrics import N_RESAMPLES, round_metrics
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
+from respect_hpc.policy_data import PolicyDataError
 from respect_hpc.rundir import RunDir
 from respect_hpc.tables import atomic_write_parquet
+from respect_hpc.train import TrainingError
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
@@ -175,6 +180,18 @@ def synth(out: Annotated[Path, typer.Argument(help="Output file: .parquet or .js
     console.print(f"{frame.height} synthetic games ({bank.source} images) -> {out}")
 
 
+def _manifest(path: Path, executor: str | None = None):
+    """Load a manifest, or end with its first problem in one line."""
+    try:
+        m = load_manifest(path)
+    except ManifestError as exc:
+        _fail(exc.problems[0] + (f" (and {len(exc.problems) - 1} more: respect-hpc validate)"
+                                 if len(exc.problems) > 1 else ""))
+    if executor not in (None, "local", "slurm", "debug"):
+        _fail(f"--executor {executor!r}: expected local, slurm or debug")
+    return m
+
+
 def _ensure_turns(m) -> None:
     """Run the ingest stage for a manifest whose run directory has no turns table yet."""
     run = RunDir.of(m)
@@ -233,14 +250,40 @@ def decode(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).
 
     Without --shard: every shard in turn, then the merge, then a summary of label counts. A shard whose
     part is current is skipped; windows decoded in earlier rounds are reused."""
-    try:
-        m = load_manifest(manifest)
-    except ManifestError as exc:
-        _fail(exc.problems[0] + (f" (and {len(exc.problems) - 1} more: respect-hpc validate)"
-                                 if len(exc.problems) > 1 else ""))
-    if executor not in (None, "local", "slurm", "debug"):
-        _fail(f"--executor {executor!r}: expected local, slurm or debug")
+    m = _manifest(manifest, executor)
     _decode(m, shard, num_shards or m.decoder.shards, merge, check, submit, executor)
+
+
+@app.command()
+def train(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")],
+          variant: Annotated[str, typer.Option(help="Variant name from the manifest, e.g. b-fft.")],
+          seed: Annotated[int, typer.Option(help="Seed: LoRA initialisation, data order, subsampling.")],
+          submit: Annotated[bool, typer.Option("--submit", help="Run the task as a job of the manifest's executor "
+                                                                "(one process per GPU) and wait.")] = False,
+          executor: Annotated[str | None, typer.Option(help="Override cluster.executor: local, slurm or debug.")]
+          = None) -> None:
+    """Train one task of the round: LoRA on the policy for one variant and seed.
+
+    Writes round-R/train/<variant>/seed-<s>/: a checkpoint and the validation exact match every epoch
+    (epochs/epoch-EEE/ adapters, metrics.parquet), done.json at the end. A rerun resumes from the newest
+    checkpoint, or does nothing when the task is done with the same inputs. SIGUSR2 or SIGTERM stops
+    it at the next optimizer step with a checkpoint saved."""
+    m = _manifest(manifest, executor)
+    try:
+        if submit:
+            job = launch.executor(m, "train", executor).submit(jobs.train.TrainTask(m, variant, seed))
+            console.print(f"train {variant} seed {seed}: job {job.job_id}; log {job.paths.stderr}")
+            result = job.result()
+            result = result[0] if isinstance(result, list) else result
+        else:
+            result = jobs.train.run_task(m, variant, seed)
+    except (TrainingError, DatasetError, ModelError, IngestError, PolicyDataError) as exc:
+        _fail(str(exc))
+    except submitit.core.utils.FailedJobError as exc:
+        _fail(str(exc).strip().splitlines()[-1])
+    console.print(f"{variant} seed {seed}: best epoch {result['best_epoch']}, validation exact match "
+                  f"{result['val_exact_match']:.3f} (loss {result['val_loss']:.4f}) -> "
+                  f"{jobs.train.task_dir(m, variant, seed)}")
 
 
 @app.command()

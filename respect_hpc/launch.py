@@ -23,7 +23,7 @@ def executor(manifest: Manifest, stage: str, executor_kind: str | None = None) -
     if kind == "local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=resources.time_min, gpus_per_node=resources.gpus,
-                             cpus_per_task=resources.cpus)
+                             cpus_per_task=resources.cpus, tasks_per_node=resources.processes)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
     cluster = manifest.cluster
@@ -32,6 +32,7 @@ def executor(manifest: Manifest, stage: str, executor_kind: str | None = None) -
     ex.update_parameters(
         job_name=f"{manifest.experiment}-r{manifest.round}-{stage}", time=resources.time_min,
         cpus_per_task=resources.cpus, mem=f"{resources.mem_gb}G", nodes=resources.nodes,
+        ntasks_per_node=resources.processes,
         signal_delay_s=120, **({"partition": cluster.partition} if cluster.partition else {}),
         **({"gpus_per_node": resources.gpus} if resources.gpus else {}),
         **({"array_parallelism": resources.max_parallel} if resources.max_parallel else {}),

@@ -122,6 +122,11 @@ class TrainingSection(Strict):
     fft: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["fft"])
     rl: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["rl"])
     kto: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["kto"])
+    zero_stage: int | None = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; null: plain Accelerate "
+                                                              "(no DeepSpeed)")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints besides each "
+                                                       "epoch's end; 0: at epoch ends only")
+    max_action_tokens: int = Field(16, ge=1, description="token limit of a generated action in validation")
 
     @field_validator("fft", "rl", "kto", mode="before")
     @classmethod
@@ -154,6 +159,12 @@ class StageResources(Strict):
     time_min: int = Field(60, ge=1, description="time limit of one task in minutes")
     nodes: int = Field(1, ge=1)
     max_parallel: int | None = Field(None, ge=1, description="array tasks running at once")
+    tasks_per_node: int | None = Field(None, ge=1, description="processes per node of one task; default: one "
+                                                               "per GPU, or 1 without GPUs")
+
+    @property
+    def processes(self) -> int:
+        return self.tasks_per_node or max(self.gpus, 1)
 
 
 def _default_stages() -> dict[str, StageResources]:

@@ -154,10 +154,53 @@ def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] 
     model = Idefics2ForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = Idefics2Processor(image_processor=Idefics2ImageProcessor(do_image_splitting=False),
+    processor = Idefics2Processor(image_processor=Idefics2ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": 224, "shortest_edge": 224}),
                                   tokenizer=tokenizer, image_seq_len=8, chat_template=TINY_CHAT_TEMPLATE)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+_PAPER_LORA = r"(?!.*vision_model\.).*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
+LORA_PLACEMENTS = {
+    # q, k, v, gate, up, down projections everywhere but the vision model: the text model, the
+    # modality projector and the perceiver resampler (every layer of a text-only LM)
+    "paper": _PAPER_LORA,
+    # also the vision model's out_proj, fc1, fc2
+    "enhanced": rf"{_PAPER_LORA}|.*vision_model\..*\.(out_proj|fc1|fc2)",
+}
+
+
+def load_processor(spec: ModelSection):
+    """The processor of a multimodal checkpoint (tokenizer and image processor), or None for a text LM."""
+    from transformers import AutoConfig, AutoProcessor
+
+    _check_folder(spec)
+    if not is_multimodal(AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)):
+        return None
+    return AutoProcessor.from_pretrained(spec.path)
+
+
+def load_policy(spec: ModelSection, *, r: int, alpha: int, dropout: float, placement: str,
+                adapter: Path | None = None, seed: int = 0):
+    """The base model with LoRA adapters: new ones (seeded) or trainable copies of a saved ``adapter``."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    _check_folder(spec)
+    config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    cls = AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
+    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"previous adapter: no adapter_config.json in '{adapter}'")
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_PLACEMENTS[placement],
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

@@ -112,3 +112,56 @@ def taught_decoder(tmp_path_factory):
     folder = build_tiny_idefics2(root / "model")
     teach_decoder(folder, logs)
     return folder, logs
+
+
+def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary, objective: fft}]",
+                training: str = "{epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
+                extra: str = "", model: Path | None = None, games: int = 24) -> Path:
+    """A round ready to train: synthetic logs ingested, decoded feedback written directly (heuristic
+    labels standing in for the decode stage), D_0 and validation games, a tiny Idefics2, and its manifest.
+
+    Images are the real KiloGram tangrams when ../shared/data/kilogram is present, else procedural ones.
+    """
+    import jobs.ingest
+    from respect_hpc.models import build_tiny_idefics2
+    from respect_hpc.synthetic import draw_procedural_images, load_image_bank, synthesize
+
+    bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
+    images = KILOGRAM / "tangram_pngs"
+    if bank.source == "procedural":
+        images = root / "images"
+        draw_procedural_images(bank, images)
+    logs, d0, validation = root / "logs.parquet", root / "d0.parquet", root / "validation.parquet"
+    synthesize(games, seed=3, policies={"sft": 0.5}, rounds=[0], bank=bank).write_parquet(logs)
+    synthesize(games // 3, seed=5, policies={"human": 0.9}, rounds=[0], bank=bank).write_parquet(d0)
+    synthesize(games // 4, seed=6, policies={"human": 0.9}, rounds=[0], bank=bank).write_parquet(validation)
+    run = root / "runs" / "t"
+    turns = jobs.ingest.run([logs], run / "data", policies=None).turns.filter("has_follow_up")
+    feedback = pl.concat([turns.select(
+        "game_turn_id", "round", "policy", kind=pl.lit(kind),
+        label=pl.Series([{"Positive": 1, "Neutral": 0, "Negative": -1}[heuristic_label(f, labels)]
+                         for f in turns["follow_up"]], dtype=pl.Int8))
+        for kind, labels in (("binary", ("Positive", "Negative")), ("ternary", ("Positive", "Neutral", "Negative")))])
+    (run / "round-1").mkdir(parents=True)
+    feedback.write_parquet(run / "round-1" / "feedback.parquet")
+    if model is None:
+        model = build_tiny_idefics2(root / "model", corpus=[d for ds in bank.descriptions.values() for d in ds])
+    manifest = root / "round.yaml"
+    manifest.write_text(f"""experiment: t
+round: 1
+workdir: {root / 'runs'}
+data:
+  interactions: [{logs}]
+  seed_data: {d0}
+  validation: {validation}
+  images: {images}
+model: {{path: {model}, dtype: fp32}}
+variants: {variants}
+seeds: [1, 2]
+training:
+  fft: {training}
+  rl: {training}
+  kto: {training}
+  zero_stage: null
+{extra}""")
+    return manifest

@@ -1,0 +1,223 @@
+"""Train stage: one task per (variant, seed), run as a submitit Checkpointable array task.
+
+:func:`prepare` builds a task's training set, validation turns and settings and
+refuses bad input before any GPU time (an empty training set, a missing previous
+adapter, images the folder lacks, a batch the world cannot divide). A
+:class:`TrainTask` runs :func:`respect_hpc.train.train` in each of its processes;
+on SIGUSR2 (preemption, or the time limit coming) it finishes the optimizer step,
+saves a checkpoint and hands over to submitit, which requeues it; the requeued
+task resumes from that checkpoint. A finished task writes ``done.json`` with the
+hash of its spec, and a rerun with the same spec skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import submitit
+from rich.console import Console
+
+from jobs.decode import FEEDBACK_FILE
+from jobs.ingest import TURNS_FILE
+from respect_hpc.datasets import training_set, with_history
+from respect_hpc.ingest import ingest
+from respect_hpc.manifest import Manifest, Variant
+from respect_hpc.models import is_multimodal, model_fingerprint
+from respect_hpc.rundir import RunDir
+from respect_hpc.train import METRICS_FILE, TrainingError, TrainSpec, accumulation_steps, train
+
+DONE_FILE = "done.json"
+console = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    spec: TrainSpec
+    examples: pl.DataFrame
+    validation: pl.DataFrame
+    spec_hash: str
+
+
+def variant_of(manifest: Manifest, name: str) -> Variant:
+    for variant in manifest.variants:
+        if variant.name == name:
+            return variant
+    raise TrainingError(f"--variant {name}: the manifest has no such variant; expected one of "
+                        f"{', '.join(v.name for v in manifest.variants)}")
+
+
+def task_dir(manifest: Manifest, variant: str, seed: int) -> Path:
+    return RunDir.of(manifest).round(manifest.round) / "train" / variant / f"seed-{seed}"
+
+
+def previous_adapter(manifest: Manifest, variant: Variant) -> Path:
+    return variant.previous_adapter or RunDir.of(manifest).round(manifest.round - 1) / "policies" / variant.name
+
+
+def _digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _turns_of(path: Path | None) -> pl.DataFrame | None:
+    return None if path is None else ingest([path], policies=None).turns
+
+
+def prepare(manifest: Manifest, variant_name: str, seed: int) -> Prepared:
+    """Everything one task needs, checked; raises TrainingError naming what is wrong."""
+    variant = variant_of(manifest, variant_name)
+    hp = manifest.objective(variant)
+    run = RunDir.of(manifest)
+    resources = manifest.cluster.stages["train"]
+    accumulation_steps(hp.effective_batch, hp.micro_batch, resources.processes * resources.nodes,
+                       f"training.{variant.objective}")
+    turns_path, feedback_path = run.data / TURNS_FILE, run.round(manifest.round) / FEEDBACK_FILE
+    for path, stage in ((turns_path, "ingest"), (feedback_path, "decode")):
+        if not path.is_file():
+            raise TrainingError(f"{path}: missing; run the {stage} stage first")
+    if manifest.data.validation is None:
+        raise TrainingError("data.validation: required for training (human-human games for checkpoint selection)")
+    adapter = None
+    if variant.continues:
+        adapter = previous_adapter(manifest, variant)
+        if not (adapter / "adapter_config.json").is_file():
+            raise TrainingError(f"variant {variant.name}: continues from the previous round's adapter, but "
+                                f"'{adapter}' holds none (set previous_adapter, or init: base)")
+    examples = training_set(pl.read_parquet(turns_path), pl.read_parquet(feedback_path),
+                            _turns_of(manifest.data.seed_data), variant=variant.name,
+                            kind=variant.feedback, objective=variant.objective, seed=seed,
+                            negatives_per_5_positives=hp.negatives_per_5_positives)
+    validation = with_history(_turns_of(manifest.data.validation))
+    from transformers import AutoConfig
+
+    if is_multimodal(AutoConfig.from_pretrained(manifest.model.path, gguf_file=manifest.model.gguf_file)):
+        _check_images(manifest, examples, "training examples")
+        _check_images(manifest, validation, "data.validation")
+    spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
+                     policy_template=manifest.policy_template, images=manifest.data.images,
+                     out=task_dir(manifest, variant.name, seed), adapter=adapter,
+                     zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
+                     max_action_tokens=manifest.training.max_action_tokens)
+    key = {"variant": variant.model_dump(mode="json"), "seed": seed, "hp": hp.model_dump(mode="json"),
+           "zero_stage": spec.zero_stage, "policy_template": spec.policy_template,
+           "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
+           "inputs": [_digest(p) for p in (turns_path, feedback_path, manifest.data.seed_data,
+                                           manifest.data.validation, adapter)]}
+    spec_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return Prepared(spec, examples, validation, spec_hash)
+
+
+def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:
+    folder = manifest.data.images
+    if folder is None:
+        raise TrainingError("data.images: required to train a multimodal policy (the folder of tangram PNGs)")
+    names = turns.select(pl.col("context").list.explode()).unique().to_series().to_list()
+    missing = sorted(n for n in names if not (folder / n).is_file())
+    if missing:
+        raise TrainingError(f"{what}: {len(missing)} images are not in data.images '{folder}', e.g. {missing[0]}")
+
+
+def is_done(out: Path, spec_hash: str) -> bool:
+    done = out / DONE_FILE
+    return done.is_file() and json.loads(done.read_text()).get("spec_hash") == spec_hash
+
+
+def _distributed_env() -> None:
+    """RANK, WORLD_SIZE, MASTER_ADDR/PORT for torch.distributed: from submitit inside a job, else one process."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:
+        env = None
+    if env is not None and env.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return
+    with socket.socket() as sock:  # a free port: several one-process tasks may share a machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1")
+
+
+class StopRequest:
+    """SIGUSR2 (and SIGTERM) set a flag that the loop reads at each optimizer step, instead of exiting at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+
+    def is_set(self) -> bool:
+        return self.received is not None
+
+    def hand_over(self) -> None:
+        """Give the signal to the handler that was there before (submitit's: checkpoint and requeue)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        handler = self.previous[self.received]
+        if callable(handler):
+            handler(self.received, None)
+        raise SystemExit(f"stopped by {signal.Signals(self.received).name}; the checkpoint is saved and a rerun "
+                         "resumes from it")
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """One training task as a submitit callable: requeued with the same arguments when preempted."""
+
+    def __init__(self, manifest: Manifest, variant: str, seed: int):
+        self.manifest, self.variant, self.seed = manifest, variant, seed
+
+    def __call__(self) -> dict:
+        prepared = prepare(self.manifest, self.variant, self.seed)
+        out = prepared.spec.out
+        if is_done(out, prepared.spec_hash):
+            console.print(f"{self.variant} seed {self.seed}: done already ({out / DONE_FILE}), skipped")
+            return json.loads((out / DONE_FILE).read_text())
+        _distributed_env()
+        main = os.environ.get("RANK", "0") == "0"
+        stop = StopRequest()
+        console.print(f"{self.variant} seed {self.seed}: {prepared.examples.height} examples "
+                      f"({_source_counts(prepared.examples)}), {prepared.validation.height} validation turns -> {out}")
+        outcome = train(prepared.spec, prepared.examples, prepared.validation, stop.is_set,
+                        progress=console.print if main else (lambda _: None))
+        if outcome == "stopped":
+            stop.hand_over()
+        result = {"variant": self.variant, "seed": self.seed, "spec_hash": prepared.spec_hash,
+                  "examples": prepared.examples.height, **best_epoch(out)}
+        if main:
+            tmp = out / f".{DONE_FILE}.tmp"
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(out / DONE_FILE)
+        return result
+
+
+def _source_counts(examples: pl.DataFrame) -> str:
+    counts = examples.group_by("source").len().sort("source").rows()
+    return ", ".join(f"{n} {source}" for source, n in counts)
+
+
+def best_epoch(out: Path) -> dict:
+    """The epoch with the highest validation exact match (ties: lower loss, then earlier)."""
+    epochs = pl.read_parquet(out / METRICS_FILE).filter(pl.col("val_exact_match").is_not_null())
+    best = epochs.sort(["val_exact_match", "val_loss", "epoch"], descending=[True, False, False]).row(0, named=True)
+    return {"best_epoch": best["epoch"], "val_exact_match": best["val_exact_match"], "val_loss": best["val_loss"]}
+
+
+def run_task(manifest: Manifest, variant: str, seed: int) -> dict:
+    """Run one task in this process (world size 1)."""
+    return TrainTask(manifest, variant, seed)()
+

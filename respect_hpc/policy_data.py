@@ -1,0 +1,167 @@
+"""Policy inputs: training examples and validation turns -> token ids, action masks and pixels.
+
+An example is one row of a training set (:data:`datasets.EXAMPLE_COLUMNS`) or of a
+turns table. Its images are shown in an order drawn per (seed, epoch, example)
+when shuffling is asked for (image order carries no meaning), and every letter in
+the context, the earlier actions and the target action is renamed to match.
+Batches are left-padded so that all actions end at the last position: the model
+then computes logits for the action tokens only (``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from respect_hpc.multiref import LETTERS, Action, format_action, letters_of, parse_action
+from respect_hpc.prompts import PolicyTemplate, policy_messages
+
+
+class PolicyDataError(ValueError):
+    """An example that cannot be shown to the policy (a missing image, say)."""
+
+
+def image_order(context: list[str], seed: int, epoch: int, game_turn_id: str) -> list[str]:
+    """The context in the order the policy sees it: shuffled per (seed, epoch, example)."""
+    order = list(context)
+    random.Random(f"{seed}/{epoch}/{game_turn_id}").shuffle(order)
+    return order
+
+
+def rename_action(text: str, before: list[str], after: list[str]) -> str:
+    """An action in the letters of ``before`` rewritten in the letters of ``after``."""
+    if not text:
+        return text
+    action = parse_action(text, len(before))
+    rename = {LETTERS[i]: LETTERS[after.index(image)] for i, image in enumerate(before)}
+    return format_action(Action(frozenset(rename[x] for x in action.deselect),
+                                frozenset(rename[x] for x in action.select)))
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What the policy sees for one example, and the action it should answer."""
+
+    messages: list[dict]
+    images: list[str]   # in the order the messages show them
+    action: str
+
+
+def policy_view(row: dict, template: PolicyTemplate, order: list[str] | None = None) -> PolicyView:
+    """The chat for ``row`` with its images in ``order`` (default: the logged order)."""
+    context = row["context"]
+    order = order or context
+    selections = [*row["previous_selections"], row["currently_selected"]]
+    messages = policy_messages(template, len(order), list(row["chats"]),
+                               [letters_of(s, order) for s in selections],
+                               [rename_action(a, context, order) for a in row["previous_actions"]])
+    return PolicyView(messages, order, rename_action(row["action"], context, order))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as token ids; the last ``action_tokens`` ids are the action and its end token."""
+
+    input_ids: list[int]
+    action_tokens: int
+    images: list[str]
+
+
+class PolicyEncoder:
+    """Turns policy views into model inputs, with each image's pixels processed once."""
+
+    def __init__(self, processor, tokenizer, image_folder: Path | None, multimodal: bool):
+        self.processor, self.tokenizer = processor, tokenizer
+        self.image_folder, self.multimodal = image_folder, multimodal
+        self._pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        self.end_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+    def prompt_ids(self, view: PolicyView) -> list[int]:
+        messages = view.messages if self.multimodal else _text_only(view.messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.multimodal:
+            return self.processor(text=[text], add_special_tokens=False)["input_ids"][0]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, view: PolicyView) -> Encoded:
+        action = self.tokenizer(view.action, add_special_tokens=False)["input_ids"] + [self.end_id]
+        return Encoded(self.prompt_ids(view) + action, len(action), view.images if self.multimodal else [])
+
+    def pixels(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if image not in self._pixels:
+            from PIL import Image
+
+            path = self.image_folder / image
+            if not path.is_file():
+                raise PolicyDataError(f"data.images: no file '{image}' in '{self.image_folder}'")
+            with Image.open(path) as picture:
+                out = self.processor.image_processor(images=[[picture.convert("RGB")]], return_tensors="pt")
+            self._pixels[image] = (out["pixel_values"][0, 0], out["pixel_attention_mask"][0, 0].bool())
+        return self._pixels[image]
+
+    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Left-padded ids; ``targets``/``target_mask`` cover the last ``keep - 1`` positions."""
+        width = max(len(e.input_ids) for e in items)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in items])
+        attention_mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in items])
+        keep = max(e.action_tokens for e in items)
+        lengths = torch.tensor([e.action_tokens for e in items])
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "targets": input_ids[:, -keep:],
+            "target_mask": torch.arange(keep).unsqueeze(0) >= (keep - lengths).unsqueeze(1),
+        }
+        if self.multimodal:
+            batch.update(self._image_batch(items))
+        return batch
+
+    def _image_batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        pixels = [[self.pixels(name) for name in e.images] for e in items]
+        n = max(len(p) for p in pixels)
+        height = max(v.shape[-2] for p in pixels for v, _ in p)
+        width = max(v.shape[-1] for p in pixels for v, _ in p)
+        values = torch.zeros(len(items), n, 3, height, width)
+        masks = torch.zeros(len(items), n, height, width, dtype=torch.bool)
+        for i, example in enumerate(pixels):
+            for j, (value, mask) in enumerate(example):
+                values[i, j, :, :value.shape[-2], :value.shape[-1]] = value
+                masks[i, j, :mask.shape[-2], :mask.shape[-1]] = mask
+        return {"pixel_values": values, "pixel_attention_mask": masks}
+
+
+def _text_only(messages: list[dict]) -> list[dict]:
+    """Messages without image parts, for a policy that reads letters only."""
+    return [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
+            for m in messages]
+
+
+def epoch_batches(lengths: list[int], micro_batch: int, per_step: int, seed: int, epoch: int,
+                  group: int | None = 50) -> list[list[int]]:
+    """One epoch's micro-batches, a whole number of optimizer steps' worth, in a seeded order.
+
+    The examples are shuffled and wrapped around to fill the last step (``per_step``
+    examples each). With ``group``, they are cut into spans of ``group``
+    micro-batches, sorted by length inside each span and cut into micro-batches,
+    whose order is shuffled again: a micro-batch's rows have similar lengths (little
+    padding) while every epoch still differs. Without it, micro-batches follow the
+    shuffled order.
+    """
+    rng = random.Random(f"{seed}/{epoch}/batches")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    steps = -(-len(order) // per_step)
+    order = (order * -(-steps * per_step // len(order)))[:steps * per_step]
+    if group is None:
+        return [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+    batches = []
+    for start in range(0, len(order), micro_batch * group):
+        span = sorted(order[start:start + micro_batch * group], key=lambda i: -lengths[i])
+        batches += [span[i:i + micro_batch] for i in range(0, len(span), micro_batch)]
+    rng.shuffle(batches)
+    return batches

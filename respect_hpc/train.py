@@ -1,0 +1,374 @@
+"""The training loop of one task (round, variant, seed): LoRA through PEFT, Accelerate, DeepSpeed ZeRO.
+
+:func:`train` runs in every process of a task's world (one per GPU; ``RANK`` and
+``WORLD_SIZE`` in the environment). Each optimizer step takes ``effective_batch``
+examples as micro-batches spread over the processes and accumulated; batches are
+length-grouped and left-padded, so logits are computed for the action tokens only.
+
+Checkpoints (``ckpt/step-SSSSSS/``: the adapter as safetensors, optimizer,
+scheduler and RNG state, the position in the data) are written atomically at every
+epoch's end, every ``checkpoint_every`` steps, and when ``should_stop`` turns true
+(a preemption signal); a new call resumes from the newest one and ends exactly
+where an uninterrupted run would. Each epoch's adapter is kept under
+``epochs/epoch-EEE/`` (1-based) with its validation exact match in ``metrics.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from respect_hpc.manifest import Hyperparameters, ModelSection
+from respect_hpc.models import load_policy, load_processor, load_tokenizer
+from respect_hpc.multiref import ActionError, canonicalise
+from respect_hpc.objectives import fft_loss, kto_loss, reinforce_loss, score_actions
+from respect_hpc.policy_data import PolicyEncoder, epoch_batches, image_order, policy_view
+from respect_hpc.prompts import policy_template
+from respect_hpc.tables import atomic_write_parquet
+
+METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "loss": pl.Float64,
+                     "objective": pl.Float64, "entropy": pl.Float64, "learning_rate": pl.Float64,
+                     "val_exact_match": pl.Float64, "val_loss": pl.Float64})
+METRICS_FILE = "metrics.parquet"
+REFERENCE_FILE = "reference.parquet"
+
+
+class TrainingError(RuntimeError):
+    """Training that cannot start or go on (a bad batch size, a NaN loss), with what to do."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training task needs besides its examples."""
+
+    objective: str
+    hp: Hyperparameters
+    seed: int
+    model: ModelSection
+    policy_template: str
+    images: Path | None
+    out: Path
+    adapter: Path | None = None     # continue from this adapter (KTO) instead of new LoRA weights
+    zero_stage: int | None = 2
+    checkpoint_every: int = 0
+    max_action_tokens: int = 16
+    cell: str = "default"
+
+
+def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int, where: str = "training") -> int:
+    """Micro-batches each process accumulates per optimizer step; refuses a batch the world cannot divide."""
+    if effective_batch % (micro_batch * world_size):
+        raise TrainingError(f"{where}.effective_batch {effective_batch} is not a multiple of micro_batch "
+                            f"{micro_batch} x {world_size} processes")
+    return effective_batch // (micro_batch * world_size)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "ckpt").glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def _rows(frame: pl.DataFrame) -> list[dict]:
+    return frame.to_dicts()
+
+
+class Trainer:
+    """One task's model, optimizer and data in one process; :meth:`run` trains to the end or to a stop."""
+
+    def __init__(self, spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        self.spec, self.hp = spec, spec.hp
+        self.examples, self.validation = _rows(examples), _rows(validation)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accum = accumulation_steps(self.hp.effective_batch, self.hp.micro_batch, world,
+                                        f"training.{spec.objective}")
+        cuda = torch.cuda.is_available()
+        bf16 = spec.model.dtype == "bf16" and cuda
+        plugin = None
+        if spec.zero_stage is not None:
+            plugin = DeepSpeedPlugin(hf_ds_config={
+                "zero_optimization": {"stage": spec.zero_stage},
+                "train_micro_batch_size_per_gpu": self.hp.micro_batch,
+                "gradient_accumulation_steps": self.accum, "train_batch_size": self.hp.effective_batch,
+                "gradient_clipping": 1.0, "bf16": {"enabled": spec.model.dtype == "bf16"},
+            })
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=self.accum, deepspeed_plugin=plugin, step_scheduler_with_optimizer=False,
+            mixed_precision="bf16" if bf16 and plugin is None else "no",
+            kwargs_handlers=[] if cuda else [InitProcessGroupKwargs(backend="gloo")])
+        self.deepspeed = plugin is not None
+        self.template = policy_template(spec.policy_template)
+        processor = load_processor(spec.model)
+        self.tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec.model)
+        self.encoder = PolicyEncoder(processor, self.tokenizer, spec.images, processor is not None)
+        self.lengths = [len(self.encoder.encode(policy_view(row, self.template)).input_ids)
+                        for row in self.examples]
+        self.model = load_policy(spec.model, r=self.hp.lora_r, alpha=self.hp.lora_alpha,
+                                 dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
+                                 adapter=spec.adapter, seed=spec.seed)
+        self.model.to(self.accelerator.device)
+        self.reference = self._reference_logprobs() if spec.objective == "kto" else None
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
+        else:
+            optimizer = torch.optim.RMSprop(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.examples) / self.hp.effective_batch)
+        total = self.steps_per_epoch * self.hp.epochs
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+        scheduler = (get_cosine_schedule_with_warmup(optimizer, self.hp.warmup_steps, total)
+                     if self.hp.schedule == "cosine" else get_constant_schedule_with_warmup(optimizer,
+                                                                                           self.hp.warmup_steps))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        if not self.deepspeed:  # checkpoints hold the adapter only, never the frozen base weights
+            self.accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+            self.accelerator.register_load_state_pre_hook(self._load_adapter_hook)
+        self.rows: list[dict] = []
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _batch(self, indices: list[int], epoch: int, shuffle: bool = True) -> dict[str, torch.Tensor]:
+        rows = [self.examples[i] for i in indices]
+        encoded = [self.encoder.encode(policy_view(
+            row, self.template,
+            image_order(row["context"], self.spec.seed, epoch, row["game_turn_id"]) if shuffle else None))
+            for row in rows]
+        batch = self.encoder.collate(encoded)
+        batch["reward"] = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+        batch["propensity"] = torch.tensor([r["prob_action"] if r["prob_action"] is not None else 1.0
+                                            for r in rows], dtype=torch.float32)
+        batch["desirable"] = torch.tensor([r["label"] == 1 for r in rows])
+        batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
+        if self.reference is not None:
+            batch["reference"] = torch.tensor([self.reference[r["game_turn_id"]] for r in rows])
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if "pixel_values" in batch:
+            inputs["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+            inputs["pixel_attention_mask"] = batch["pixel_attention_mask"]
+        keep = batch["targets"].shape[1]
+        return model(**inputs, logits_to_keep=keep + 1).logits[:, :-1]
+
+    def _loss(self, batch: dict[str, torch.Tensor]):
+        logits = self._logits(self.model, batch)
+        hp, targets, mask = self.hp, batch["targets"], batch["target_mask"]
+        if self.spec.objective == "fft":
+            return fft_loss(logits, targets, mask, label_smoothing=hp.label_smoothing,
+                            entropy_weight=hp.entropy_weight, temperature=hp.temperature)
+        if self.spec.objective == "rl":
+            return reinforce_loss(logits, targets, mask, batch["reward"], batch["propensity"],
+                                  entropy_weight=hp.entropy_weight, temperature=hp.temperature)
+        return kto_loss(logits, targets, mask, batch["reference"], batch["desirable"], batch["weight"],
+                        beta=hp.beta, lambda_desirable=hp.lambda_desirable, lambda_undesirable=hp.lambda_undesirable,
+                        entropy_weight=hp.entropy_weight, temperature=hp.temperature)
+
+    @torch.no_grad()
+    def _reference_logprobs(self) -> dict[str, float]:
+        """KTO's reference: the starting policy's length-normalised log-probability of each action, once."""
+        path = self.spec.out / REFERENCE_FILE
+        with self.accelerator.main_process_first():
+            if not path.is_file():
+                self.model.eval()
+                values = []
+                for start in range(0, len(self.examples), self.hp.micro_batch):
+                    indices = list(range(start, min(start + self.hp.micro_batch, len(self.examples))))
+                    batch = self._batch(indices, 0, shuffle=False)
+                    scores = score_actions(self._logits(self.model, batch), batch["targets"], batch["target_mask"],
+                                           self.hp.temperature)
+                    values += scores.logprob_mean.tolist()
+                self.model.train()
+                atomic_write_parquet(pl.DataFrame({"game_turn_id": [r["game_turn_id"] for r in self.examples],
+                                                   "reference_logprob": values}), path)
+        table = pl.read_parquet(path)
+        return dict(zip(table["game_turn_id"], table["reference_logprob"]))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _load_adapter_hook(self, models, folder: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(Path(folder).parent / "adapter" / "adapter_model.safetensors")
+        set_peft_model_state_dict(self.accelerator.unwrap_model(models[0]), weights)
+        models.clear()
+
+    def _save(self, step: int, epoch: int, epoch_done: bool) -> None:
+        """Checkpoint after ``step`` optimizer steps, in (0-based) ``epoch``, atomically."""
+        accelerator, root = self.accelerator, self.spec.out / "ckpt"
+        tmp = root / f".step-{step:06d}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"), **({"exclude_frozen_parameters": True} if self.deepspeed else {}))
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(self.model).save_pretrained(tmp / "adapter")
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "epoch_done": epoch_done}))
+            self._write_metrics()
+            final = root / f"step-{step:06d}"
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            if epoch_done:
+                kept = self.spec.out / "epochs" / f"epoch-{epoch + 1:03d}"
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(final / "adapter", kept.with_name(f".{kept.name}.tmp"), dirs_exist_ok=True)
+                kept.with_name(f".{kept.name}.tmp").rename(kept)
+            for older in root.glob("step-*"):
+                if older != final:
+                    shutil.rmtree(older)
+        accelerator.wait_for_everyone()
+
+    def _write_metrics(self) -> None:
+        atomic_write_parquet(pl.DataFrame(self.rows, schema=METRICS, orient="row"), self.spec.out / METRICS_FILE)
+
+    def _resume(self) -> tuple[int, int]:
+        """Load the newest checkpoint; returns (optimizer steps done, epoch to continue)."""
+        checkpoint = latest_checkpoint(self.spec.out)
+        if checkpoint is None:
+            return 0, 0
+        state = json.loads((checkpoint / "trainer.json").read_text())
+        self.accelerator.load_state(str(checkpoint / "state"),
+                                    **({"load_module_strict": False} if self.deepspeed else {}))
+        metrics = self.spec.out / METRICS_FILE
+        if metrics.is_file():
+            self.rows = [tuple(r) for r in pl.read_parquet(metrics).filter(pl.col("step") <= state["step"]).rows()]
+        return state["step"], state["epoch"] + (1 if state["epoch_done"] else 0)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _reduce(self, values: list[float], how: str) -> list[float]:
+        return self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), how).tolist()
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False, progress: Callable[[str], None] = print) -> str:
+        """Train to the last epoch ("finished") or to a stop request ("stopped", after a checkpoint)."""
+        accelerator, hp = self.accelerator, self.hp
+        world, rank = accelerator.num_processes, accelerator.process_index
+        step, first_epoch = self._resume()
+        if step:
+            progress(f"resumed at step {step} (epoch {first_epoch})")
+        self.model.train()
+        started = time.perf_counter()
+        for epoch in range(first_epoch, hp.epochs):
+            batches = epoch_batches(self.lengths, hp.micro_batch, hp.effective_batch, self.spec.seed, epoch)
+            per_step = world * self.accum
+            for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                sums = [0.0, 0.0, 0.0]
+                for a in range(self.accum):
+                    batch = self._batch(batches[epoch_step * per_step + rank * self.accum + a], epoch)
+                    with accelerator.accumulate(self.model):
+                        parts = self._loss(batch)
+                        bad, = self._reduce([float(not torch.isfinite(parts.total).item())], "max")
+                        if bad:
+                            raise TrainingError(
+                                f"step {step + 1} (epoch {epoch}): the loss is not finite; stopped; the last good "
+                                f"checkpoint is {latest_checkpoint(self.spec.out) or 'none (no step finished)'}")
+                        accelerator.backward(parts.total)
+                        self.optimizer.step()
+                        if accelerator.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    sums = [s + float(v) / self.accum for s, v in
+                            zip(sums, (parts.total.detach(), parts.objective, parts.entropy))]
+                step += 1
+                loss, objective, entropy = self._reduce(sums, "mean")
+                lr = self.scheduler.get_last_lr()[0]
+                self.rows.append((self.spec.cell, step, epoch + 1, loss, objective, entropy, lr, None, None))
+                if step % 10 == 0 or epoch_step == self.steps_per_epoch - 1:
+                    rate = (step - (first_epoch * self.steps_per_epoch)) / (time.perf_counter() - started)
+                    progress(f"epoch {epoch + 1}/{hp.epochs} step {step}/{self.steps_per_epoch * hp.epochs} "
+                             f"loss {loss:.4f} lr {lr:.2e} ({rate * hp.effective_batch:.1f} examples/s)")
+                last_of_epoch = epoch_step == self.steps_per_epoch - 1
+                stop, = self._reduce([float(should_stop())], "max")
+                if stop and not last_of_epoch:
+                    self._save(step, epoch, epoch_done=False)
+                    progress(f"stopped at step {step}; checkpoint saved")
+                    return "stopped"
+                if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and not last_of_epoch:
+                    self._save(step, epoch, epoch_done=False)
+            exact, val_loss = self.validate()
+            self.rows.append((self.spec.cell, step, epoch + 1, None, None, None, None, exact, val_loss))
+            progress(f"epoch {epoch + 1}: validation exact match {exact:.3f}, loss {val_loss:.4f}")
+            self._save(step, epoch, epoch_done=True)
+            stop, = self._reduce([float(should_stop())], "max")
+            if stop and epoch + 1 < hp.epochs:
+                progress(f"stopped after epoch {epoch + 1}; checkpoint saved")
+                return "stopped"
+        return "finished"
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Exact match of greedy actions and mean action loss on the validation turns (sharded over processes)."""
+        accelerator = self.accelerator
+        model = accelerator.unwrap_model(self.model)
+        model.eval()
+        mine = list(range(accelerator.process_index, len(self.validation), accelerator.num_processes))
+        exact = loss = 0.0
+        for start in range(0, len(mine), self.hp.micro_batch):
+            rows = [self.validation[i] for i in mine[start:start + self.hp.micro_batch]]
+            views = [policy_view(row, self.template) for row in rows]
+            encoded = [self.encoder.encode(view) for view in views]
+            batch = {k: v.to(accelerator.device) for k, v in self.encoder.collate(encoded).items()}
+            scores = score_actions(self._logits(model, batch), batch["targets"], batch["target_mask"])
+            loss -= scores.logprob_mean.sum().item()
+            for row, view, answer in zip(rows, views, self._generate(model, views)):
+                exact += _same_action(answer, view.action, len(row["context"]))
+        model.train()
+        exact, loss = self._reduce([exact, loss], "sum")
+        n = max(len(self.validation), 1)
+        return exact / n, loss / n
+
+    def _generate(self, model, views) -> list[str]:
+        prompts = [self.encoder.prompt_ids(view) for view in views]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
+                  "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
+        if self.encoder.multimodal:
+            from respect_hpc.policy_data import Encoded
+
+            images = self.encoder.collate([Encoded(p, 1, v.images) for p, v in zip(prompts, views)])
+            inputs["pixel_values"] = images["pixel_values"].to(next(model.parameters()).dtype)
+            inputs["pixel_attention_mask"] = images["pixel_attention_mask"]
+        inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+        out = model.generate(**inputs, max_new_tokens=self.spec.max_action_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=self.encoder.end_id)
+        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def _same_action(answer: str, reference: str, n_images: int) -> bool:
+    try:
+        return canonicalise(answer.strip(), n_images) == canonicalise(reference, n_images)
+    except ActionError:
+        return False
+
+
+def train(spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame,
+          should_stop: Callable[[], bool] = lambda: False, progress: Callable[[str], None] = print) -> str:
+    """Run (or resume) one training task in this process; returns "finished" or "stopped"."""
+    spec.out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(spec, examples, validation)
+    try:
+        return trainer.run(should_stop, progress)
+    finally:
+        _release(trainer)
+
+
+def _release(trainer: Trainer) -> None:
+    """Free the process group and Accelerate's shared state, so a process can run another task."""
+    from accelerate.state import AcceleratorState
+
+    trainer.accelerator.free_memory()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
