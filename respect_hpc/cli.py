@@ -273,8 +273,7 @@ def train(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML)."
         if submit:
             job = launch.executor(m, "train", executor).submit(jobs.train.TrainTask(m, variant, seed))
             console.print(f"train {variant} seed {seed}: job {job.job_id}; log {job.paths.stderr}")
-            result = job.result()
-            result = result[0] if isinstance(result, list) else result
+            result = job.results()[0]  # one result per process; the first process's is the task's
         else:
             result = jobs.train.run_task(m, variant, seed)
     except (TrainingError, DatasetError, ModelError, IngestError, PolicyDataError) as exc:

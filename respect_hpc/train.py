@@ -118,7 +118,9 @@ class Trainer:
                                  dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
                                  adapter=spec.adapter, seed=spec.seed)
         self.model.to(self.accelerator.device)
-        self.reference = self._reference_logprobs() if spec.objective == "kto" else None
+        self.reference: dict[str, float] | None = None
+        if spec.objective == "kto":
+            self.reference = self._reference_logprobs()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
@@ -254,6 +256,9 @@ class Trainer:
         """Train to the last epoch ("finished") or to a stop request ("stopped", after a checkpoint)."""
         accelerator, hp = self.accelerator, self.hp
         world, rank = accelerator.num_processes, accelerator.process_index
+        engine = f"DeepSpeed ZeRO-{self.spec.zero_stage}" if self.deepspeed else "Accelerate"
+        progress(f"{engine}, {world} process(es) on {accelerator.device}, {self.accum} micro-batch(es) of "
+                 f"{hp.micro_batch} accumulated per step, {self.steps_per_epoch} steps per epoch")
         step, first_epoch = self._resume()
         if step:
             progress(f"resumed at step {step} (epoch {first_epoch})")

@@ -1,0 +1,266 @@
+"""Training: LoRA placement, the loop on a tiny Idefics2 with real tangram images, checkpoints, resume.
+
+Every test trains a real (tiny, random-weight) transformers model with PEFT and
+Accelerate; the DeepSpeed and preemption tests run real subprocesses through
+submitit's local executor and send real signals.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import submitit
+import torch
+from conftest import write_round
+from safetensors.torch import load_file
+
+import jobs.train
+from respect_hpc import launch
+from respect_hpc.datasets import DatasetError
+from respect_hpc.manifest import ModelSection, load_manifest
+from respect_hpc.models import load_policy
+from respect_hpc.train import METRICS_FILE, Trainer, TrainingError, TrainSpec, _release
+
+ADAPTER = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from respect_hpc.models import build_tiny_idefics2
+    from respect_hpc.synthetic import load_image_bank
+
+    from conftest import KILOGRAM
+
+    bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
+    return build_tiny_idefics2(tmp_path_factory.mktemp("policy") / "model",
+                               corpus=[d for ds in bank.descriptions.values() for d in ds])
+
+
+def lora_modules(model) -> set[str]:
+    return {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A" in name}
+
+
+def test_lora_placements(model):
+    spec = ModelSection(path=model, dtype="fp32")
+    paper = lora_modules(load_policy(spec, r=8, alpha=8, dropout=0.1, placement="paper"))
+    enhanced = lora_modules(load_policy(spec, r=8, alpha=8, dropout=0.1, placement="enhanced"))
+    assert not any("vision_model" in n for n in paper)
+    for part in ("text_model", "connector.modality_projection", "connector.perceiver_resampler"):
+        assert any(part in n for n in paper), part
+    assert {n.rsplit(".", 1)[1] for n in paper} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                                                    "down_proj"}
+    vision = {n.rsplit(".", 1)[1] for n in enhanced - paper}
+    assert vision == {"out_proj", "fc1", "fc2"} and all("vision_model" in n for n in enhanced - paper)
+
+
+def _spec(manifest, variant, out, **changes):
+    m = load_manifest(manifest)
+    v = jobs.train.variant_of(m, variant)
+    prepared = jobs.train.prepare(m, variant, 1)
+    hp = m.objective(v).model_copy(update=changes)
+    spec = TrainSpec(objective=v.objective, hp=hp, seed=1, model=m.model, policy_template=m.policy_template,
+                     images=m.data.images, out=out, zero_stage=None)
+    return spec, prepared
+
+
+@pytest.fixture(scope="module")
+def round_files(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("round")
+    variants = ("[{name: b-fft, feedback: binary, objective: fft}, {name: t-rl, feedback: ternary, objective: rl},"
+                " {name: b-kto, feedback: binary, objective: kto, init: base}]")
+    return write_round(root, variants=variants, model=model)
+
+
+@pytest.mark.parametrize("variant", ["b-fft", "t-rl", "b-kto"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_path):
+    jobs.train._distributed_env()
+    spec, prepared = _spec(round_files, variant, tmp_path, learning_rate=3e-3, warmup_steps=0, micro_batch=8,
+                           effective_batch=8, lora_dropout=0.0, entropy_weight=0.0)
+    trainer = Trainer(spec, prepared.examples, prepared.validation)
+    try:
+        batch = trainer._batch(list(range(8)), epoch=0)
+        losses = []
+        for _ in range(6):
+            parts = trainer._loss(batch)
+            losses.append(parts.total.item())
+            trainer.accelerator.backward(parts.total)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+    finally:
+        _release(trainer)
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def test_task_trains_validates_and_saves_reloadable_adapters(round_files):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    m = load_manifest(round_files)
+    result = jobs.train.run_task(m, "b-fft", 1)
+    out = jobs.train.task_dir(m, "b-fft", 1)
+    metrics = pl.read_parquet(out / METRICS_FILE)
+    steps = metrics.filter(pl.col("loss").is_not_null())
+    epochs = metrics.filter(pl.col("val_exact_match").is_not_null())
+    prepared = jobs.train.prepare(m, "b-fft", 1)
+    per_epoch = -(-prepared.examples.height // 8)
+    assert steps["step"].to_list() == list(range(1, 2 * per_epoch + 1))
+    assert epochs["epoch"].to_list() == [1, 2] and epochs["step"].to_list() == [per_epoch, 2 * per_epoch]
+    assert epochs["val_exact_match"].is_between(0, 1).all() and (epochs["val_loss"] > 0).all()
+    assert steps["learning_rate"].max() == pytest.approx(1e-4) and steps["learning_rate"][-1] == 0
+    assert result["best_epoch"] in (1, 2) and json.loads((out / "done.json").read_text())["spec_hash"]
+    assert sorted(p.name for p in (out / "epochs").iterdir()) == ["epoch-001", "epoch-002"]
+    assert len(list((out / "ckpt").glob("step-*"))) == 1  # older optimizer states are pruned
+    base = AutoModelForImageTextToText.from_pretrained(m.model.path)
+    reloaded = PeftModel.from_pretrained(base, out / "epochs" / "epoch-002")
+    saved = load_file(out / "epochs" / "epoch-002" / ADAPTER)
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # trained: B starts at zero
+    assert any("lora_A" in n for n, _ in reloaded.named_parameters())
+    # a rerun with the same inputs does nothing
+    before = (out / METRICS_FILE).stat().st_mtime_ns
+    assert jobs.train.run_task(m, "b-fft", 1) == result
+    assert (out / METRICS_FILE).stat().st_mtime_ns == before
+
+
+def _with(manifest: Path, old: str, new: str) -> Path:
+    text = manifest.read_text()
+    assert old in text
+    changed = manifest.with_name(f"changed-{abs(hash(new))}.yaml")
+    changed.write_text(text.replace(old, new))
+    return changed
+
+
+def test_bad_input_is_refused_before_training(round_files, tmp_path):
+    m = load_manifest(_with(round_files, "fft: {epochs: 2, effective_batch: 8", "fft: {epochs: 2, effective_batch: 10"))
+    with pytest.raises(TrainingError, match=r"training.fft.effective_batch 10 is not a multiple of micro_batch 4 x 1"):
+        jobs.train.prepare(m, "b-fft", 1)
+    m = load_manifest(_with(round_files, "init: base", "init: previous"))
+    with pytest.raises(TrainingError, match=r"variant b-kto: continues from the previous round's adapter, but "
+                                            r"'.*round-0/policies/b-kto' holds none"):
+        jobs.train.prepare(m, "b-kto", 1)
+    with pytest.raises(TrainingError, match="--variant b-xx: the manifest has no such variant"):
+        jobs.train.prepare(m, "b-xx", 1)
+    validation = pl.read_parquet(load_manifest(round_files).data.validation)
+    bad = validation.with_columns(context=pl.col("context").list.eval(pl.element().str.replace(r"^", "nope-")),
+                                  targets=pl.col("targets").list.eval(pl.element().str.replace(r"^", "nope-")),
+                                  clicks=pl.col("clicks").list.eval(pl.element().list.eval(
+                                      pl.element().str.replace(r"^", "nope-"))))
+    bad.write_parquet(tmp_path / "validation.parquet")
+    m = load_manifest(_with(round_files, str(load_manifest(round_files).data.validation),
+                            str(tmp_path / "validation.parquet")))
+    with pytest.raises(TrainingError, match=r"data.validation: \d+ images are not in data.images '.*', e.g. nope-"):
+        jobs.train.prepare(m, "b-fft", 1)
+    run = jobs.train.RunDir.of(m).round(1)
+    feedback = pl.read_parquet(run / "feedback.parquet")
+    try:
+        feedback.with_columns(label=pl.lit(-1, pl.Int8)).write_parquet(run / "feedback.parquet")
+        with pytest.raises(DatasetError, match="variant b-fft: no positive binary feedback"):
+            jobs.train.prepare(m, "b-fft", 1)
+        cli = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "train", str(round_files), "--variant",
+                              "b-fft", "--seed", "1"], capture_output=True, text=True)
+        assert cli.returncode == 2
+        assert cli.stderr.strip().splitlines()[-1] == "error: variant b-fft: no positive binary feedback in the " \
+                                                      "logs: nothing to train on"
+    finally:
+        feedback.write_parquet(run / "feedback.parquet")
+
+
+def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(round_files):
+    m = load_manifest(_with(round_files, "  zero_stage: null", "  zero_stage: null\n  checkpoint_every: 1"))
+    m = m.model_copy(update={"experiment": "nan", "training": m.training.model_copy(update={
+        "fft": m.training.fft.model_copy(update={"learning_rate": 1e30, "warmup_steps": 0})})})
+    source = jobs.train.RunDir.of(load_manifest(round_files)).root
+    shutil.copytree(source / "data", jobs.train.RunDir.of(m).root / "data")
+    shutil.copytree(source / "round-1", jobs.train.RunDir.of(m).round(1), ignore=shutil.ignore_patterns("train"))
+    with pytest.raises(TrainingError, match=r"step \d+ \(epoch 0\): the loss is not finite; stopped; the last good "
+                                            r"checkpoint is .*ckpt/step-\d{6}"):
+        jobs.train.run_task(m, "b-fft", 1)
+    assert not (jobs.train.task_dir(m, "b-fft", 1) / "done.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _copy_round(manifest: Path, experiment: str) -> Path:
+    changed = _with(manifest, "experiment: t", f"experiment: {experiment}")
+    source = jobs.train.RunDir.of(load_manifest(manifest)).root
+    target = jobs.train.RunDir.of(load_manifest(changed)).root
+    shutil.copytree(source / "data", target / "data")
+    shutil.copytree(source / "round-1", target / "round-1", ignore=shutil.ignore_patterns("train"))
+    return changed
+
+
+@pytest.mark.slow
+def test_a_task_preempted_by_a_real_signal_requeues_and_ends_as_if_uninterrupted(round_files):
+    three_epochs = "fft: {epochs: 3, effective_batch: 8, micro_batch: 4, warmup_steps: 1}"
+    manifest = _with(round_files, "fft: {epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
+                     three_epochs)
+    interrupted = load_manifest(_copy_round(manifest, "preempted"))
+    straight = load_manifest(_copy_round(manifest, "straight"))
+    job = launch.executor(interrupted, "train", "local").submit(jobs.train.TrainTask(interrupted, "b-fft", 2))
+    deadline = time.time() + 300
+    while "step 10/" not in (job.stderr() or ""):
+        assert time.time() < deadline and not job.done(), job.stderr()
+        time.sleep(0.2)
+    tasks = _children(job._process.pid)
+    assert len(tasks) == 1
+    os.kill(tasks[0], signal.SIGUSR2)  # what Slurm sends before preemption or the time limit
+    result = job.result()
+    log = job.stderr()
+    assert "stopped at step" in log and "resumed at step" in log, log
+    jobs.train.run_task(straight, "b-fft", 2)
+    out_a, out_b = (jobs.train.task_dir(m, "b-fft", 2) for m in (interrupted, straight))
+    for epoch in ("epoch-001", "epoch-002", "epoch-003"):
+        a, b = load_file(out_a / "epochs" / epoch / ADAPTER), load_file(out_b / "epochs" / epoch / ADAPTER)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    steps = pl.read_parquet(out_a / METRICS_FILE)
+    assert steps["step"].to_list() == pl.read_parquet(out_b / METRICS_FILE)["step"].to_list()
+    assert result["val_exact_match"] == pytest.approx(
+        json.loads((out_b / "done.json").read_text())["val_exact_match"])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(round_files):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    manifest = _with(_copy_round(round_files, "zero2"), "  zero_stage: null",
+                     "  zero_stage: 2\ncluster:\n  executor: local\n  stages:\n    train: {tasks_per_node: 2}")
+    m = load_manifest(manifest)
+    assert m.cluster.stages["train"].processes == 2
+    job = launch.executor(m, "train", "local").submit(jobs.train.TrainTask(m, "b-fft", 1))
+    try:
+        results = job.results()
+    except submitit.core.utils.FailedJobError:
+        pytest.fail(job.task(0).stderr())
+    assert len(results) == 2 and results[0]["best_epoch"] in (1, 2)
+    out = jobs.train.task_dir(m, "b-fft", 1)
+    log = job.task(0).stderr()
+    assert "DeepSpeed ZeRO-2, 2 process(es) on cpu, 1 micro-batch(es) of 4 accumulated per step" in log
+    state = next((out / "ckpt").glob("step-*")) / "state"
+    assert (state / "latest").is_file()  # a DeepSpeed engine checkpoint, frozen base weights excluded
+    assert sum(f.stat().st_size for f in state.rglob("*") if f.is_file()) < 5_000_000
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(m.model.path),
+                                         out / "epochs" / "epoch-002")
+    trained = {n: p for n, p in reloaded.named_parameters() if "lora_B" in n}
+    assert trained and any(p.abs().sum() > 0 for p in trained.values())
+    metrics = pl.read_parquet(out / METRICS_FILE)
+    assert metrics.filter(pl.col("loss").is_not_null()).height == 2 * (-(-results[0]["examples"] // 8))
