@@ -22,16 +22,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+import jobs.ingest
 from jobs.ingest import TURNS_FILE
 from respect_hpc import launch
 from respect_hpc.decode import FeedbackScorer
-from respect_hpc.feedback import (FEEDBACK, LABELS, SPEC_HASH_KEY, SPEC_KEY, MergeError, check_parts, decoder_key,
-                                  is_current, labels_frame, part_name, shard_of, shard_spec, spec_hash, window_keys)
+from respect_hpc.hashing import spec_hash
+from respect_hpc.feedback import (FEEDBACK, LABELS, SPEC_KEY, MergeError, check_parts, decoder_key,
+                                  is_current, labels_frame, part_name, shard_of, shard_spec, window_keys)
 from respect_hpc.manifest import Manifest
 from respect_hpc.models import load_text_model, load_tokenizer, model_fingerprint
 from respect_hpc.prompts import LABEL_VALUES, decoder_prompt, decoder_template
 from respect_hpc.rundir import RunDir
-from respect_hpc.tables import atomic_write_parquet
+from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
 FEEDBACK_FILE = "feedback.parquet"
 CACHE_FILE = "labels.parquet"
@@ -178,10 +180,32 @@ def _decode_to_part(manifest: Manifest, kind_plan: KindPlan, todo: pl.DataFrame,
     return todo.height
 
 
+def done_shards(manifest: Manifest, n_shards: int, plans: list[KindPlan] | None = None) -> set[int]:
+    """Shards whose parts are current for every feedback kind (none before the ingest stage is done)."""
+    if plans is None:
+        if not jobs.ingest.is_done(manifest):
+            return set()
+        plans = plan(manifest, n_shards)
+    return {s for s in range(n_shards)
+            if all(is_current(p.parts / part_name(s, n_shards), p.spec(s, n_shards)) for p in plans)}
+
+
+def _merge_hash(plans: list[KindPlan], n_shards: int) -> str:
+    return spec_hash({"parts": [spec_hash(p.spec(s, n_shards)) for p in plans for s in range(n_shards)]})
+
+
+def merge_done(manifest: Manifest, n_shards: int) -> bool:
+    path = RunDir.of(manifest).round(manifest.round) / FEEDBACK_FILE
+    if not (path.is_file() and jobs.ingest.is_done(manifest)):
+        return False
+    return parquet_metadata(path).get(SPEC_HASH_KEY) == _merge_hash(plan(manifest, n_shards), n_shards)
+
+
 def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:
     """Check every part, update the cache and write round-R/feedback.parquet; returns that table."""
     frames = []
-    for kind_plan in plan(manifest, n_shards):
+    plans = plan(manifest, n_shards)
+    for kind_plan in plans:
         specs = {s: kind_plan.spec(s, n_shards) for s in range(n_shards)}
         parts = check_parts(kind_plan.parts, specs, {s: set(kind_plan.shard_keys(s)) for s in specs})
         labels = pl.concat([kind_plan.earlier, *parts]).cast(dict(LABELS))
@@ -194,7 +218,8 @@ def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:
         frames.append(per_turn.with_columns(kind=pl.lit(kind_plan.kind), decoder_key=pl.lit(kind_plan.decoder_key)))
     feedback = pl.concat(frames).select(FEEDBACK.names()).cast(dict(FEEDBACK)) if frames else pl.DataFrame(
         schema=FEEDBACK)
-    atomic_write_parquet(feedback, RunDir.of(manifest).round(manifest.round) / FEEDBACK_FILE)
+    atomic_write_parquet(feedback, RunDir.of(manifest).round(manifest.round) / FEEDBACK_FILE,
+                         {SPEC_HASH_KEY: _merge_hash(plans, n_shards)})
     return feedback
 
 

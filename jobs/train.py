@@ -12,7 +12,6 @@ hash of its spec, and a rerun with the same spec skips it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -22,11 +21,13 @@ from pathlib import Path
 
 import polars as pl
 import submitit
+import torch
 from rich.console import Console
 
 from jobs.decode import FEEDBACK_FILE
 from jobs.ingest import TURNS_FILE
 from respect_hpc.datasets import training_set, with_history
+from respect_hpc.hashing import file_digest, spec_hash
 from respect_hpc.ingest import ingest
 from respect_hpc.manifest import Manifest, Variant
 from respect_hpc.models import is_multimodal, model_fingerprint
@@ -53,36 +54,48 @@ def variant_of(manifest: Manifest, name: str) -> Variant:
                         f"{', '.join(v.name for v in manifest.variants)}")
 
 
-def task_dir(manifest: Manifest, variant: str, seed: int) -> Path:
-    return RunDir.of(manifest).round(manifest.round) / "train" / variant / f"seed-{seed}"
+def task_dir(manifest: Manifest, variant: str, seed: int, cell: str = "default") -> Path:
+    """round-R/train/<variant>/seed-<s>, or round-R/train/<variant>@<cell>/seed-<s> in a sweep."""
+    name = variant if cell == "default" else f"{variant}@{cell}"
+    return RunDir.of(manifest).round(manifest.round) / "train" / name / f"seed-{seed}"
 
 
 def previous_adapter(manifest: Manifest, variant: Variant) -> Path:
     return variant.previous_adapter or RunDir.of(manifest).round(manifest.round - 1) / "policies" / variant.name
 
 
-def _digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    digest = hashlib.blake2b(digest_size=16)
-    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
-        digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
+def inputs(manifest: Manifest) -> tuple[Path, Path]:
+    run = RunDir.of(manifest)
+    return run.data / TURNS_FILE, run.round(manifest.round) / FEEDBACK_FILE
+
+
+def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "default") -> str:
+    """The hash of a task's spec: settings, model, and the digests of every input it reads."""
+    variant = variant_of(manifest, variant_name)
+    adapter = previous_adapter(manifest, variant) if variant.continues else None
+    run = RunDir.of(manifest)
+    return spec_hash({
+        "variant": variant.model_dump(mode="json"), "seed": seed, "cell": cell,
+        "hp": manifest.objective(variant, cell).model_dump(mode="json"),
+        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "max_action_tokens"}),
+        "policy_template": manifest.policy_template, "images": str(manifest.data.images),
+        "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
+        "inputs": [file_digest(p) for p in (*inputs(manifest), manifest.data.seed_data, manifest.data.validation,
+                                            adapter)]})
 
 
 def _turns_of(path: Path | None) -> pl.DataFrame | None:
     return None if path is None else ingest([path], policies=None).turns
 
 
-def prepare(manifest: Manifest, variant_name: str, seed: int) -> Prepared:
+def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "default") -> Prepared:
     """Everything one task needs, checked; raises TrainingError naming what is wrong."""
     variant = variant_of(manifest, variant_name)
-    hp = manifest.objective(variant)
-    run = RunDir.of(manifest)
+    hp = manifest.objective(variant, cell)
     resources = manifest.cluster.stages["train"]
     accumulation_steps(hp.effective_batch, hp.micro_batch, resources.processes * resources.nodes,
                        f"training.{variant.objective}")
-    turns_path, feedback_path = run.data / TURNS_FILE, run.round(manifest.round) / FEEDBACK_FILE
+    turns_path, feedback_path = inputs(manifest)
     for path, stage in ((turns_path, "ingest"), (feedback_path, "decode")):
         if not path.is_file():
             raise TrainingError(f"{path}: missing; run the {stage} stage first")
@@ -106,16 +119,10 @@ def prepare(manifest: Manifest, variant_name: str, seed: int) -> Prepared:
         _check_images(manifest, validation, "data.validation")
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
-                     out=task_dir(manifest, variant.name, seed), adapter=adapter,
+                     out=task_dir(manifest, variant.name, seed, cell), adapter=adapter,
                      zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
-                     max_action_tokens=manifest.training.max_action_tokens)
-    key = {"variant": variant.model_dump(mode="json"), "seed": seed, "hp": hp.model_dump(mode="json"),
-           "zero_stage": spec.zero_stage, "policy_template": spec.policy_template,
-           "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
-           "inputs": [_digest(p) for p in (turns_path, feedback_path, manifest.data.seed_data,
-                                           manifest.data.validation, adapter)]}
-    spec_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
-    return Prepared(spec, examples, validation, spec_hash)
+                     max_action_tokens=manifest.training.max_action_tokens, cell=cell)
+    return Prepared(spec, examples, validation, task_hash(manifest, variant.name, seed, cell))
 
 
 def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:
@@ -178,11 +185,12 @@ class StopRequest:
 class TrainTask(submitit.helpers.Checkpointable):
     """One training task as a submitit callable: requeued with the same arguments when preempted."""
 
-    def __init__(self, manifest: Manifest, variant: str, seed: int):
-        self.manifest, self.variant, self.seed = manifest, variant, seed
+    def __init__(self, manifest: Manifest, variant: str, seed: int, cell: str = "default"):
+        self.manifest, self.variant, self.seed, self.cell = manifest, variant, seed, cell
 
     def __call__(self) -> dict:
-        prepared = prepare(self.manifest, self.variant, self.seed)
+        torch.set_num_threads(self.manifest.cluster.stages["train"].cpus)
+        prepared = prepare(self.manifest, self.variant, self.seed, self.cell)
         out = prepared.spec.out
         if is_done(out, prepared.spec_hash):
             console.print(f"{self.variant} seed {self.seed}: done already ({out / DONE_FILE}), skipped")
@@ -196,7 +204,7 @@ class TrainTask(submitit.helpers.Checkpointable):
                         progress=console.print if main else (lambda _: None))
         if outcome == "stopped":
             stop.hand_over()
-        result = {"variant": self.variant, "seed": self.seed, "spec_hash": prepared.spec_hash,
+        result = {"variant": self.variant, "cell": self.cell, "seed": self.seed, "spec_hash": prepared.spec_hash,
                   "examples": prepared.examples.height, **best_epoch(out)}
         if main:
             tmp = out / f".{DONE_FILE}.tmp"
@@ -217,7 +225,7 @@ def best_epoch(out: Path) -> dict:
     return {"best_epoch": best["epoch"], "val_exact_match": best["val_exact_match"], "val_loss": best["val_loss"]}
 
 
-def run_task(manifest: Manifest, variant: str, seed: int) -> dict:
+def run_task(manifest: Manifest, variant: str, seed: int, cell: str = "default") -> dict:
     """Run one task in this process (world size 1)."""
-    return TrainTask(manifest, variant, seed)()
+    return TrainTask(manifest, variant, seed, cell)()
 

@@ -194,12 +194,10 @@ def _manifest(path: Path, executor: str | None = None):
 
 def _ensure_turns(m) -> None:
     """Run the ingest stage for a manifest whose run directory has no turns table yet."""
-    run = RunDir.of(m)
-    if not (run.data / jobs.ingest.TURNS_FILE).is_file():
+    if not jobs.ingest.is_done(m):
         with err.status("ingesting"):
-            result = jobs.ingest.run(m.data.interactions, run.data, quarantine=True, max_turns=m.data.max_turns,
-                                     max_round=m.round - 1)
-        console.print(f"ingest: {result.accounting()}; {result.turns.height} turns -> {run.data}")
+            summary = jobs.ingest.stage(m)
+        console.print(f"ingest: {summary} -> {RunDir.of(m).data}")
 
 
 def print_label_counts(feedback) -> None:

@@ -44,7 +44,6 @@ FEEDBACK = pl.Schema({
 
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})\.parquet$")
 SPEC_KEY = "respect_hpc.spec"
-SPEC_HASH_KEY = "respect_hpc.spec_hash"
 
 
 class MergeError(ValueError):
@@ -86,10 +85,6 @@ def shard_spec(key: str, template: DecoderTemplate, fingerprint: str, shard: int
     return {"decoder_key": key, "template": template.key, "fingerprint": fingerprint, "shard": shard,
             "num_shards": n_shards, "windows": len(pending),
             "pending_digest": _digest("\n".join(pending.sort().to_list())), "code": __version__}
-
-
-def spec_hash(spec: dict) -> str:
-    return _digest(json.dumps(spec, sort_keys=True))
 
 
 def part_spec(path: Path) -> dict | None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -25,7 +26,7 @@ from respect_hpc.prompts import DECODER_TEMPLATES, DEFAULT_DECODER_TEMPLATE, DEF
 
 Objective = Literal["fft", "rl", "kto"]
 FeedbackKind = Literal["binary", "ternary"]
-Stage = Literal["ingest", "decode", "train", "select", "metrics"]
+Stage = Literal["ingest", "decode", "merge", "train", "select", "metrics"]
 
 _SAFE = "letters, digits, '_', '.', '-'"
 _SAFE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -168,8 +169,7 @@ class StageResources(Strict):
 
 
 def _default_stages() -> dict[str, StageResources]:
-    return {"ingest": StageResources(), "decode": StageResources(), "train": StageResources(),
-            "select": StageResources(), "metrics": StageResources()}
+    return {stage: StageResources() for stage in get_args(Stage)}
 
 
 class ClusterSection(Strict):
@@ -197,7 +197,32 @@ class Manifest(Strict):
     variants: list[Variant] = Field(default_factory=lambda: list(PAPER_VARIANTS), min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     training: TrainingSection = TrainingSection()
+    sweep: dict[str, list[float | int | str]] = Field(
+        default_factory=dict, description="a grid on top of the seeds: hyperparameter -> values, e.g. "
+                                          "{learning_rate: [1e-4, 3e-4], lora_r: [8, 16]}; every cell trains "
+                                          "every variant and seed")
     cluster: ClusterSection = ClusterSection()
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_fields(cls, value: dict[str, list]) -> dict[str, list]:
+        for key, values in value.items():
+            if key not in Hyperparameters.model_fields:
+                raise ValueError(f"sweep.{key}: not a training hyperparameter; expected one of "
+                                 f"{', '.join(Hyperparameters.model_fields)}")
+            if not values:
+                raise ValueError(f"sweep.{key}: no values")
+            for v in values:
+                Hyperparameters.model_validate({key: v})
+        return value
+
+    def cells(self) -> dict[str, dict]:
+        """The sweep's cells by name (``lora_r-16_learning_rate-0.0003``), or the one cell ``default``."""
+        if not self.sweep:
+            return {"default": {}}
+        keys = sorted(self.sweep)
+        return {"_".join(f"{k}-{v}" for k, v in zip(keys, values)): dict(zip(keys, values))
+                for values in itertools.product(*(self.sweep[k] for k in keys))}
 
     @field_validator("policy_template")
     @classmethod
@@ -226,8 +251,10 @@ class Manifest(Strict):
                                  "but round 0 has none: set init: base or previous_adapter")
         return value
 
-    def objective(self, variant: Variant) -> Hyperparameters:
-        return getattr(self.training, variant.objective)
+    def objective(self, variant: Variant, cell: str = "default") -> Hyperparameters:
+        """A variant's hyperparameters in a sweep cell."""
+        hp = getattr(self.training, variant.objective)
+        return Hyperparameters.model_validate({**hp.model_dump(), **self.cells()[cell]}) if cell != "default" else hp
 
     def content_hash(self) -> str:
         """Hash of the resolved manifest: equal for manifests that mean the same round."""

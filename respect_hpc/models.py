@@ -121,8 +121,10 @@ def _tiny_corpus(extra: list[str]) -> list[str]:
 
 
 def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
-                        vocab_size: int = 1024) -> Path:
-    """Save a tiny random-weight Idefics2 (safetensors), its tokenizer and processor to ``folder``."""
+                        vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Save a tiny random-weight Idefics2 (safetensors), its tokenizer and processor to ``folder``.
+
+    ``hidden_size`` and ``layers`` size its text model (the benchmarks use a larger one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor,
                               Idefics2Processor, PreTrainedTokenizerFast)
@@ -140,13 +142,14 @@ def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] 
         additional_special_tokens=["<image>", "<fake_token_around_image>", "<end_of_utterance>"])
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     config = Idefics2Config(
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(model_type="llama", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=224, patch_size=14),
-        perceiver_config=dict(hidden_size=64, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
+        perceiver_config=dict(hidden_size=hidden_size, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
                               resampler_head_dim=16, num_key_value_heads=1),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )

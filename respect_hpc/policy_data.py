@@ -103,9 +103,10 @@ class PolicyEncoder:
             self._pixels[image] = (out["pixel_values"][0, 0], out["pixel_attention_mask"][0, 0].bool())
         return self._pixels[image]
 
-    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
-        """Left-padded ids; ``targets``/``target_mask`` cover the last ``keep - 1`` positions."""
-        width = max(len(e.input_ids) for e in items)
+    def collate(self, items: list[Encoded], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded ids (to the longest item, or to ``pad_to``); ``targets``/``target_mask`` cover the
+        action positions (the last ``max(action_tokens)``)."""
+        width = max(pad_to or 0, *(len(e.input_ids) for e in items))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in items])
         attention_mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in items])

@@ -24,8 +24,6 @@ from respect_hpc.turn_metrics import EMBEDDINGS, TURN_EVAL, missing_embeddings, 
 
 TRAINING = pl.Schema({"round": pl.Int64, "variant": pl.String, "cell": pl.String, "seed": pl.Int64,
                       "epoch": pl.Int64, "val_exact_match": pl.Float64, "val_loss": pl.Float64})
-SELECTION = pl.Schema({"round": pl.Int64, "variant": pl.String, "cell": pl.String, "seed": pl.Int64,
-                       "epoch": pl.Int64, "val_exact_match": pl.Float64, "val_loss": pl.Float64})
 _LABEL_WORDS = {"positive": 1, "neutral": 0, "negative": -1, "1": 1, "0": 0, "-1": -1}
 
 
@@ -64,7 +62,7 @@ def _collect_run(root: Path, found: Collected) -> None:
             if pattern == "feedback.parquet":
                 found.feedback.append(pl.read_parquet(path).cast(dict(FEEDBACK)))
             else:
-                found.selection.append(pl.read_parquet(path).select(SELECTION.names()).cast(dict(SELECTION)))
+                found.selection.append(pl.read_parquet(path).select(TRAINING.names()).cast(dict(TRAINING)))
     curves = sorted(root.glob("round-*/train/*/seed-*/metrics.parquet"))
     if not curves:
         found.missing.append(f"{root}: no training metrics (round-*/train/<variant>/seed-<s>/metrics.parquet)")
@@ -73,7 +71,7 @@ def _collect_run(root: Path, found: Collected) -> None:
         epochs = frame.filter(pl.col("val_exact_match").is_not_null())
         found.training.append(epochs.select(
             pl.lit(int(path.parents[3].name.split("-")[1])).alias("round"),
-            pl.lit(path.parents[1].name).alias("variant"),
+            pl.lit(path.parents[1].name.split("@")[0]).alias("variant"),
             (pl.col("cell") if "cell" in frame.columns else pl.lit("default")).alias("cell"),
             pl.lit(int(path.parent.name.split("-")[1])).alias("seed"),
             "epoch", "val_exact_match", "val_loss").cast(dict(TRAINING)))
@@ -206,7 +204,7 @@ def build(sources: list[str | Path], embeddings: Path | None = None, *, seed: in
             pl.col("val_exact_match").std().alias("val_exact_match_std"),
             pl.col("val_exact_match").min().alias("val_exact_match_min"),
             pl.col("val_exact_match").max().alias("val_exact_match_max")).sort("round", "variant", "cell")
-    selection = _concat(found.selection, SELECTION)
+    selection = _concat(found.selection, TRAINING)  # the columns of a selection row it shows
     if selection.height:
         tables["selection"] = selection.sort("round", "variant")
     return Report(tables, found.missing)

@@ -14,6 +14,8 @@ from pathlib import Path
 import polars as pl
 
 SCHEMA_VERSION = 1
+# Metadata key of an output table: the hash of the spec that made it (see hashing.py).
+SPEC_HASH_KEY = "respect_hpc.spec_hash"
 
 _STR_LIST = pl.List(pl.String)
 

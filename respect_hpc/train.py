@@ -140,13 +140,14 @@ class Trainer:
         self.rows: list[dict] = []
 
     # -- data ---------------------------------------------------------------------------------------
-    def _batch(self, indices: list[int], epoch: int, shuffle: bool = True) -> dict[str, torch.Tensor]:
+    def _batch(self, indices: list[int], epoch: int, shuffle: bool = True,
+               pad_to: int | None = None) -> dict[str, torch.Tensor]:
         rows = [self.examples[i] for i in indices]
         encoded = [self.encoder.encode(policy_view(
             row, self.template,
             image_order(row["context"], self.spec.seed, epoch, row["game_turn_id"]) if shuffle else None))
             for row in rows]
-        batch = self.encoder.collate(encoded)
+        batch = self.encoder.collate(encoded, pad_to)
         batch["reward"] = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
         batch["propensity"] = torch.tensor([r["prob_action"] if r["prob_action"] is not None else 1.0
                                             for r in rows], dtype=torch.float32)

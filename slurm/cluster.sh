@@ -73,6 +73,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=sched_interval=2,bf_interval=2
+DependencyParameters=kill_invalid_depend
 JobRequeue=1
 ReturnToService=2
 SlurmctldPort=6817
