@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import polars as pl
 import submitit
 import typer
 from rich.console import Console
@@ -19,9 +20,11 @@ from rich.table import Table
 import jobs.decode
 import jobs.ingest
 import jobs.metrics
+import jobs.select
 import jobs.train
 from respect_hpc.datasets import DatasetError
 from respect_hpc import launch
+from respect_hpc.controller import MANIFEST_FILE, Controller, ControllerError, sbatch_script
 from respect_hpc.decode import DecoderError
 from respect_hpc.feedback import MergeError
 from respect_hpc.models import ModelError, build_tiny_idefics2
@@ -31,6 +34,7 @@ from respect_hpc.metrics import N_RESAMPLES, round_metrics
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
 from respect_hpc.policy_data import PolicyDataError
 from respect_hpc.rundir import RunDir
+from respect_hpc.state import LockError, RunLock
 from respect_hpc.tables import atomic_write_parquet
 from respect_hpc.train import TrainingError
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
@@ -303,36 +307,143 @@ def report(sources: Annotated[list[Path], typer.Argument(help="Run directories, 
     console.print(f"{len(built.tables)} tables -> {out / 'tables'}; report -> {page}")
 
 
+Executor = Annotated[str | None, typer.Option(help="Override cluster.executor: local, slurm or debug.")]
+Workdir = Annotated[Path | None, typer.Option(help="Override the manifest's workdir (where run directories go).")]
+
+
+def _controller(manifest: Path, executor: str | None, workdir: Path | None) -> Controller:
+    m = _manifest(manifest, executor)
+    if workdir is not None:
+        m = m.model_copy(update={"workdir": workdir})
+    return Controller(m, executor, report=lambda line: err.print(line, highlight=False, soft_wrap=True))
+
+
+@app.command()
+def plan(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")], executor: Executor = None,
+         workdir: Workdir = None) -> None:
+    """Show the round's stages, their tasks (done and to do), resources, and the sbatch script of each
+    array; submits nothing."""
+    controller = _controller(manifest, executor, workdir)
+    m = controller.manifest
+    table = Table(title=f"round {m.round} of {m.experiment} ({controller.kind} executor)")
+    for name in ("stage", "tasks", "done", "to do", "GPUs", "CPUs", "memory", "time", "nodes x processes"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    try:
+        stages = controller.plan()
+    except (TrainingError, ModelError, IngestError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for stage in stages:
+        r = m.cluster.stages[stage.name]
+        table.add_row(stage.name, str(len(stage.tasks)), str(len(stage.done)), str(len(stage.todo)), str(r.gpus),
+                      str(r.cpus), f"{r.mem_gb} GB", f"{r.time_min} min", f"{r.nodes} x {r.processes}")
+    console.print(table)
+    for stage in stages:
+        if stage.todo:
+            console.rule(f"{stage.name}: sbatch script of its array ({len(stage.todo)} tasks)")
+            console.print(sbatch_script(m, stage.name, len(stage.todo)), highlight=False, markup=False)
+
+
+@app.command()
+def run(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")], executor: Executor = None,
+        workdir: Workdir = None,
+        detach: Annotated[bool, typer.Option("--detach", help="Submit every stage (chained with afterok) and "
+                                                              "return; Slurm only.")] = False,
+        retry: Annotated[bool, typer.Option("--retry", help="Resubmit the tasks that failed (and what depends on "
+                                                            "them).")] = False) -> None:
+    """Run a whole round: ingest -> decode (array of shards) -> merge -> train (array of variants x seeds)
+    -> select -> round metrics. Done tasks are skipped; a rerun of a finished round submits nothing."""
+    controller = _controller(manifest, executor, workdir)
+    try:
+        with RunLock(controller.run_dir.root, report=controller.report):
+            controller.run(detach=detach, retry=retry)
+    except (ControllerError, LockError, TrainingError, ModelError, IngestError) as exc:
+        _fail(str(exc))
+    if not detach:
+        round_summary(controller.manifest)
+
+
+def round_summary(m) -> None:
+    """Decoded label counts, the selected checkpoint of each variant, and the round metrics."""
+    run_dir = RunDir.of(m)
+    feedback = run_dir.round(m.round) / jobs.decode.FEEDBACK_FILE
+    if feedback.is_file():
+        print_label_counts(pl.read_parquet(feedback).filter(pl.col("round") < m.round))
+    selection = run_dir.round(m.round) / jobs.select.SELECTION_FILE
+    if selection.is_file():
+        chosen = pl.read_parquet(selection)
+        table = Table(title=f"selected checkpoints -> {run_dir.round(m.round) / 'policies'}")
+        columns = ("variant", "cell", "seed", "epoch", "val_exact_match", "val_loss", "seeds", "mean_val_exact_match",
+                   "chosen")
+        for name in columns:
+            table.add_column(name, justify="left" if name in ("variant", "cell") else "right")
+        for row in chosen.iter_rows(named=True):
+            table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
+        console.print(table)
+    metrics = run_dir.metrics(m.round) / jobs.metrics.METRICS_FILE
+    if metrics.is_file():
+        print_metrics(pl.read_parquet(metrics), title=f"round metrics ({metrics})")
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir>/<experiment>).")],
+           round_: Annotated[int | None, typer.Option("--round", help="Round (default: the latest submitted).")]
+           = None) -> None:
+    """Tasks per stage (done, pending, running, failed, cancelled) from the scheduler, with each failed
+    task's last error line and log."""
+    lock = run_dir / MANIFEST_FILE
+    if not lock.is_file():
+        _fail(f"{run_dir}: no {MANIFEST_FILE}; nothing was submitted from this run directory")
+    from respect_hpc.manifest import Manifest
+
+    m = Manifest.model_validate_json(lock.read_text())
+    if round_ is not None:
+        m = m.model_copy(update={"round": round_})
+    rows = Controller(m).status()
+    table = Table(title=f"{run_dir} round {m.round}")
+    states = ["done", "pending", "running", "failed", "cancelled", "not submitted"]
+    for name in ["stage", *states, "other"]:
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for stage in dict.fromkeys(r.stage for r in rows):
+        mine = [r.state for r in rows if r.stage == stage]
+        table.add_row(stage, *(str(mine.count(s)) for s in states), str(sum(s not in states for s in mine)))
+    console.print(table)
+    for r in rows:
+        if r.state in ("failed", "cancelled"):
+            console.print(f"{r.stage} {r.key}: {r.state}: {r.detail}  (log: {r.log})", highlight=False)
+
+
 @app.command()
 def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
-         games: Annotated[int, typer.Option(help="Synthetic games per earlier round.")] = 300) -> None:
-    """The embedded default: writes the synthetic logs and the tiny model the demo manifest names (once),
-    then runs the round on this machine: ingest -> decode -> round metrics."""
+         games: Annotated[int, typer.Option(help="Synthetic games of the logged round.")] = 40) -> None:
+    """The embedded default: writes the synthetic logs, D_0, validation games, images and the tiny model the
+    demo manifest names (once), then runs the whole round on this machine and prints its summary."""
     try:
         m = load_manifest(manifest, check_files=False)
     except ManifestError as exc:
         _fail(exc.problems[0])
     bank = load_image_bank(DEFAULT_KILOGRAM)
-    run = RunDir.of(m)
-    logs = m.data.interactions[0]
-    if not logs.exists():
-        with err.status("generating synthetic logs"):
-            if bank.source == "procedural":
-                draw_procedural_images(bank, run.root / "images")
-            frame = synthesize(games, seed=0, policies={"sft": 0.45}, rounds=range(m.round), bank=bank,
+    if m.data.images is not None and not m.data.images.exists():
+        m.data.images.parent.mkdir(parents=True, exist_ok=True)
+        if bank.source == "kilogram":
+            m.data.images.symlink_to((DEFAULT_KILOGRAM / "tangram_pngs").resolve(), target_is_directory=True)
+        else:
+            draw_procedural_images(bank, m.data.images)
+    files = {m.data.interactions[0]: (games, {"sft": 0.45}, 0), m.data.seed_data: (games // 3, {"human": 0.9}, 1),
+             m.data.validation: (games // 4, {"human": 0.9}, 2)}
+    for path, (n, policies, seed) in files.items():
+        if path is not None and not path.exists():
+            frame = synthesize(n, seed=seed, policies=policies, rounds=range(m.round), bank=bank,
                                max_turns=m.data.max_turns)
-            logs.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_parquet(frame, logs)
-        console.print(f"{frame.height} synthetic games ({bank.source} images) -> {logs}")
+            if path == m.data.seed_data:  # D_0: successful games only
+                frame = frame.filter(pl.col("end") == "successful")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_parquet(frame, path)
+            console.print(f"{frame.height} synthetic games ({bank.source} images) -> {path}")
     if not m.model.path.exists():
         with err.status("building a tiny Idefics2 offline"):
             build_tiny_idefics2(m.model.path, corpus=[d for ds in bank.descriptions.values() for d in ds])
         console.print(f"tiny Idefics2 (random weights) -> {m.model.path}")
-    _ensure_turns(m)
-    _decode(m, None, m.decoder.shards, False, 0)
-    with err.status("round metrics (10,000 bootstrap resamples per interval)"):
-        table = jobs.metrics.run(run.data, run.metrics(m.round))
-    print_metrics(table, title=f"round metrics ({run.metrics(m.round) / jobs.metrics.METRICS_FILE})")
+    run(manifest, None, None, False, False)
 
 
 if __name__ == "__main__":

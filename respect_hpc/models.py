@@ -120,16 +120,11 @@ def _tiny_corpus(extra: list[str]) -> list[str]:
     return (texts + extra) * 4
 
 
-def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
-                        vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Save a tiny random-weight Idefics2 (safetensors), its tokenizer and processor to ``folder``.
-
-    ``hidden_size`` and ``layers`` size its text model (the benchmarks use a larger one)."""
+def _tiny_tokenizer(corpus: list[str] | None, vocab_size: int):
+    """A byte-level BPE tokenizer trained offline on the prompts' words (and ``corpus``), with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor,
-                              Idefics2Processor, PreTrainedTokenizerFast)
+    from transformers import PreTrainedTokenizerFast
 
-    folder = Path(folder)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -141,12 +136,46 @@ def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] 
         unk_token="<unk>",
         additional_special_tokens=["<image>", "<fake_token_around_image>", "<end_of_utterance>"])
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _text_config(tokenizer, hidden_size: int, layers: int) -> dict:
+    return dict(model_type="llama", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096)
+
+
+def build_tiny_causal_lm(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
+                         vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Save a tiny random-weight Llama (a text-only policy) and its tokenizer to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(corpus, vocab_size)
+    config = _text_config(tokenizer, hidden_size, layers)
+    config.pop("model_type")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
+                        vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Save a tiny random-weight Idefics2 (safetensors), its tokenizer and processor to ``folder``.
+
+    ``hidden_size`` and ``layers`` size its text model (the benchmarks use a larger one)."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
+
+    folder = Path(folder)
+    tokenizer = _tiny_tokenizer(corpus, vocab_size)
     config = Idefics2Config(
-        text_config=dict(model_type="llama", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096),
+        text_config=_text_config(tokenizer, hidden_size, layers),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=224, patch_size=14),
         perceiver_config=dict(hidden_size=hidden_size, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,

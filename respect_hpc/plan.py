@@ -1,0 +1,98 @@
+"""A round as a plan: stages in order, each an array of tasks, each task done or not.
+
+    ingest -> decode (one task per shard) -> merge -> train (variant x cell x seed) -> select -> metrics
+
+A task is done when its output records the hash of its current spec (see hashing.py).
+Done-ness is known only where a stage's inputs exist: before ingest has run, the
+decode shards cannot be checked, so they count as to do, and each task checks again
+when it starts (a shard whose part is current and a training task whose done.json
+matches return at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jobs.decode
+import jobs.ingest
+import jobs.metrics
+import jobs.select
+import jobs.train
+from respect_hpc.manifest import Manifest
+
+STAGES = ("ingest", "decode", "merge", "train", "select", "metrics")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One array task: ``call(*args)`` in a job; ``key`` names it in state and status."""
+
+    key: str
+    call: Callable
+    args: tuple
+
+
+@dataclass
+class Stage:
+    name: str
+    tasks: list[Task]
+    done: set[str] = field(default_factory=set)
+
+    @property
+    def todo(self) -> list[Task]:
+        return [t for t in self.tasks if t.key not in self.done]
+
+
+def shard_key(shard: int, n_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{n_shards:05d}"
+
+
+def train_key(variant: str, cell: str, seed: int) -> str:
+    return f"{variant}/seed-{seed}" if cell == "default" else f"{variant}@{cell}/seed-{seed}"
+
+
+def build(manifest: Manifest, stages: tuple[str, ...] = STAGES) -> list[Stage]:
+    """The round's stages with their tasks (nothing marked done)."""
+    n = manifest.decoder.shards
+    tasks = {
+        "ingest": [Task("ingest", jobs.ingest.stage, (manifest,))],
+        "decode": [Task(shard_key(s, n), jobs.decode.run_shard, (manifest, s, n)) for s in range(n)],
+        "merge": [Task("merge", jobs.decode.merge, (manifest, n))],
+        "train": [Task(train_key(v, c, s), jobs.train.TrainTask(manifest, v, s, c), ())
+                  for v, c, s in jobs.select.tasks(manifest)],
+        "select": [Task("select", jobs.select.run, (manifest,))],
+        "metrics": [Task("metrics", jobs.metrics.stage, (manifest,))],
+    }
+    return [Stage(name, tasks[name]) for name in stages]
+
+
+def mark_done(manifest: Manifest, stage: Stage) -> Stage:
+    """Mark the stage's tasks whose outputs are current (cheap checks: hashes in metadata and markers)."""
+    n = manifest.decoder.shards
+    if stage.name == "ingest":
+        stage.done = {"ingest"} if jobs.ingest.is_done(manifest) else set()
+    elif stage.name == "decode":
+        stage.done = {shard_key(s, n) for s in jobs.decode.done_shards(manifest, n)}
+    elif stage.name == "merge":
+        stage.done = {"merge"} if jobs.decode.merge_done(manifest, n) else set()
+    elif stage.name == "train":
+        merged = jobs.decode.merge_done(manifest, n)
+        stage.done = {train_key(v, c, s) for v, c, s in jobs.select.tasks(manifest)
+                      if merged and jobs.train.is_done(jobs.train.task_dir(manifest, v, s, c),
+                                                       jobs.train.task_hash(manifest, v, s, c))}
+    elif stage.name == "select":
+        stage.done = {"select"} if jobs.select.is_done(manifest) else set()
+    elif stage.name == "metrics":
+        stage.done = {"metrics"} if jobs.ingest.is_done(manifest) and jobs.metrics.is_done(manifest) else set()
+    return stage
+
+
+def downstream_of_todo(stages: list[Stage]) -> list[Stage]:
+    """Once a stage has work to do, every later stage's outputs will change: nothing there counts as done."""
+    dirty = False
+    for stage in stages:
+        if dirty and stage.name != "metrics":  # metrics read only the ingest stage's tables
+            stage.done = set()
+        dirty = dirty or bool(stage.todo)
+    return stages
