@@ -14,6 +14,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import submitit
 
@@ -100,7 +101,7 @@ class Controller:
         log = str(log_path(rec["folder"], rec["job_id"]))
         state = scheduler.state
         if state in FAILED or state == "ENDED":
-            return TaskStatus(stage, key, "failed", last_error_line(rec["folder"], rec["job_id"]), log)
+            return TaskStatus(stage, key, "failed", last_error_line(Path(log)), log)
         if state.startswith("CANCELLED"):
             reason = scheduler.reason if scheduler.reason not in ("", "None") else "cancelled"
             return TaskStatus(stage, key, "cancelled", reason, log)
@@ -185,10 +186,11 @@ class Controller:
 
     def _wait(self, submitted: dict[str, dict[str, submitit.Job]]) -> None:
         """Wait for every job, showing per-stage progress; raise on the first stage with failures."""
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True) as progress:
+                      console=Console(stderr=True), transient=True) as progress:
             bars = {name: progress.add_task(name, total=len(jobs)) for name, jobs in submitted.items()}
             pending = {(name, key): job for name, jobs in submitted.items() for key, job in jobs.items()}
             while pending:
@@ -204,7 +206,6 @@ class Controller:
                     failures.append((key, job))
             if failures:
                 key, job = failures[0]
-                error = job.exception()
-                line = str(error).strip().splitlines()[-1] if error else job.state.lower()
+                line = last_error_line(job.paths.stderr) or job.state.lower()
                 raise ControllerError(f"{name}: {len(failures)} of {len(submitted[name])} tasks failed, e.g. {key}: "
                                       f"{line} (log: {job.paths.stderr}); later stages did not run")

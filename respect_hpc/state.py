@@ -160,12 +160,11 @@ def log_path(folder: str, job_id: str) -> Path:
     return JobPaths(folder, job_id=job_id, task_id=0).stderr
 
 
-def last_error_line(folder: str, job_id: str) -> str:
+def last_error_line(log: Path) -> str:
     """The last meaningful line of a task's stderr log (its error), or ''."""
-    log = log_path(folder, job_id)
     if not log.is_file():
         return ""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line) or "error" in line.lower()]
-    return (errors or lines or [""])[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", (errors or lines or [""])[-1])
 

@@ -1,0 +1,147 @@
+"""The round controller with submitit's local executor: a whole tiny round, reruns, failures, the lock.
+
+Every stage runs for real in subprocesses (tiny random-weight Idefics2, real tangram
+images where present); the Slurm side of the controller is in test_slurm.py.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from respect_hpc.controller import Controller, ControllerError, array_chunks
+from respect_hpc.manifest import load_manifest
+from respect_hpc.plan import Task, build
+from respect_hpc.state import LockError, RunLock
+
+from conftest import KILOGRAM
+
+
+def write_logged_round(root: Path, executor: str = "local", extra_variants: str = "") -> Path:
+    """Synthetic logs, D_0, validation games, a tiny model and a manifest naming them (no stage run yet)."""
+    from respect_hpc.models import build_tiny_idefics2
+    from respect_hpc.synthetic import draw_procedural_images, load_image_bank, synthesize
+
+    bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
+    images = KILOGRAM / "tangram_pngs"
+    if bank.source == "procedural":
+        images = root / "images"
+        draw_procedural_images(bank, images)
+    for name, n, policies, seed in (("logs", 10, {"sft": 0.5}, 0), ("d0", 6, {"human": 0.95}, 1),
+                                    ("validation", 4, {"human": 0.9}, 2)):
+        frame = synthesize(n, seed=seed, policies=policies, rounds=[0], bank=bank)
+        frame.write_parquet(root / f"{name}.parquet")
+    model = build_tiny_idefics2(root / "model", corpus=[d for ds in bank.descriptions.values() for d in ds])
+    manifest = root / "round.yaml"
+    manifest.write_text(f"""experiment: tiny
+round: 1
+workdir: {root / 'runs'}
+data:
+  interactions: [{root / 'logs.parquet'}]
+  seed_data: {root / 'd0.parquet'}
+  validation: {root / 'validation.parquet'}
+  images: {images}
+model: {{path: {model}, dtype: fp32}}
+decoder: {{shards: 2, batch_tokens: 2048}}
+variants:
+  - {{name: b-fft, feedback: binary, objective: fft}}
+{extra_variants}seeds: [1, 2]
+training:
+  fft: {{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}}
+  kto: {{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}}
+  zero_stage: null
+cluster:
+  executor: {executor}
+""")
+    return manifest
+
+
+def test_array_chunks_split_at_max_array_size():
+    tasks = [Task(f"t{i}", print, ()) for i in range(2500)]
+    chunks = array_chunks(tasks, 1001)
+    assert [len(c) for c in chunks] == [1001, 1001, 498]
+    assert [t for c in chunks for t in c] == tasks
+
+
+def test_plan_lists_every_stage_and_task(tmp_path):
+    m = load_manifest(write_logged_round(tmp_path))
+    stages = Controller(m).plan()
+    assert [(s.name, len(s.tasks), len(s.todo)) for s in stages] == [
+        ("ingest", 1, 1), ("decode", 2, 2), ("merge", 1, 1), ("train", 2, 2), ("select", 1, 1), ("metrics", 1, 1)]
+    out = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "plan", str(tmp_path / "round.yaml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-1%2" in out.stdout and "#SBATCH --ntasks-per-node=1" in out.stdout
+    assert "train" in out.stdout and "b-fft" not in out.stderr
+
+
+def test_lock_refuses_a_second_controller_and_takes_over_a_stale_one(tmp_path):
+    notes = []
+    with RunLock(tmp_path, report=notes.append):
+        with pytest.raises(LockError, match=r"another controller \(pid \d+ on .*\) is submitting this run"):
+            with RunLock(tmp_path):
+                pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "controller.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename,
+                                                          "since": "2026-01-01T00:00:00+00:00"}))
+    with RunLock(tmp_path, report=notes.append):
+        pass
+    assert notes and notes[0].startswith(f"stale lock: {tmp_path / 'controller.lock'} was left by pid")
+    assert not (tmp_path / "controller.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_nothing(tmp_path):
+    manifest = write_logged_round(tmp_path)
+    m = load_manifest(manifest)
+    lines = []
+    counts = Controller(m, report=lines.append).run()
+    assert counts == {"ingest": 1, "decode": 2, "merge": 1, "train": 2, "select": 1, "metrics": 1}
+    run = tmp_path / "runs" / "tiny"
+    selection = pl.read_parquet(run / "round-1" / "selection.parquet")
+    assert selection.select("variant", "cell", "seeds", "chosen").rows() == [("b-fft", "default", 2, True)]
+    chosen = selection.row(0, named=True)
+    policy = run / "round-1" / "policies" / "b-fft"
+    source = run / "round-1" / "train" / "b-fft" / f"seed-{chosen['seed']}" / "epochs" / f"epoch-{chosen['epoch']:03d}"
+    assert (policy / "adapter_model.safetensors").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
+    assert (run / "round-1" / "metrics" / "round_metrics.parquet").is_file()
+    recorded = json.loads((run / "round-1" / "jobs.json").read_text())
+    assert [r["stage"] for r in recorded] == ["ingest", "decode", "merge", "train", "select", "metrics"]
+    assert {r.state for r in Controller(m).status()} == {"done"}
+    assert Controller(m, report=lines.append).run() == {}
+    assert lines[-1] == "every task is done: nothing submitted"
+    cli = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "status", str(run)], capture_output=True,
+                         text=True)
+    assert cli.returncode == 0 and re.search(r"│ train\s+│\s+2 │", cli.stdout), cli.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_task_stops_later_stages_and_retry_resubmits_only_what_failed(tmp_path):
+    adapter = tmp_path / "previous-b-kto"
+    adapter.mkdir()
+    manifest = write_logged_round(tmp_path, extra_variants=(
+        f"  - {{name: b-kto, feedback: binary, objective: kto, previous_adapter: {adapter}}}\n"))
+    m = load_manifest(manifest)
+    with pytest.raises(ControllerError, match=r"train: 2 of 4 tasks failed, e.g. b-kto/seed-1: variant b-kto: "
+                                              r"continues from the previous round's adapter, but .* holds none"):
+        Controller(m).run()
+    run = tmp_path / "runs" / "tiny"
+    assert not (run / "round-1" / "selection.parquet").exists()
+    states = {(r.stage, r.key): r for r in Controller(m).status()}
+    assert states[("train", "b-fft/seed-1")].state == "done"
+    failed = states[("train", "b-kto/seed-2")]
+    assert failed.state == "failed" and "holds none" in failed.detail and failed.log.endswith("_log.err")
+    assert states[("select", "select")].state == "not submitted"
+    with pytest.raises(ControllerError, match=r"2 tasks of round 1 failed .* run again with --retry"):
+        Controller(m).run()
+    shutil.copytree(run / "round-1" / "train" / "b-fft" / "seed-1" / "epochs" / "epoch-001", adapter,
+                    dirs_exist_ok=True)
+    counts = Controller(m).run(retry=True)
+    assert counts == {"train": 2, "select": 1, "metrics": 1}  # the b-fft tasks are done: not resubmitted
+    assert pl.read_parquet(run / "round-1" / "selection.parquet")["variant"].to_list() == ["b-fft", "b-kto"]
