@@ -164,7 +164,8 @@ def last_error_line(log: Path) -> str:
     """The last meaningful line of a task's stderr log (its error), or ''."""
     if not log.is_file():
         return ""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if line.strip() and not line.startswith(("srun:", "slurmstepd:"))]  # the scheduler's own notes
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line) or "error" in line.lower()]
     return re.sub(r"^[\w.]+(Error|Exception): ", "", (errors or lines or [""])[-1])
 
