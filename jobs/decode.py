@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import polars as pl
@@ -67,7 +68,11 @@ class KindPlan:
                           self.shard_keys(shard))
 
     def shard_keys(self, shard: int) -> pl.Series:
-        return self.pending.filter(pl.col("shard") == shard)["key"]
+        return self._by_shard.get(shard, pl.Series("key", [], pl.String))
+
+    @cached_property
+    def _by_shard(self) -> dict[int, pl.Series]:
+        return {s: frame["key"] for (s,), frame in self.pending.partition_by("shard", as_dict=True).items()}
 
 
 def decoder_model(manifest: Manifest):
@@ -194,11 +199,13 @@ def _merge_hash(plans: list[KindPlan], n_shards: int) -> str:
     return spec_hash({"parts": [spec_hash(p.spec(s, n_shards)) for p in plans for s in range(n_shards)]})
 
 
-def merge_done(manifest: Manifest, n_shards: int) -> bool:
+def merge_done(manifest: Manifest, n_shards: int, plans: list[KindPlan] | None = None) -> bool:
     path = RunDir.of(manifest).round(manifest.round) / FEEDBACK_FILE
-    if not (path.is_file() and jobs.ingest.is_done(manifest)):
-        return False
-    return parquet_metadata(path).get(SPEC_HASH_KEY) == _merge_hash(plan(manifest, n_shards), n_shards)
+    if plans is None:
+        if not (path.is_file() and jobs.ingest.is_done(manifest)):
+            return False
+        plans = plan(manifest, n_shards)
+    return path.is_file() and parquet_metadata(path).get(SPEC_HASH_KEY) == _merge_hash(plans, n_shards)
 
 
 def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:

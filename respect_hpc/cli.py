@@ -14,6 +14,7 @@ from typing import Annotated
 import polars as pl
 import submitit
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -309,21 +310,45 @@ def report(sources: Annotated[list[Path], typer.Argument(help="Run directories, 
 
 Executor = Annotated[str | None, typer.Option(help="Override cluster.executor: local, slurm or debug.")]
 Workdir = Annotated[Path | None, typer.Option(help="Override the manifest's workdir (where run directories go).")]
+ClusterProfile = Annotated[Path | None, typer.Option("--cluster", help="A cluster profile (YAML with a cluster "
+                                                                       "section, see slurm/profiles/) replacing "
+                                                                       "the manifest's.")]
 
 
-def _controller(manifest: Path, executor: str | None, workdir: Path | None) -> Controller:
+def _cluster_profile(path: Path):
+    from pydantic import ValidationError
+
+    from respect_hpc.manifest import ClusterSection
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"{path}: not a readable YAML file ({exc})")
+    if not isinstance(data, dict) or not isinstance(data.get("cluster"), dict):
+        _fail(f"{path}: expected a mapping with a 'cluster' section")
+    try:
+        return ClusterSection.model_validate(data["cluster"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"{path}: cluster.{'.'.join(map(str, first['loc']))}: {first['msg']}")
+
+
+def _controller(manifest: Path, executor: str | None, workdir: Path | None,
+                cluster: Path | None = None) -> Controller:
     m = _manifest(manifest, executor)
     if workdir is not None:
         m = m.model_copy(update={"workdir": workdir})
+    if cluster is not None:
+        m = m.model_copy(update={"cluster": _cluster_profile(cluster)})
     return Controller(m, executor, report=lambda line: err.print(line, highlight=False, soft_wrap=True))
 
 
 @app.command()
 def plan(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")], executor: Executor = None,
-         workdir: Workdir = None) -> None:
+         workdir: Workdir = None, cluster: ClusterProfile = None) -> None:
     """Show the round's stages, their tasks (done and to do), resources, and the sbatch script of each
     array; submits nothing."""
-    controller = _controller(manifest, executor, workdir)
+    controller = _controller(manifest, executor, workdir, cluster)
     m = controller.manifest
     table = Table(title=f"round {m.round} of {m.experiment} ({controller.kind} executor)")
     for name in ("stage", "tasks", "done", "to do", "GPUs", "CPUs", "memory", "time", "nodes x processes"):
@@ -337,6 +362,8 @@ def plan(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")
         table.add_row(stage.name, str(len(stage.tasks)), str(len(stage.done)), str(len(stage.todo)), str(r.gpus),
                       str(r.cpus), f"{r.mem_gb} GB", f"{r.time_min} min", f"{r.nodes} x {r.processes}")
     console.print(table)
+    if not any(stage.todo for stage in stages):
+        console.print("every task is done: run would submit nothing")
     for stage in stages:
         if stage.todo:
             console.rule(f"{stage.name}: sbatch script of its array ({len(stage.todo)} tasks)")
@@ -345,14 +372,14 @@ def plan(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")
 
 @app.command()
 def run(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")], executor: Executor = None,
-        workdir: Workdir = None,
+        workdir: Workdir = None, cluster: ClusterProfile = None,
         detach: Annotated[bool, typer.Option("--detach", help="Submit every stage (chained with afterok) and "
                                                               "return; Slurm only.")] = False,
         retry: Annotated[bool, typer.Option("--retry", help="Resubmit the tasks that failed (and what depends on "
                                                             "them).")] = False) -> None:
     """Run a whole round: ingest -> decode (array of shards) -> merge -> train (array of variants x seeds)
     -> select -> round metrics. Done tasks are skipped; a rerun of a finished round submits nothing."""
-    controller = _controller(manifest, executor, workdir)
+    controller = _controller(manifest, executor, workdir, cluster)
     try:
         with RunLock(controller.run_dir.root, report=controller.report):
             controller.run(detach=detach, retry=retry)
@@ -443,7 +470,7 @@ def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the de
         with err.status("building a tiny Idefics2 offline"):
             build_tiny_idefics2(m.model.path, corpus=[d for ds in bank.descriptions.values() for d in ds])
         console.print(f"tiny Idefics2 (random weights) -> {m.model.path}")
-    run(manifest, None, None, False, False)
+    run(manifest, None, None, None, False, False)
 
 
 if __name__ == "__main__":

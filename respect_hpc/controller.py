@@ -76,13 +76,13 @@ class Controller:
     # -- planning -----------------------------------------------------------------------------------
     def plan(self) -> list[Stage]:
         """Every stage with its done tasks marked; work in a stage makes the later stages' work to do."""
-        return downstream_of_todo([mark_done(self.manifest, stage) for stage in build(self.manifest)])
+        return downstream_of_todo(mark_done(self.manifest, build(self.manifest)))
 
-    def status(self) -> list[TaskStatus]:
+    def status(self, stages: list[Stage] | None = None) -> list[TaskStatus]:
         recorded = latest_tasks(self.round_dir)
         slurm = slurm_states([r["job_id"] for r in recorded.values() if r["executor"] == "slurm"])
         rows = []
-        for stage in self.plan():
+        for stage in stages or self.plan():
             for task in stage.tasks:
                 rec = recorded.get((stage.name, task.key))
                 if task.key in stage.done:
@@ -110,9 +110,9 @@ class Controller:
         return TaskStatus(stage, key, state.lower(), "", log)
 
     # -- submitting ---------------------------------------------------------------------------------
-    def check_previous(self, retry: bool) -> None:
+    def check_previous(self, retry: bool, stages: list[Stage]) -> None:
         """Refuse while tasks of this round are still queued or running, and after failures without --retry."""
-        rows = [r for r in self.status() if r.state not in ("done", "not submitted", "completed")]
+        rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "completed")]
         active = [r for r in rows if r.state in ("pending", "running", "requeued", "completing", "configuring")]
         if active:
             raise ControllerError(f"round {self.manifest.round} is still running: {len(active)} tasks pending or "
@@ -144,17 +144,18 @@ class Controller:
         if detach and self.kind != "slurm":
             raise ControllerError(f"--detach needs the slurm executor (this run uses {self.kind}: its jobs end "
                                   "with the controller)")
-        self.check_previous(retry)
+        stages = self.plan()
+        self.check_previous(retry, stages)
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         (self.run_dir.root / MANIFEST_FILE).write_text(self.manifest.model_dump_json(indent=1))
         if self.kind == "slurm":
-            return self._run_chained(detach)
+            return self._run_chained(stages, detach)
         return self._run_in_turn()
 
-    def _run_chained(self, detach: bool) -> dict[str, int]:
+    def _run_chained(self, stages: list[Stage], detach: bool) -> dict[str, int]:
         arrays: dict[str, list[str]] = {}
         submitted: dict[str, dict[str, submitit.Job]] = {}
-        for stage in self.plan():
+        for stage in stages:
             if not stage.todo:
                 continue
             after = [job_id for name in UPSTREAM[stage.name] for job_id in arrays.get(name, [])]
@@ -173,7 +174,7 @@ class Controller:
     def _run_in_turn(self) -> dict[str, int]:
         counts = {}
         for stage in build(self.manifest):
-            mark_done(self.manifest, stage)
+            mark_done(self.manifest, [stage])
             if not stage.todo:
                 continue
             jobs = self.submit(stage, [])

@@ -155,7 +155,7 @@ PAPER_VARIANTS = [Variant(name=f"{f[0]}-{o}", feedback=f, objective=o)
 
 class StageResources(Strict):
     gpus: int = Field(0, ge=0, description="GPUs per task")
-    cpus: int = Field(1, ge=1, description="CPUs per task")
+    cpus: int = Field(1, ge=1, description="CPUs per process of a task (sbatch --cpus-per-task)")
     mem_gb: int = Field(4, ge=1)
     time_min: int = Field(60, ge=1, description="time limit of one task in minutes")
     nodes: int = Field(1, ge=1)

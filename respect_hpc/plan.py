@@ -67,25 +67,33 @@ def build(manifest: Manifest, stages: tuple[str, ...] = STAGES) -> list[Stage]:
     return [Stage(name, tasks[name]) for name in stages]
 
 
-def mark_done(manifest: Manifest, stage: Stage) -> Stage:
-    """Mark the stage's tasks whose outputs are current (cheap checks: hashes in metadata and markers)."""
+def mark_done(manifest: Manifest, stages: list[Stage]) -> list[Stage]:
+    """Mark the tasks whose outputs are current (hashes in metadata and markers, read once per call)."""
+    n = manifest.decoder.shards
+    ingested = jobs.ingest.is_done(manifest)
+    plans = jobs.decode.plan(manifest, n) if ingested else None
+    merged = ingested and jobs.decode.merge_done(manifest, n, plans)
+    for stage in stages:
+        _mark(manifest, stage, ingested, plans, merged)
+    return stages
+
+
+def _mark(manifest: Manifest, stage: Stage, ingested: bool, plans, merged: bool) -> None:
     n = manifest.decoder.shards
     if stage.name == "ingest":
-        stage.done = {"ingest"} if jobs.ingest.is_done(manifest) else set()
+        stage.done = {"ingest"} if ingested else set()
     elif stage.name == "decode":
-        stage.done = {shard_key(s, n) for s in jobs.decode.done_shards(manifest, n)}
+        stage.done = {shard_key(s, n) for s in jobs.decode.done_shards(manifest, n, plans)} if ingested else set()
     elif stage.name == "merge":
-        stage.done = {"merge"} if jobs.decode.merge_done(manifest, n) else set()
+        stage.done = {"merge"} if merged else set()
     elif stage.name == "train":
-        merged = jobs.decode.merge_done(manifest, n)
         stage.done = {train_key(v, c, s) for v, c, s in jobs.select.tasks(manifest)
                       if merged and jobs.train.is_done(jobs.train.task_dir(manifest, v, s, c),
                                                        jobs.train.task_hash(manifest, v, s, c))}
     elif stage.name == "select":
         stage.done = {"select"} if jobs.select.is_done(manifest) else set()
     elif stage.name == "metrics":
-        stage.done = {"metrics"} if jobs.ingest.is_done(manifest) and jobs.metrics.is_done(manifest) else set()
-    return stage
+        stage.done = {"metrics"} if ingested and jobs.metrics.is_done(manifest) else set()
 
 
 def downstream_of_todo(stages: list[Stage]) -> list[Stage]:
