@@ -117,7 +117,7 @@ def main() -> str:
     shutil.rmtree(root, ignore_errors=True)
     return f"""## Round controller on the real single-node Slurm (issue: round controller)
 
-A round of {SHARDS:,} decode shards and 18 training tasks (6 variants x 3 seeds), 25 tasks in 6 stage
+A round of {SHARDS:,} decode shards and 18 training tasks (6 variants x 3 seeds), 1,022 tasks in 6 stage
 arrays; MaxArraySize {max_array_size()}. Controller time in-process (Python start-up and imports not
 counted); sbatch calls counted by a PATH shim in front of the real sbatch.
 

@@ -264,3 +264,15 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
     assert trained and any(p.abs().sum() > 0 for p in trained.values())
     metrics = pl.read_parquet(out / METRICS_FILE)
     assert metrics.filter(pl.col("loss").is_not_null()).height == 2 * (-(-results[0]["examples"] // 8))
+
+
+def test_a_text_only_causal_lm_policy_trains(tmp_path):
+    from respect_hpc.models import build_tiny_causal_lm
+
+    manifest = write_round(tmp_path, model=build_tiny_causal_lm(tmp_path / "llama"), games=12,
+                           training="{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}")
+    m = load_manifest(manifest)
+    result = jobs.train.run_task(m, "b-fft", 1)
+    out = jobs.train.task_dir(m, "b-fft", 1)
+    assert result["best_epoch"] == 1 and (out / "epochs" / "epoch-001" / ADAPTER).is_file()
+    assert pl.read_parquet(out / METRICS_FILE)["val_exact_match"].drop_nulls().len() == 1
