@@ -10,7 +10,6 @@ the cross-round cache and writes the round's per-turn feedback table.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property

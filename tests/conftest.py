@@ -114,27 +114,37 @@ def taught_decoder(tmp_path_factory):
     return folder, logs
 
 
-def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary, objective: fft}]",
-                training: str = "{epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
-                extra: str = "", model: Path | None = None, games: int = 24) -> Path:
-    """A round ready to train: synthetic logs ingested, decoded feedback written directly (heuristic
-    labels standing in for the decode stage), D_0 and validation games, a tiny Idefics2, and its manifest.
+def round_inputs(root: Path, games: int, model: Path | None = None) -> dict[str, Path]:
+    """Synthetic logs (``games`` games), D_0 and validation games, the images and a tiny Idefics2.
 
     Images are the real KiloGram tangrams when ../shared/data/kilogram is present, else procedural ones.
     """
-    import jobs.ingest
     from respect_hpc.models import build_tiny_idefics2
     from respect_hpc.synthetic import draw_procedural_images, load_image_bank, synthesize
 
     bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
-    images = KILOGRAM / "tangram_pngs"
+    paths = {"images": KILOGRAM / "tangram_pngs"}
     if bank.source == "procedural":
-        images = root / "images"
-        draw_procedural_images(bank, images)
-    logs, d0, validation = root / "logs.parquet", root / "d0.parquet", root / "validation.parquet"
-    synthesize(games, seed=3, policies={"sft": 0.5}, rounds=[0], bank=bank).write_parquet(logs)
-    synthesize(games // 3, seed=5, policies={"human": 0.9}, rounds=[0], bank=bank).write_parquet(d0)
-    synthesize(games // 4, seed=6, policies={"human": 0.9}, rounds=[0], bank=bank).write_parquet(validation)
+        paths["images"] = root / "images"
+        draw_procedural_images(bank, paths["images"])
+    for name, n, policies, seed in (("logs", games, {"sft": 0.5}, 3), ("d0", max(games // 3, 4), {"human": 0.9}, 5),
+                                    ("validation", max(games // 4, 3), {"human": 0.9}, 6)):
+        paths[name] = root / f"{name}.parquet"
+        synthesize(n, seed=seed, policies=policies, rounds=[0], bank=bank).write_parquet(paths[name])
+    paths["model"] = model or build_tiny_idefics2(root / "model",
+                                                  corpus=[d for ds in bank.descriptions.values() for d in ds])
+    return paths
+
+
+def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary, objective: fft}]",
+                training: str = "{epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
+                extra: str = "", model: Path | None = None, games: int = 24) -> Path:
+    """A round ready to train (:func:`round_inputs`, ingested), with decoded feedback written directly:
+    heuristic labels standing in for the decode stage."""
+    import jobs.ingest
+
+    inputs = round_inputs(root, games, model)
+    logs, d0, validation, images, model = (inputs[k] for k in ("logs", "d0", "validation", "images", "model"))
     run = root / "runs" / "t"
     turns = jobs.ingest.run([logs], run / "data", policies=None).turns.filter("has_follow_up")
     feedback = pl.concat([turns.select(
@@ -144,8 +154,6 @@ def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary,
         for kind, labels in (("binary", ("Positive", "Negative")), ("ternary", ("Positive", "Neutral", "Negative")))])
     (run / "round-1").mkdir(parents=True)
     feedback.write_parquet(run / "round-1" / "feedback.parquet")
-    if model is None:
-        model = build_tiny_idefics2(root / "model", corpus=[d for ds in bank.descriptions.values() for d in ds])
     manifest = root / "round.yaml"
     manifest.write_text(f"""experiment: t
 round: 1

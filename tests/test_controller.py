@@ -17,37 +17,25 @@ import pytest
 
 from respect_hpc.controller import Controller, ControllerError, array_chunks
 from respect_hpc.manifest import load_manifest
-from respect_hpc.plan import Task, build
+from respect_hpc.plan import Task
 from respect_hpc.state import LockError, RunLock
 
-from conftest import KILOGRAM
+from conftest import round_inputs
 
 
 def write_logged_round(root: Path, executor: str = "local", extra_variants: str = "") -> Path:
     """Synthetic logs, D_0, validation games, a tiny model and a manifest naming them (no stage run yet)."""
-    from respect_hpc.models import build_tiny_idefics2
-    from respect_hpc.synthetic import draw_procedural_images, load_image_bank, synthesize
-
-    bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
-    images = KILOGRAM / "tangram_pngs"
-    if bank.source == "procedural":
-        images = root / "images"
-        draw_procedural_images(bank, images)
-    for name, n, policies, seed in (("logs", 10, {"sft": 0.5}, 0), ("d0", 6, {"human": 0.95}, 1),
-                                    ("validation", 4, {"human": 0.9}, 2)):
-        frame = synthesize(n, seed=seed, policies=policies, rounds=[0], bank=bank)
-        frame.write_parquet(root / f"{name}.parquet")
-    model = build_tiny_idefics2(root / "model", corpus=[d for ds in bank.descriptions.values() for d in ds])
+    inputs = round_inputs(root, games=10)
     manifest = root / "round.yaml"
     manifest.write_text(f"""experiment: tiny
 round: 1
 workdir: {root / 'runs'}
 data:
-  interactions: [{root / 'logs.parquet'}]
-  seed_data: {root / 'd0.parquet'}
-  validation: {root / 'validation.parquet'}
-  images: {images}
-model: {{path: {model}, dtype: fp32}}
+  interactions: [{inputs['logs']}]
+  seed_data: {inputs['d0']}
+  validation: {inputs['validation']}
+  images: {inputs['images']}
+model: {{path: {inputs['model']}, dtype: fp32}}
 decoder: {{shards: 2, batch_tokens: 2048}}
 variants:
   - {{name: b-fft, feedback: binary, objective: fft}}

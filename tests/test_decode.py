@@ -1,6 +1,5 @@
 """Feedback decoding on a tiny Idefics2 built offline: scoring vs generation, shards, kills, merge, cache."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -203,7 +202,7 @@ def test_a_second_round_reuses_the_first_rounds_labels(round_one, taught_decoder
     done = cli("decode", second_manifest)
     assert done.returncode == 0, done.stderr
     per_kind = first.height // 2
-    assert done.stderr.count(f"reused from earlier rounds") == 4
+    assert done.stderr.count("reused from earlier rounds") == 4
     reused = [int(line.split(", ")[1].split(" reused")[0]) for line in done.stderr.splitlines()
               if "reused from earlier rounds" in line]
     assert sum(reused) == 2 * per_kind  # each kind reuses every round-0 window, split over its two shards
