@@ -145,6 +145,10 @@ class Controller:
             raise ControllerError(f"--detach needs the slurm executor (this run uses {self.kind}: its jobs end "
                                   "with the controller)")
         stages = self.plan()
+        train = next(s for s in stages if s.name == "train")
+        if train.todo and self.manifest.data.validation is None:
+            raise ControllerError(f"data.validation: required to train (human-human games for checkpoint "
+                                  f"selection); the round has {len(train.tasks)} training tasks")
         self.check_previous(retry, stages)
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         (self.run_dir.root / MANIFEST_FILE).write_text(self.manifest.model_dump_json(indent=1))

@@ -66,18 +66,39 @@ def test_metrics_json_lines(tmp_path):
     assert "success" in cli("metrics", src).stdout
 
 
-def test_demo_runs_its_manifest_end_to_end(tmp_path):
+def test_demo_runs_a_whole_round_then_a_rerun_submits_nothing(tmp_path):
     manifest = tmp_path / "demo.yaml"
     manifest.write_text(textwrap.dedent("""\
         experiment: demo
-        round: 2
+        round: 1
         workdir: runs
-        data: {interactions: [runs/logs/logs.parquet]}
-        model: {path: runs/models/tiny}
+        data: {interactions: [runs/logs/logs.parquet], seed_data: runs/logs/d0.parquet,
+               validation: runs/logs/validation.parquet, images: runs/images}
+        model: {path: runs/models/tiny, dtype: fp32}
+        variants: [{name: b-fft, feedback: binary, objective: fft}]
+        seeds: [1]
+        training: {fft: {epochs: 1, effective_batch: 8, micro_batch: 4}, zero_stage: null}
         """))
-    done = cli("demo", manifest, "--games", "40")
+    done = cli("demo", manifest, "--games", "12")
     assert done.returncode == 0, done.stderr
-    assert "80 synthetic games" in done.stdout and "rows in 80 = rows out 80 + rows quarantined 0" in done.stdout
-    assert (tmp_path / "runs" / "demo" / "round-2" / "metrics" / "round_metrics.parquet").is_file()
-    rerun = cli("demo", manifest, "--games", "40")  # the logs exist: reused, not regenerated
+    assert "12 synthetic games" in done.stdout
+    for title in ("decoded feedback", "selected checkpoints", "round metrics"):
+        assert title in done.stdout
+    run = tmp_path / "runs" / "demo" / "round-1"
+    assert (run / "policies" / "b-fft" / "adapter_model.safetensors").is_file()
+    assert (run / "metrics" / "round_metrics.parquet").is_file()
+    rerun = cli("demo", manifest, "--games", "12")  # inputs exist: reused; every task done: nothing submitted
     assert rerun.returncode == 0 and "synthetic games" not in rerun.stdout
+    assert "every task is done: nothing submitted" in rerun.stderr
+
+
+def test_run_refuses_a_round_without_validation_games(tmp_path):
+    src = write_jsonl(tmp_path / "logs.jsonl", [game("a")])
+    (tmp_path / "model").mkdir()
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"experiment: x\nround: 1\nworkdir: {tmp_path}\ndata: {{interactions: [{src}]}}\n"
+                        f"model: {{path: {tmp_path / 'model'}}}\n")
+    done = cli("run", manifest)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("error: data.validation: required to train (human-human games "
+                                                    "for checkpoint selection); the round has 18 training tasks")
