@@ -28,7 +28,7 @@ from respect_hpc import launch
 from respect_hpc.controller import MANIFEST_FILE, Controller, ControllerError, sbatch_script
 from respect_hpc.decode import DecoderError
 from respect_hpc.feedback import MergeError
-from respect_hpc.models import ModelError, build_tiny_idefics2
+from respect_hpc.models import ModelError, build_tiny_idefics2, teach_label_words
 from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
 from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
 from respect_hpc.metrics import N_RESAMPLES, round_metrics
@@ -467,9 +467,10 @@ def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the de
             atomic_write_parquet(frame, path)
             console.print(f"{frame.height} synthetic games ({bank.source} images) -> {path}")
     if not m.model.path.exists():
-        with err.status("building a tiny Idefics2 offline"):
+        with err.status("building a tiny Idefics2 offline and teaching it the decoder's label words"):
             build_tiny_idefics2(m.model.path, corpus=[d for ds in bank.descriptions.values() for d in ds])
-        console.print(f"tiny Idefics2 (random weights) -> {m.model.path}")
+            teach_label_words(m.model.path, ingest(m.data.interactions, policies=None).turns)
+        console.print(f"tiny Idefics2 (random weights, taught to answer decoder prompts) -> {m.model.path}")
     run(manifest, None, None, None, False, False)
 
 

@@ -196,6 +196,44 @@ def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] 
     return folder
 
 
+def teach_label_words(folder: Path, turns, steps: int = 150, seed: int = 0) -> None:
+    """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts with a label word.
+
+    A random-weight model answers decoder prompts with random tokens and labels a round
+    all one way; the demo and the tests teach it the words of synthetic follow-ups
+    (:func:`synthetic.follow_up_label`) on ``turns`` (a turns table) so that labels vary.
+    """
+    from respect_hpc.decode import chat_prompt
+    from respect_hpc.prompts import decoder_prompt
+    from respect_hpc.synthetic import follow_up_label
+
+    spec = ModelSection(path=folder, dtype="fp32")
+    tokenizer, model = load_tokenizer(spec), load_text_model(spec)
+    rows = []
+    for template in DECODER_TEMPLATES.values():
+        for t in turns.filter("has_follow_up").iter_rows(named=True):
+            prompt = chat_prompt(tokenizer, decoder_prompt(template, t["previous_action"], t["utterance"],
+                                                           t["action"], t["follow_up"]))
+            answer = follow_up_label(t["follow_up"], template.labels) + tokenizer.eos_token
+            ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+            rows.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = [rows[i] for i in torch.randint(len(rows), (16,), generator=generator)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([[-100] * n + ids[n:] + [-100] * (width - len(ids)) for ids, n in batch])
+        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(folder)
+
+
 _PAPER_LORA = r"(?!.*vision_model\.).*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
 LORA_PLACEMENTS = {
     # q, k, v, gate, up, down projections everywhere but the vision model: the text model, the

@@ -30,6 +30,9 @@ TRY_AGAIN = ["try again", "try one more time", "the other one", "no, try again, 
 RESETS = ["reset", "let's start over", "deselect everything and start over", "clear all and restart",
           "remove all, from scratch"]
 
+_NEGATIVE_WORDS = {"no", "not", "wrong", "undo", "don't", "reset", "restart", "over", "scratch", "again", "other",
+                   "remove", "clear"}
+_APPROVAL_WORDS = {"yes", "good", "correct", "great", "okay", "perfect", "nice", "yes!"}
 _SHAPES = ["bird", "dog", "person", "house", "chair", "boat", "rabbit", "rocket", "cat", "tree", "fish",
            "snake", "robot", "arrow", "hat", "dancer", "swan", "runner", "lamp", "duck"]
 _TRAITS = ["tall", "sitting", "kneeling", "flying", "fat", "thin", "upside down", "running", "tiny",
@@ -180,3 +183,13 @@ def to_public_turn_layout(turns: pl.DataFrame) -> pl.DataFrame:
         pl.lit("synthetic").alias("dataset_alias"), pl.col("policy").alias("policy_name"),
         pl.lit(None, pl.String).alias("date"), "round",
     )
+
+
+def follow_up_label(follow_up: str, labels: tuple[str, ...]) -> str:
+    """The label word a synthetic follow-up means, by its words (what a tiny decoder is taught to answer)."""
+    words = set(follow_up.lower().replace(",", " ").split())
+    if words & _NEGATIVE_WORDS:
+        return "Negative"
+    if words & _APPROVAL_WORDS or "Neutral" not in labels:
+        return "Positive"
+    return "Neutral"

@@ -41,76 +41,18 @@ def kilogram():
     return KILOGRAM
 
 
-NEGATIVE_WORDS = {"no", "not", "wrong", "undo", "don't", "reset", "restart", "over", "scratch", "again", "other",
-                  "remove", "clear"}
-APPROVAL_WORDS = {"yes", "good", "correct", "great", "okay", "perfect", "nice", "yes!"}
-
-
-def heuristic_label(follow_up: str, labels: tuple[str, ...]) -> str:
-    """A plausible label for a synthetic follow-up, to teach the tiny decoder what to answer."""
-    words = set(follow_up.lower().replace(",", " ").split())
-    if words & NEGATIVE_WORDS:
-        return "Negative"
-    if words & APPROVAL_WORDS or "Neutral" not in labels:
-        return "Positive"
-    return "Neutral"
-
-
-def teach_decoder(folder: Path, logs: Path, steps: int = 150) -> None:
-    """Fine-tune the tiny model (all weights, plain torch) to answer decoder prompts with a label word.
-
-    Test scaffolding only: a random-weight model answers with random tokens, and scoring
-    can only agree with generation if the model's answer is a label word.
-    """
-    import torch
-
-    from respect_hpc.decode import chat_prompt
-    from respect_hpc.ingest import ingest
-    from respect_hpc.manifest import ModelSection
-    from respect_hpc.models import load_text_model, load_tokenizer
-    from respect_hpc.prompts import DECODER_TEMPLATES, decoder_prompt
-
-    spec = ModelSection(path=folder, dtype="fp32")
-    tokenizer, model = load_tokenizer(spec), load_text_model(spec)
-    turns = ingest([logs]).turns.filter("has_follow_up")
-    rows = []
-    for template in DECODER_TEMPLATES.values():
-        for t in turns.iter_rows(named=True):
-            prompt = chat_prompt(tokenizer, decoder_prompt(template, t["previous_action"], t["utterance"],
-                                                           t["action"], t["follow_up"]))
-            answer = heuristic_label(t["follow_up"], template.labels) + tokenizer.eos_token
-            ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            rows.append((ids, n_prompt))
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = [rows[i] for i in torch.randint(len(rows), (16,), generator=generator)]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([[-100] * n + ids[n:] + [-100] * (width - len(ids)) for ids, n in batch])
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(folder)
-
-
 @pytest.fixture(scope="session")
 def taught_decoder(tmp_path_factory):
     """A tiny Idefics2 built offline and taught to answer with label words, plus the logs it saw."""
-    from respect_hpc.models import build_tiny_idefics2
+    from respect_hpc.ingest import ingest
+    from respect_hpc.models import build_tiny_idefics2, teach_label_words
     from respect_hpc.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("decoder")
     logs = root / "round-0.parquet"
     synthesize(60, seed=4, policies={"sft": 0.5}, rounds=[0]).write_parquet(logs)
     folder = build_tiny_idefics2(root / "model")
-    teach_decoder(folder, logs)
+    teach_label_words(folder, ingest([logs]).turns)
     return folder, logs
 
 
@@ -142,6 +84,8 @@ def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary,
     """A round ready to train (:func:`round_inputs`, ingested), with decoded feedback written directly:
     heuristic labels standing in for the decode stage."""
     import jobs.ingest
+    from respect_hpc.prompts import LABEL_VALUES
+    from respect_hpc.synthetic import follow_up_label
 
     inputs = round_inputs(root, games, model)
     logs, d0, validation, images, model = (inputs[k] for k in ("logs", "d0", "validation", "images", "model"))
@@ -149,7 +93,7 @@ def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary,
     turns = jobs.ingest.run([logs], run / "data", policies=None).turns.filter("has_follow_up")
     feedback = pl.concat([turns.select(
         "game_turn_id", "round", "policy", kind=pl.lit(kind),
-        label=pl.Series([{"Positive": 1, "Neutral": 0, "Negative": -1}[heuristic_label(f, labels)]
+        label=pl.Series([LABEL_VALUES[follow_up_label(f, labels)]
                          for f in turns["follow_up"]], dtype=pl.Int8))
         for kind, labels in (("binary", ("Positive", "Negative")), ("ternary", ("Positive", "Neutral", "Negative")))])
     (run / "round-1").mkdir(parents=True)

@@ -23,9 +23,12 @@ from respect_hpc.state import LockError, RunLock
 from conftest import round_inputs
 
 
-def write_logged_round(root: Path, executor: str = "local", extra_variants: str = "") -> Path:
-    """Synthetic logs, D_0, validation games, a tiny model and a manifest naming them (no stage run yet)."""
-    inputs = round_inputs(root, games=10)
+def write_logged_round(root: Path, model: Path, executor: str = "local", extra_variants: str = "") -> Path:
+    """Synthetic logs, D_0, validation games and a manifest naming them and ``model`` (no stage run yet).
+
+    ``model`` is the session's tiny model taught to answer with label words (conftest.taught_decoder):
+    a random-weight one may label a whole round negative, leaving FFT nothing to train on."""
+    inputs = round_inputs(root, games=10, model=model)
     manifest = root / "round.yaml"
     manifest.write_text(f"""experiment: tiny
 round: 1
@@ -57,8 +60,8 @@ def test_array_chunks_split_at_max_array_size():
     assert [t for c in chunks for t in c] == tasks
 
 
-def test_plan_lists_every_stage_and_task(tmp_path):
-    m = load_manifest(write_logged_round(tmp_path))
+def test_plan_lists_every_stage_and_task(tmp_path, taught_decoder):
+    m = load_manifest(write_logged_round(tmp_path, taught_decoder[0]))
     stages = Controller(m).plan()
     assert [(s.name, len(s.tasks), len(s.todo)) for s in stages] == [
         ("ingest", 1, 1), ("decode", 2, 2), ("merge", 1, 1), ("train", 2, 2), ("select", 1, 1), ("metrics", 1, 1)]
@@ -85,8 +88,8 @@ def test_lock_refuses_a_second_controller_and_takes_over_a_stale_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_nothing(tmp_path):
-    manifest = write_logged_round(tmp_path)
+def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_nothing(tmp_path, taught_decoder):
+    manifest = write_logged_round(tmp_path, taught_decoder[0])
     m = load_manifest(manifest)
     lines = []
     counts = Controller(m, report=lines.append).run()
@@ -110,10 +113,10 @@ def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_no
 
 
 @pytest.mark.slow
-def test_a_failed_task_stops_later_stages_and_retry_resubmits_only_what_failed(tmp_path):
+def test_a_failed_task_stops_later_stages_and_retry_resubmits_only_what_failed(tmp_path, taught_decoder):
     adapter = tmp_path / "previous-b-kto"
     adapter.mkdir()
-    manifest = write_logged_round(tmp_path, extra_variants=(
+    manifest = write_logged_round(tmp_path, taught_decoder[0], extra_variants=(
         f"  - {{name: b-kto, feedback: binary, objective: kto, previous_adapter: {adapter}}}\n"))
     m = load_manifest(manifest)
     with pytest.raises(ControllerError, match=r"train: 2 of 4 tasks failed, e.g. b-kto/seed-1: variant b-kto: "

@@ -114,7 +114,7 @@ def _wait_idle(controller, seconds: float = 600):
 
 
 @pytest.mark.slow
-def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(slurm, tmp_path):
+def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(slurm, tmp_path, taught_decoder):
     import json
 
     from test_controller import write_logged_round
@@ -125,7 +125,7 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
 
     adapter = tmp_path / "previous-b-kto"
     adapter.mkdir()
-    manifest = write_logged_round(tmp_path, executor="slurm", extra_variants=(
+    manifest = write_logged_round(tmp_path, taught_decoder[0], executor="slurm", extra_variants=(
         f"  - {{name: b-kto, feedback: binary, objective: kto, previous_adapter: {adapter}}}\n"))
     manifest.write_text(manifest.read_text().replace("fft: {epochs: 1,", "fft: {epochs: 3,")
                         + "  partition: debug\n")
