@@ -146,7 +146,9 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
     log = log_path(submissions[3]["folder"], task)
     deadline = time.monotonic() + 400
     while "step 10/" not in (log.read_text() if log.is_file() else ""):
-        assert time.monotonic() < deadline, "the training task never reached step 10"
+        assert time.monotonic() < deadline, f"the training task never reached step 10: {log}"
+        assert not any(r.state == "failed" for r in controller.status()), [
+            (r.stage, r.key, r.detail) for r in controller.status() if r.state == "failed"]
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", task], check=True)
 

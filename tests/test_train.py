@@ -84,8 +84,12 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_p
     spec, prepared = _spec(round_files, variant, tmp_path, learning_rate=3e-3, warmup_steps=0, micro_batch=8,
                            effective_batch=8, lora_dropout=0.0, entropy_weight=0.0)
     trainer = Trainer(spec, prepared.examples, prepared.validation)
+    labels = prepared.examples["label"].to_list()
+    # KTO's reference point is the batch's mean log-ratio: a batch of one label alone gives it nothing to
+    # separate, so the batch mixes desirable and undesirable actions where the objective keeps both.
+    mixed = [i for i, x in enumerate(labels) if x == 1][:4] + [i for i, x in enumerate(labels) if x == -1][:4]
     try:
-        batch = trainer._batch(list(range(8)), epoch=0)
+        batch = trainer._batch(mixed if len(mixed) == 8 else list(range(8)), epoch=0)
         losses = []
         for _ in range(6):
             parts = trainer._loss(batch)
