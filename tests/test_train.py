@@ -81,7 +81,9 @@ def round_files(tmp_path_factory, model):
 @pytest.mark.parametrize("variant", ["b-fft", "t-rl", "b-kto"])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_path):
     jobs.train._distributed_env()
-    spec, prepared = _spec(round_files, variant, tmp_path, learning_rate=3e-3, warmup_steps=0, micro_batch=8,
+    # RMSProp (KTO's optimizer) takes steps of about lr / sqrt(1 - alpha) at first: a smaller rate
+    spec, prepared = _spec(round_files, variant, tmp_path, learning_rate=3e-4 if variant == "b-kto" else 3e-3,
+                           warmup_steps=0, micro_batch=8,
                            effective_batch=8, lora_dropout=0.0, entropy_weight=0.0)
     trainer = Trainer(spec, prepared.examples, prepared.validation)
     labels = prepared.examples["label"].to_list()
