@@ -118,7 +118,6 @@ decoders alternate on chunks of {CHUNK} prompts and each one's time is summed.
 Scoring and the reference's greedy answers agree on {100 * agree:.2f}% of prompts (target: at least 99%);
 {100 * positive:.1f}% decoded Positive (zero-shot SmolLM2 leans Positive, see PLATFORM-NOTES).
 Target: at least 5x. This machine's CPU has no avx512_bf16, so bf16 runs emulated here
-(slower than fp32 for both decoders), and matrix products take three quarters of both decoders' time.
-So the ratio is bounded by the tokens each one runs: the reference runs 256 per prompt (plus two
-generation steps), this decoder runs the {prefix}-token question once and then {suffix:.1f} tokens per prompt
-on average, a bound of {256 / suffix:.1f}x on this prompt set."""
+(slower than fp32 for both decoders). The ratio is bounded by the tokens each one runs: the
+reference runs 256 per prompt (plus two generation steps), this decoder runs the {prefix}-token question
+once and then {suffix:.1f} tokens per prompt on average, a bound of {256 / suffix:.1f}x on this prompt set."""

@@ -107,5 +107,4 @@ threads. Timed: forward, backward and optimizer step (encoding and image loading
 
 Target: at least 1.5x. Length grouping removes nearly all padding; what it saves is the per-token
 work. With images in the context, the vision tower and the modality projection run on 10 images per
-example however the text is padded, and that part does not shrink (the multimodal row; a CPU profile of
-one step also shows LoRA dropout's random masks at about 30% of the time, paid per padded token)."""
+example however the text is padded, and that part does not shrink (the multimodal row)."""

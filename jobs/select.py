@@ -9,8 +9,6 @@ its KTO variants continue from it.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import polars as pl
 
@@ -19,7 +17,7 @@ from respect_hpc.hashing import spec_hash
 from respect_hpc.manifest import Manifest
 from respect_hpc.rundir import RunDir
 from respect_hpc.select import CURVES, select_checkpoints
-from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.tables import SPEC_HASH_KEY, atomic_copy_tree, atomic_write_parquet, parquet_metadata
 from respect_hpc.train import METRICS_FILE, TrainingError
 
 SELECTION_FILE = "selection.parquet"
@@ -66,18 +64,7 @@ def run(manifest: Manifest) -> pl.DataFrame:
     selection = select_checkpoints(curves(manifest), manifest.round)
     for row in selection.filter("chosen").iter_rows(named=True):
         source = task_dir(manifest, row["variant"], row["seed"], row["cell"]) / "epochs" / f"epoch-{row['epoch']:03d}"
-        place(source, round_dir / "policies" / row["variant"])
+        atomic_copy_tree(source, round_dir / "policies" / row["variant"])
     atomic_write_parquet(selection, round_dir / SELECTION_FILE, {SPEC_HASH_KEY: _spec_hash(manifest)})
     return selection
 
-
-def place(source: Path, target: Path) -> None:
-    """Copy an adapter folder to ``target``, replacing what is there in one rename."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -32,6 +32,7 @@ from respect_hpc.ingest import ingest
 from respect_hpc.manifest import Manifest, Variant
 from respect_hpc.models import is_multimodal, model_fingerprint
 from respect_hpc.rundir import RunDir
+from respect_hpc.select import rank
 from respect_hpc.train import METRICS_FILE, TrainingError, TrainSpec, accumulation_steps, train
 
 DONE_FILE = "done.json"
@@ -221,7 +222,7 @@ def _source_counts(examples: pl.DataFrame) -> str:
 def best_epoch(out: Path) -> dict:
     """The epoch with the highest validation exact match (ties: lower loss, then earlier)."""
     epochs = pl.read_parquet(out / METRICS_FILE).filter(pl.col("val_exact_match").is_not_null())
-    best = epochs.sort(["val_exact_match", "val_loss", "epoch"], descending=[True, False, False]).row(0, named=True)
+    best = rank(epochs).row(0, named=True)
     return {"best_epoch": best["epoch"], "val_exact_match": best["val_exact_match"], "val_loss": best["val_loss"]}
 
 

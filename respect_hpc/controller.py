@@ -20,15 +20,12 @@ import submitit
 
 from respect_hpc import launch
 from respect_hpc.manifest import Manifest
-from respect_hpc.plan import STAGES, Stage, Task, build, downstream_of_todo, mark_done
+from respect_hpc.plan import STAGES, UPSTREAM, Stage, Task, build, downstream_of_todo, mark_done
 from respect_hpc.rundir import RunDir
 from respect_hpc.state import (ACTIVE, FAILED, SchedulerState, last_error_line, latest_tasks, local_state,
                                log_path, record, slurm_states)
 
 MANIFEST_FILE = "manifest.lock.json"
-UPSTREAM = {"ingest": (), "decode": ("ingest",), "merge": ("ingest", "decode"),
-            "train": ("ingest", "decode", "merge"), "select": ("ingest", "decode", "merge", "train"),
-            "metrics": ("ingest",)}
 DEFAULT_MAX_ARRAY_SIZE = 1001
 
 
@@ -64,6 +61,11 @@ class TaskStatus:
     state: str        # done, pending, running, failed, cancelled, completed, not submitted
     detail: str = ""  # a failed task's last error line, a cancelled task's reason
     log: str = ""
+
+    @property
+    def active(self) -> bool:
+        """Queued or running in the scheduler."""
+        return self.state.upper() in ACTIVE
 
 
 class Controller:
@@ -113,7 +115,7 @@ class Controller:
     def check_previous(self, retry: bool, stages: list[Stage]) -> None:
         """Refuse while tasks of this round are still queued or running, and after failures without --retry."""
         rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "completed")]
-        active = [r for r in rows if r.state in ("pending", "running", "requeued", "completing", "configuring")]
+        active = [r for r in rows if r.active]
         if active:
             raise ControllerError(f"round {self.manifest.round} is still running: {len(active)} tasks pending or "
                                   f"running (e.g. {active[0].stage} {active[0].key}); see respect-hpc status "

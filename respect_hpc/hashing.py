@@ -16,22 +16,27 @@ from respect_hpc import __version__
 _MEMO: dict[tuple[str, int, int], str] = {}
 
 
+def bytes_digest(file: Path) -> str:
+    """A digest of one file's bytes, memoised in this process by path, size and modification time."""
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MEMO:
+        digest = hashlib.blake2b(digest_size=16)
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+        _MEMO[key] = digest.hexdigest()
+    return _MEMO[key]
+
+
 def file_digest(path: Path | None) -> str | None:
-    """A digest of a file's bytes, or of a folder's files (names and bytes); memoised by size and time."""
+    """A digest of a file's bytes, or of a folder's files (names and bytes)."""
     if path is None or not path.exists():
         return None
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.blake2b(digest_size=16)
     for file in files:
-        stat = file.stat()
-        key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _MEMO:
-            inner = hashlib.blake2b(digest_size=16)
-            with file.open("rb") as handle:
-                while chunk := handle.read(1 << 24):
-                    inner.update(chunk)
-            _MEMO[key] = inner.hexdigest()
-        digest.update(f"{file.relative_to(path) if file != path else file.name}:{_MEMO[key]}\n".encode())
+        digest.update(f"{file.relative_to(path) if file != path else file.name}:{bytes_digest(file)}\n".encode())
     return digest.hexdigest()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import ModelSection
 from respect_hpc.prompts import DECODER_TEMPLATES, POLICY_TEMPLATES
 
@@ -67,22 +68,15 @@ def load_text_model(spec: ModelSection, device: str | torch.device = "cpu"):
     return model.to(device).eval()
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     """A digest of a model's config and weights: equal fingerprints, equal model.
 
     Hashing the weights of a large model takes a while, so digests are memoised in
-    ``memo`` (a JSON file) by file path, size and modification time.
+    ``memo`` (a JSON file, written when it learns a new one) by file path, size and modification time.
     """
     _check_folder(spec)
     cache = json.loads(memo.read_text()) if memo and memo.is_file() else {}
+    known = len(cache)
     files = sorted(p for p in spec.path.iterdir()
                    if p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "tokenizer.json"))
     if spec.gguf_file:
@@ -91,9 +85,9 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     for path in files:
         stat = path.stat()
         memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        cache[memo_key] = cache.get(memo_key) or _file_digest(path)
+        cache[memo_key] = cache.get(memo_key) or bytes_digest(path)
         digest.update(f"{path.name}:{cache[memo_key]}\n".encode())
-    if memo:
+    if memo and len(cache) > known:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))

@@ -22,6 +22,10 @@ import jobs.train
 from respect_hpc.manifest import Manifest
 
 STAGES = ("ingest", "decode", "merge", "train", "select", "metrics")
+# What each stage reads the outputs of (directly or through another stage).
+UPSTREAM = {"ingest": (), "decode": ("ingest",), "merge": ("ingest", "decode"),
+            "train": ("ingest", "decode", "merge"), "select": ("ingest", "decode", "merge", "train"),
+            "metrics": ("ingest",)}
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,11 @@ def _mark(manifest: Manifest, stage: Stage, ingested: bool, plans, merged: bool)
 
 
 def downstream_of_todo(stages: list[Stage]) -> list[Stage]:
-    """Once a stage has work to do, every later stage's outputs will change: nothing there counts as done."""
-    dirty = False
+    """Once a stage has work to do, the outputs of the stages that read it will change: nothing there is done."""
+    with_work: set[str] = set()
     for stage in stages:
-        if dirty and stage.name != "metrics":  # metrics read only the ingest stage's tables
+        if with_work & set(UPSTREAM[stage.name]):
             stage.done = set()
-        dirty = dirty or bool(stage.todo)
+        if stage.todo:
+            with_work.add(stage.name)
     return stages

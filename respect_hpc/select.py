@@ -17,15 +17,21 @@ SELECTION = pl.Schema({"round": pl.Int64, "variant": pl.String, "cell": pl.Strin
 _ORDER = (["val_exact_match", "val_loss", "epoch", "seed"], [True, False, False, False])
 
 
+def rank(curves: pl.DataFrame) -> pl.DataFrame:
+    """Checkpoints best first: higher exact match, then lower loss, then earlier epoch, then lower seed."""
+    order = [(c, d) for c, d in zip(*_ORDER) if c in curves.columns]
+    return curves.sort([c for c, _ in order], descending=[d for _, d in order])
+
+
 def select_checkpoints(curves: pl.DataFrame, round_: int) -> pl.DataFrame:
     """One row per (variant, cell): its best checkpoint and the spread over seeds; ``chosen`` marks each
     variant's best cell, whose checkpoint becomes the variant's policy."""
-    ranked = curves.sort(_ORDER[0], descending=_ORDER[1])
+    ranked = rank(curves)
     per_seed = ranked.group_by("variant", "cell", "seed", maintain_order=True).first()
     spread = per_seed.group_by("variant", "cell").agg(
         seeds=pl.len(), mean_val_exact_match=pl.col("val_exact_match").mean(),
         std_val_exact_match=pl.col("val_exact_match").std())
     best = ranked.group_by("variant", "cell", maintain_order=True).first().join(spread, on=["variant", "cell"])
-    best = best.sort(_ORDER[0], descending=_ORDER[1]).with_columns(
+    best = rank(best).with_columns(
         chosen=pl.int_range(pl.len()).over("variant") == 0, round=pl.lit(round_, pl.Int64))
     return best.select(SELECTION.names()).cast(dict(SELECTION)).sort("variant", "cell")

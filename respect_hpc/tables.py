@@ -8,6 +8,7 @@ at all, so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -81,6 +82,19 @@ def atomic_write_parquet(frame: pl.DataFrame, path: str | Path, metadata: dict[s
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_copy_tree(source: str | Path, target: str | Path) -> Path:
+    """Copy a folder to ``target``, replacing what is there by renames (never a half-copied folder)."""
+    target = Path(target)
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def parquet_metadata(path: str | Path) -> dict[str, str]:

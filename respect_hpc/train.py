@@ -33,7 +33,7 @@ from respect_hpc.multiref import ActionError, canonicalise
 from respect_hpc.objectives import fft_loss, kto_loss, reinforce_loss, score_actions
 from respect_hpc.policy_data import PolicyEncoder, epoch_batches, image_order, policy_view
 from respect_hpc.prompts import policy_template
-from respect_hpc.tables import atomic_write_parquet
+from respect_hpc.tables import atomic_copy_tree, atomic_write_parquet
 
 METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "loss": pl.Float64,
                      "objective": pl.Float64, "entropy": pl.Float64, "learning_rate": pl.Float64,
@@ -224,10 +224,7 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             if epoch_done:
-                kept = self.spec.out / "epochs" / f"epoch-{epoch + 1:03d}"
-                shutil.rmtree(kept, ignore_errors=True)
-                shutil.copytree(final / "adapter", kept.with_name(f".{kept.name}.tmp"), dirs_exist_ok=True)
-                kept.with_name(f".{kept.name}.tmp").rename(kept)
+                atomic_copy_tree(final / "adapter", self.spec.out / "epochs" / f"epoch-{epoch + 1:03d}")
             for older in root.glob("step-*"):
                 if older != final:
                     shutil.rmtree(older)

@@ -106,8 +106,7 @@ def _wait_idle(controller, seconds: float = 600):
     deadline = time.monotonic() + seconds
     while True:
         rows = {(r.stage, r.key): r for r in controller.status()}
-        if not any(r.state in ("pending", "running", "requeued", "completing", "configuring", "unknown")
-                   for r in rows.values()):
+        if not any(r.active or r.state == "unknown" for r in rows.values()):  # unknown: sacct not caught up
             return rows
         assert time.monotonic() < deadline, [(k, r.state) for k, r in rows.items()]
         time.sleep(2)

@@ -179,12 +179,11 @@ def test_bad_input_is_refused_before_training(round_files, tmp_path):
 
 
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(round_files):
-    m = load_manifest(_with(round_files, "  zero_stage: null", "  zero_stage: null\n  checkpoint_every: 1"))
-    m = m.model_copy(update={"experiment": "nan", "training": m.training.model_copy(update={
-        "fft": m.training.fft.model_copy(update={"learning_rate": 1e30, "warmup_steps": 0})})})
-    source = jobs.train.RunDir.of(load_manifest(round_files)).root
-    shutil.copytree(source / "data", jobs.train.RunDir.of(m).root / "data")
-    shutil.copytree(source / "round-1", jobs.train.RunDir.of(m).round(1), ignore=shutil.ignore_patterns("train"))
+    manifest = _with(_with(round_files, "  zero_stage: null", "  zero_stage: null\n  checkpoint_every: 1"),
+                     "fft: {epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
+                     "fft: {epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 0, learning_rate: 1.0e+30}")
+    m = load_manifest(_copy_round(manifest, "nan"))
+    assert m.training.fft.learning_rate == 1e30
     with pytest.raises(TrainingError, match=r"step \d+ \(epoch 0\): the loss is not finite; stopped; the last good "
                                             r"checkpoint is .*ckpt/step-\d{6}"):
         jobs.train.run_task(m, "b-fft", 1)
