@@ -53,7 +53,7 @@ def smollm2_checkpoint() -> Path:
 
 
 def benchmark_prompts(n: int) -> list[str]:
-    template = decoder_template("respect-binary@1")
+    template = decoder_template("respect-binary@2")
     logs = CACHE / "decode-logs.parquet"
     CACHE.mkdir(parents=True, exist_ok=True)
     synthesize(n // 4, seed=0, policies={"sft": 0.45, "bp": 0.6}, rounds=[0]).write_parquet(logs)
@@ -80,7 +80,7 @@ def reference(model, tokenizer, prompts: list[str], labels: tuple[str, ...]) -> 
 def main() -> str:
     spec = ModelSection(path=smollm2_checkpoint(), dtype="bf16")
     model, tokenizer = load_text_model(spec), load_tokenizer(spec)
-    template = decoder_template("respect-binary@1")
+    template = decoder_template("respect-binary@2")
     prompts = benchmark_prompts(N_PROMPTS)
     lengths = [len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts]
     assert max(lengths) <= 256, max(lengths)

@@ -35,7 +35,7 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, out: Path) -> dic
     """One epoch each way, alternating micro-batch by micro-batch; seconds and padded tokens per way."""
     hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH, warmup_steps=0)
     spec = TrainSpec(objective="fft", hp=hp, seed=1, model=ModelSection(path=model, dtype="fp32"),
-                     policy_template="multiref-listener@1", images=images, out=out, zero_stage=None)
+                     policy_template="respect-listener@1", images=images, out=out, zero_stage=None)
     _distributed_env()
     trainer = Trainer(spec, examples, examples.head(1))
     lengths = trainer.lengths

@@ -31,7 +31,8 @@ from respect_hpc.feedback import (FEEDBACK, LABELS, SPEC_KEY, MergeError, check_
                                   is_current, labels_frame, part_name, shard_of, shard_spec, window_keys)
 from respect_hpc.manifest import Manifest
 from respect_hpc.models import load_text_model, load_tokenizer, model_fingerprint
-from respect_hpc.prompts import LABEL_VALUES, decoder_prompt, decoder_template
+from respect_hpc.chat import decoder_text
+from respect_hpc.prompts import LABEL_VALUES, decoder_template
 from respect_hpc.rundir import RunDir
 from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
@@ -134,9 +135,10 @@ def submit_shards(manifest: Manifest, n_shards: int, executor_kind: str | None =
     return [job.job_id for job in submitted]
 
 
-def _prompts(todo: pl.DataFrame, template_key: str) -> list[str]:
+def _prompts(todo: pl.DataFrame, template_key: str, tokenizer) -> list[str]:
     template = decoder_template(template_key)
-    return [decoder_prompt(template, prev, utterance, action, follow_up) for prev, utterance, action, follow_up
+    return [decoder_text(tokenizer, template, prev, utterance, action, follow_up)
+            for prev, utterance, action, follow_up
             in todo.select("previous_action", "utterance", "action", "follow_up").iter_rows()]
 
 
@@ -167,7 +169,7 @@ def _decode_to_part(manifest: Manifest, kind_plan: KindPlan, todo: pl.DataFrame,
             for offset in range(0, todo.height, chunk_rows):
                 chunk = todo.slice(offset, chunk_rows)
                 scored = []
-                for batch in scorer.score(_prompts(chunk, kind_plan.template_key)):
+                for batch in scorer.score(_prompts(chunk, kind_plan.template_key, tokenizer)):
                     scored += batch
                     progress.advance(task, len(batch))
                 scored.sort(key=lambda s: s.index)
@@ -249,7 +251,7 @@ def check_generation(manifest: Manifest, feedback: pl.DataFrame, n: int, seed: i
         turns = all_turns.join(sample.select("game_turn_id", "label"), on="game_turn_id")
         template = decoder_template(manifest.decoder.templates[kind[0]])
         scorer = FeedbackScorer(model, tokenizer, template, manifest.decoder.batch_tokens)
-        answers = scorer.generate(_prompts(turns, template.key))
+        answers = scorer.generate(_prompts(turns, template.key, tokenizer))
         words = [None if a is None else template.labels[a] for a in answers]
         agree += sum(w is not None and LABEL_VALUES[w] == label for w, label in zip(words, turns["label"]))
         checked += turns.height

@@ -28,12 +28,14 @@ from respect_hpc import launch
 from respect_hpc.controller import MANIFEST_FILE, Controller, ControllerError, sbatch_script
 from respect_hpc.decode import DecoderError
 from respect_hpc.feedback import MergeError
-from respect_hpc.models import ModelError, build_tiny_idefics2, teach_label_words
+from respect_hpc.models import ModelError, is_multimodal, teach_label_words
 from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
 from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
 from respect_hpc.metrics import N_RESAMPLES, round_metrics
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
 from respect_hpc.policy_data import PolicyDataError
+from respect_hpc.prompt_table import prompt_rows
+from respect_hpc.replica import INTERFACES, ReplicaError, replica_from, replica_like, write_interface
 from respect_hpc.rundir import RunDir
 from respect_hpc.state import LockError, RunLock
 from respect_hpc.tables import atomic_write_parquet
@@ -439,6 +441,63 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
             console.print(f"{r.stage} {r.key}: {r.state}: {r.detail}  (log: {r.log})", highlight=False)
 
 
+@app.command("tiny-model")
+def tiny_model(out: Annotated[Path, typer.Argument(help="Folder to write the replica to (new or empty).")],
+               like: Annotated[str | None, typer.Option(help=f"A known model: {', '.join(INTERFACES)}.")] = None,
+               source: Annotated[Path | None, typer.Option("--from", help="A local checkpoint folder to scale "
+                                                                          "down.")] = None,
+               seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0) -> None:
+    """A tiny random-weight model with a real model's interface: its tokenizer, special tokens, chat template,
+    processor and generation settings, architecture family and vocabulary, at a width and depth a CPU runs in
+    seconds. Use it to dry-run a manifest (model.path) on a login node before spending GPU hours."""
+    if (like is None) == (source is None):
+        _fail("tiny-model: give exactly one of --like NAME or --from MODEL_DIR")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _fail(f"tiny-model: '{out}' exists and is not an empty folder")
+    try:
+        folder = replica_like(like, out, seed=seed) if like else replica_from(source, out, seed=seed)
+    except (ReplicaError, OSError) as exc:
+        _fail(str(exc))
+    console.print(f"tiny replica of {like or source} (random weights) -> {folder}")
+
+
+@app.command()
+def prompts(sources: Sources,
+            model: Annotated[Path | None, typer.Option(help="Checkpoint folder whose tokenizer and chat template "
+                                                            "render the prompts (default: IDEFICS2-8B's, rebuilt "
+                                                            "offline).")] = None,
+            limit: Annotated[int | None, typer.Option(min=1, help="Show the first N turns only.")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line: game_turn_id, policy, "
+                                                                  "policy_target, decoder_binary, "
+                                                                  "decoder_ternary.")] = False) -> None:
+    """The exact texts the model will see for each logged turn: the policy prompt (images in the logged order,
+    <image> not yet expanded), its training target, and the binary and ternary decoder prompts (none on a
+    game's last turn). Read these before spending GPU hours."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from respect_hpc.manifest import ModelSection
+    from respect_hpc.models import load_tokenizer
+
+    try:
+        turns = ingest(sources, policies=None).turns  # any policy name
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = model or write_interface("idefics2-8b", tmp)
+            tokenizer = load_tokenizer(ModelSection(path=folder))
+            rows = prompt_rows(turns, tokenizer, images=is_multimodal(AutoConfig.from_pretrained(folder)), limit=limit)
+    except (IngestError, ModelError, ReplicaError, PolicyDataError, ValueError) as exc:
+        _fail(str(exc))
+    for row in rows:
+        if as_json:
+            print(json.dumps(row, ensure_ascii=False))
+            continue
+        console.rule(row["game_turn_id"])
+        for key in ("policy", "policy_target", "decoder_binary", "decoder_ternary"):
+            console.print(f"[bold]{key}[/bold]")
+            print(repr(row[key]) if key == "policy_target" else row[key])  # exact text, never wrapped
+
+
 @app.command()
 def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
          games: Annotated[int, typer.Option(help="Synthetic games of the logged round.")] = 40) -> None:
@@ -467,10 +526,10 @@ def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the de
             atomic_write_parquet(frame, path)
             console.print(f"{frame.height} synthetic games ({bank.source} images) -> {path}")
     if not m.model.path.exists():
-        with err.status("building a tiny Idefics2 offline and teaching it the decoder's label words"):
-            build_tiny_idefics2(m.model.path, corpus=[d for ds in bank.descriptions.values() for d in ds])
+        with err.status("building a tiny IDEFICS2-8B replica offline and teaching it the decoder's answers"):
+            replica_like("idefics2-8b", m.model.path)
             teach_label_words(m.model.path, ingest(m.data.interactions, policies=None).turns)
-        console.print(f"tiny Idefics2 (random weights, taught to answer decoder prompts) -> {m.model.path}")
+        console.print(f"tiny IDEFICS2-8B replica (random weights, taught to answer decoder prompts) -> {m.model.path}")
     run(manifest, None, None, None, False, False)
 
 

@@ -8,7 +8,7 @@ decoded feedback of the variant's decoder kind:
 RL and KTO subsample negatives to about 5 positive : 4 negative (seeded), and
 weight each example by |reward|. D_0 (successful human-human turns) joins every
 round as positive rehearsal, with one synthetic deselection turn ("Wrong, undo
-what you selected" -> ``Deselect ...``) per 12 of its turns.
+what you selected" -> ``deselect ...``) per 12 of its turns.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The feedback decoder: label words scored in one forward pass per prompt.
 
-Each decoder prompt is put under the model's chat template as a user message
-with the generation prompt after it. One forward pass gives the next-token
-distribution; a label's score is the log-probability mass of its first token in
-context, summed over its spellings (``Positive``, ``positive``, `` Positive``...).
-Labels are compared on the token that greedy decoding would emit first, so a
-label word that tokenises into several pieces (``Ne`` + ``utral``) is decided by
-its first piece, which must differ from every other label's.
+Prompts arrive rendered through the model's chat template (:func:`chat.decoder_text`)
+and are tokenised with BOS as the model's processor adds it. One forward pass gives
+the next-token distribution after the generation prompt; a label's score is the
+log-probability mass of the first token greedy decoding would emit for it, summed
+over its spellings: after IDEFICS2's ``Assistant:`` the model answers `` Positive.``
+= ``▁Pos itive .``, so ``▁Pos`` counts (and ``Pos``, ``▁pos``... where they are
+first pieces too). A first piece that two labels share counts for neither.
 
 Throughput: every decoder prompt starts with the same long question, so the
 key/value cache of the prompts' shared token prefix is computed once and each
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from respect_hpc.prompts import DecoderTemplate
+from respect_hpc.chat import render, token_ids
+from respect_hpc.prompts import DecoderTemplate, text
 
 _PROBE = "Answer a single word."
 
@@ -42,39 +43,32 @@ class Scored:
     tokens: int
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
 def label_token_ids(tokenizer, labels: tuple[str, ...]) -> list[list[int]]:
     """Token ids whose probability counts for each label, in context after the generation prompt.
 
-    The label as the template spells it counts by its first token, which must differ
-    from every other label's; other spellings (lower case, leading space) count when
-    they are one whole token.
+    Each spelling (`` Label``, ``Label``, `` label``, ``label``) counts by the first token it
+    continues the generation prompt with; a token that begins spellings of two labels is
+    dropped from both, and a label left with no token is refused.
     """
-    prefix = chat_prompt(tokenizer, _PROBE)
-    base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    prefix = render(tokenizer, [{"role": "user", "content": text(_PROBE)}], generation_prompt=True)
+    base = token_ids(tokenizer, [prefix])[0]
 
-    def continuation(spelling: str) -> list[int]:
-        full = tokenizer(prefix + spelling, add_special_tokens=False)["input_ids"]
-        return full[len(base):] if full[:len(base)] == base else []
+    def first(spelling: str) -> int | None:
+        full = token_ids(tokenizer, [prefix + spelling])[0]
+        return full[len(base)] if len(full) > len(base) and full[:len(base)] == base else None
 
+    firsts = [{first(s) for s in (" " + label, label, " " + label.lower(), label.lower())} - {None}
+              for label in labels]
     ids: list[list[int]] = []
-    owner: dict[int, str] = {}
-    for label in labels:
-        tokens = continuation(label)
-        if not tokens:
-            raise DecoderError(f"label word {label!r} does not tokenise after the chat template's generation "
-                               "prompt; the decoder cannot score it")
-        if tokens[0] in owner:
-            token = tokenizer.convert_ids_to_tokens(tokens[0])
-            raise DecoderError(f"label words {owner[tokens[0]]!r} and {label!r} share their first token "
-                               f"{token!r} under this tokenizer; the decoder cannot tell them apart")
-        owner[tokens[0]] = label
-        whole = [t[0] for t in map(continuation, (label.lower(), " " + label, " " + label.lower())) if len(t) == 1]
-        ids.append(sorted({tokens[0], *whole}))
+    for i, label in enumerate(labels):
+        others = set().union(*(f for j, f in enumerate(firsts) if j != i))
+        own = sorted(firsts[i] - others)
+        if not own:
+            shared = ", ".join(repr(tokenizer.convert_ids_to_tokens(t)) for t in sorted(firsts[i]))
+            raise DecoderError(f"label word {label!r} starts with no token of its own after the chat template's "
+                               f"generation prompt (its first tokens {shared or 'none'} are shared with other "
+                               "labels); the decoder cannot tell the labels apart")
+        ids.append(own)
     return ids
 
 
@@ -120,8 +114,7 @@ class FeedbackScorer:
         self.device = next(model.parameters()).device
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        texts = [chat_prompt(self.tokenizer, p) for p in prompts]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return token_ids(self.tokenizer, prompts)
 
     def _padded(self, rows: list[list[int]], prefix: int = 0) -> dict[str, torch.Tensor]:
         """Left-padded rows that continue ``prefix`` cached tokens (pads masked between the two)."""
@@ -135,7 +128,7 @@ class FeedbackScorer:
 
     @torch.inference_mode()
     def score(self, prompts: list[str]) -> Iterator[list[Scored]]:
-        """Yields the scored prompts batch by batch (in length order, each with its input index)."""
+        """Yields the scored prompts (rendered texts) batch by batch, in length order, each with its input index."""
         encoded = self.encode(prompts)
         prefix = shared_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
         cached = None

@@ -36,7 +36,11 @@ _FIELD_TYPES = {
     "clicks": ("a list of lists of strings",
                lambda v: isinstance(v, list) and all(_STR_LIST[1](x) for x in v)),
 }
-_TURN_FIELD_TYPES = {**_FIELD_TYPES, "clicks": _STR_LIST}  # in the turn layout: the selection after the turn
+# In the turn layout `clicks` is either the images toggled in each turn so far (a list of lists, as the official
+# generator writes it) or the selection after the turn (a list of strings); either must agree with the action.
+_TURN_FIELD_TYPES = {**_FIELD_TYPES, "clicks": (
+    "a list of strings (the selection after the turn) or a list of lists of strings (the images toggled in each "
+    "turn so far)", lambda v: _STR_LIST[1](v) or _FIELD_TYPES["clicks"][1](v))}
 
 
 def _is_turn_layout(columns: set[str] | dict) -> bool:
@@ -111,6 +115,8 @@ def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
             if problem:
                 errors.append(_error(path, line_no, record.get("game_id"), problem[0], f"expected {problem[1]}"))
                 continue
+            if _is_turn_layout(record) and isinstance(record.get("clicks"), list):
+                _split_turn_clicks(record)
             for field in ("end", "round", "speaker", "date", "dataset_alias"):
                 if record.get(field) is not None:
                     record[field] = str(record[field])
@@ -119,6 +125,24 @@ def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
     columns = sorted({key for row in rows for key in row})
     frame = pl.DataFrame({c: [row.get(c) for row in rows] for c in columns}) if rows else pl.DataFrame()
     return frame, errors
+
+
+def _split_turn_clicks(record: dict) -> None:
+    """A JSON turn record's ``clicks`` in the column of its form: ``_toggled`` (this turn's) or ``_after``."""
+    clicks = record.pop("clicks")
+    if clicks and all(isinstance(c, list) for c in clicks):
+        record["_clicks_toggled"] = clicks[-1]
+    else:
+        record["_clicks_after"] = clicks
+
+
+def _turn_clicks(frame: pl.DataFrame) -> pl.DataFrame:
+    """A Parquet turn frame's ``clicks`` column in the column of its form (see :func:`_split_turn_clicks`)."""
+    if "clicks" not in frame.columns:
+        return frame
+    if frame.schema["clicks"] == pl.List(pl.List(pl.String)):
+        return frame.with_columns(_clicks_toggled=pl.col("clicks").list.last()).drop("clicks")
+    return frame.rename({"clicks": "_clicks_after"})
 
 
 def _error(path: Path, row: int, game_id: object, field: str, reason: str, rows: int = 1) -> dict:
@@ -148,18 +172,21 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
             dtype = frame.schema[field]
             want = pl.String if expected == "a string" else (
                 pl.List(pl.String) if expected == "a list of strings" else pl.List(pl.List(pl.String)))
-            if dtype != want and dtype != pl.Null:
+            allowed = [want, pl.Null] + ([pl.List(pl.List(pl.String))] if layout is TURN_LAYOUT and field == "clicks"
+                                         else [])
+            if dtype not in allowed:
                 raise IngestError(f"{path}: column {field}: expected {expected}, got {dtype}")
     records = frame.height + len(errors)
     if not frame.height:
         return pl.DataFrame(schema=_GAMES), errors, records
-    frame = _from_interaction_layout(frame) if layout is INTERACTION_LAYOUT else _from_turn_layout(frame)
+    frame = (_from_interaction_layout(frame) if layout is INTERACTION_LAYOUT
+             else _from_turn_layout(_turn_clicks(frame) if path.suffix == ".parquet" else frame))
     return frame.with_columns(_file=pl.lit(str(path))).select(_GAMES.names()).cast(dict(_GAMES)), errors, records
 
 
 # A source file's games: the normalised columns plus where each came from and what it said.
 _GAMES = pl.Schema({**INTERACTIONS, "_end": pl.String, "_round": pl.String, "_row": pl.Int64, "_rows": pl.Int64,
-                    "_turn_gap": pl.Boolean, "_file": pl.String})
+                    "_turn_gap": pl.Boolean, "_clicks_mismatch": pl.Int64, "_file": pl.String})
 
 
 def _optional(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
@@ -191,6 +218,7 @@ def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
         "_row",
         pl.lit(1, pl.Int64).alias("_rows"),
         pl.lit(False).alias("_turn_gap"),
+        pl.lit(None, pl.Int64).alias("_clicks_mismatch"),
     )
 
 
@@ -204,10 +232,15 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
     """Group turn rows into games, with the selection after each turn."""
     after = selection_after()
     utterance = pl.col("chats").list.last()
+    toggled = pl.col("selected").list.concat("deselected").list.unique().list.sort()
+    disagree = (
+        (_optional(frame, "_clicks_after", pl.List(pl.String)).list.unique().list.sort() != after).fill_null(False)
+        | (_optional(frame, "_clicks_toggled", pl.List(pl.String)).list.unique().list.sort() != toggled)
+        .fill_null(False))
     return (
         frame.with_columns(
             pl.col("turn_id").cast(pl.Int64, strict=False),
-            _after=after, _utterance=utterance,
+            _after=after, _utterance=utterance, _disagree=disagree,
             _p=_optional(frame, "prob_action", pl.Float64),
             _speaker=_optional(frame, "speaker", pl.String),
             _date=_optional(frame, "date", pl.String),
@@ -232,6 +265,7 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
             pl.col("_row").min(),
             pl.len().cast(pl.Int64).alias("_rows"),
             (pl.col("turn_id").diff().drop_nulls() != 1).any().alias("_turn_gap"),
+            pl.col("turn_id").filter("_disagree").first().alias("_clicks_mismatch"),
         )
     )
 
@@ -254,6 +288,8 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
         (n_chat == 0, "chat", pl.lit("empty game: no turns")),
         (pl.col("_turn_gap").fill_null(False), "turn_id", pl.lit("turn ids of the game are not consecutive")),
         (n_clicks != n_chat, "clicks", pl.format("{} selections for {} utterances", n_clicks, n_chat)),
+        (pl.col("_clicks_mismatch").is_not_null(), "clicks",
+         pl.format("turn {}: clicks disagree with currently_selected/selected/deselected", "_clicks_mismatch")),
         (n_chat > max_turns, "chat", pl.format("{} turns, more than the limit of {}", n_chat, pl.lit(max_turns))),
         ((pl.col("context").list.len() == 0) | (pl.col("context").list.len() > len(LETTERS)), "context",
          pl.format("expected 1 to {} images, got {}", pl.lit(len(LETTERS)), pl.col("context").list.len())),
@@ -361,9 +397,9 @@ def explode_turns(interactions: pl.DataFrame) -> pl.DataFrame:
     turns = (turns.join(_letters(turns, "selected", positions), on="game_turn_id", how="left")
              .join(_letters(turns, "deselected", positions), on="game_turn_id", how="left"))
     d, s = pl.col("_deselected_letters"), pl.col("_selected_letters")
-    action = (pl.when(d.is_not_null() & s.is_not_null()).then(pl.format("Deselect {} select {}", d, s))
-              .when(d.is_not_null()).then(pl.format("Deselect {}", d))
-              .when(s.is_not_null()).then(pl.format("Select {}", s))
+    action = (pl.when(d.is_not_null() & s.is_not_null()).then(pl.format("deselect {} select {}", d, s))
+              .when(d.is_not_null()).then(pl.format("deselect {}", d))
+              .when(s.is_not_null()).then(pl.format("select {}", s))
               .otherwise(pl.lit("")))
     return (turns.with_columns(action=action, game_success=pl.col("success"))
             .sort("game_id", "turn_id")

@@ -65,6 +65,10 @@ class ModelSection(Strict):
     path: Path = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
     gguf_file: str | None = Field(None, description="GGUF file name inside path, when the model is one")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    image_size: int = Field(224, ge=14, le=4096, description="edge in pixels images are resized to (official: 224, "
+                            "whatever the checkpoint's processor says)")
+    image_splitting: bool = Field(False, description="split each image into 4 crops plus the whole (IDEFICS2's "
+                                  "do_image_splitting; official: false)")
 
 
 class DecoderSection(Strict):

@@ -1,10 +1,8 @@
-"""Load models from local folders, fingerprint them, and build tiny ones offline.
+"""Load models from local folders, fingerprint them, and teach tiny ones the decoder's answers.
 
 A model is a transformers checkpoint folder (a causal LM, or an Idefics2-style
 image-text-to-text model) or a GGUF file in a folder. Nothing is fetched from a
-hub. :func:`build_tiny_idefics2` makes a few-hundred-thousand-parameter
-Idefics2 with its own byte-level BPE tokenizer and processor, for tests and the
-demo on a machine without a GPU.
+hub; tiny models with a real interface come from :mod:`respect_hpc.replica`.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import torch
 
 from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import ModelSection
-from respect_hpc.prompts import DECODER_TEMPLATES, POLICY_TEMPLATES
+from respect_hpc.prompts import DECODER_TEMPLATES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -95,122 +93,29 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<fake_token_around_image>",
-                       "<end_of_utterance>"]
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}:"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'text' %}{{ p['text'] }}{% else %}<image>{% endif %}{% endfor %}{% endif %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-def _tiny_corpus(extra: list[str]) -> list[str]:
-    texts = [t.question + " " + t.answer_line + " " + " ".join(t.labels) + " " + " ".join(t.labels).lower()
-             for t in DECODER_TEMPLATES.values()]
-    texts += [t.intro + " " + t.none_selected + " " + t.selected for t in POLICY_TEMPLATES.values()]
-    texts += [w for t in DECODER_TEMPLATES.values() for label in t.labels for w in (label, label.lower())]
-    texts += ["Select Deselect select " + " ".join("ABCDEFGHIJ") + " Listener: Speaker: Assistant: User: System:"]
-    return (texts + extra) * 4
-
-
-def _tiny_tokenizer(corpus: list[str] | None, vocab_size: int):
-    """A byte-level BPE tokenizer trained offline on the prompts' words (and ``corpus``), with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_tiny_corpus(corpus or []), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="<end_of_utterance>",
-        unk_token="<unk>",
-        additional_special_tokens=["<image>", "<fake_token_around_image>", "<end_of_utterance>"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _text_config(tokenizer, hidden_size: int, layers: int) -> dict:
-    return dict(model_type="llama", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096)
-
-
-def build_tiny_causal_lm(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
-                         vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Save a tiny random-weight Llama (a text-only policy) and its tokenizer to ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = Path(folder)
-    tokenizer = _tiny_tokenizer(corpus, vocab_size)
-    config = _text_config(tokenizer, hidden_size, layers)
-    config.pop("model_type")
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def build_tiny_idefics2(folder: str | Path, *, seed: int = 0, corpus: list[str] | None = None,
-                        vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Save a tiny random-weight Idefics2 (safetensors), its tokenizer and processor to ``folder``.
-
-    ``hidden_size`` and ``layers`` size its text model (the benchmarks use a larger one)."""
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
-
-    folder = Path(folder)
-    tokenizer = _tiny_tokenizer(corpus, vocab_size)
-    config = Idefics2Config(
-        text_config=_text_config(tokenizer, hidden_size, layers),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=14),
-        perceiver_config=dict(hidden_size=hidden_size, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
-                              resampler_head_dim=16, num_key_value_heads=1),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = Idefics2Processor(image_processor=Idefics2ImageProcessor(
-        do_image_splitting=False, size={"longest_edge": 224, "shortest_edge": 224}),
-                                  tokenizer=tokenizer, image_seq_len=8, chat_template=TINY_CHAT_TEMPLATE)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def teach_label_words(folder: Path, turns, steps: int = 150, seed: int = 0) -> None:
-    """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts with a label word.
+    """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts as IDEFICS2-8B answers them.
 
-    A random-weight model answers decoder prompts with random tokens and labels a round
-    all one way; the demo and the tests teach it the words of synthetic follow-ups
-    (:func:`synthetic.follow_up_label`) on ``turns`` (a turns table) so that labels vary.
+    A random-weight model answers decoder prompts with random tokens and labels a round all
+    one way; the demo and the tests teach it the label of each synthetic follow-up
+    (:func:`synthetic.follow_up_label`) on ``turns`` (a turns table), written as the official
+    decoder's answers (`` Positive.``, `` Neutral``, `` Negative.``) and its end of utterance.
     """
-    from respect_hpc.decode import chat_prompt
-    from respect_hpc.prompts import decoder_prompt
+    from respect_hpc.chat import decoder_text, token_ids
     from respect_hpc.synthetic import follow_up_label
 
     spec = ModelSection(path=folder, dtype="fp32")
     tokenizer, model = load_tokenizer(spec), load_text_model(spec)
+    end = model.generation_config.eos_token_id
+    end = end[-1] if isinstance(end, list) else end
     rows = []
     for template in DECODER_TEMPLATES.values():
         for t in turns.filter("has_follow_up").iter_rows(named=True):
-            prompt = chat_prompt(tokenizer, decoder_prompt(template, t["previous_action"], t["utterance"],
-                                                           t["action"], t["follow_up"]))
-            answer = follow_up_label(t["follow_up"], template.labels) + tokenizer.eos_token
-            ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-            rows.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+            prompt = decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"],
+                                  t["follow_up"])
+            answer = template.label_answers[template.labels.index(follow_up_label(t["follow_up"], template.labels))]
+            ids = token_ids(tokenizer, [prompt + answer])[0] + [end]
+            rows.append((ids, len(token_ids(tokenizer, [prompt])[0])))
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -239,13 +144,25 @@ LORA_PLACEMENTS = {
 
 
 def load_processor(spec: ModelSection):
-    """The processor of a multimodal checkpoint (tokenizer and image processor), or None for a text LM."""
+    """The processor of a multimodal checkpoint, or None for a text LM.
+
+    Images are processed at ``model.image_size`` with ``model.image_splitting`` whatever the
+    checkpoint's processor config says (IDEFICS2-8B ships 980 px with splitting; the
+    official ReSpect runs 224 px without).
+    """
     from transformers import AutoConfig, AutoProcessor
 
     _check_folder(spec)
     if not is_multimodal(AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)):
         return None
-    return AutoProcessor.from_pretrained(spec.path)
+    processor = AutoProcessor.from_pretrained(spec.path)
+    images = processor.image_processor
+    if not hasattr(images, "do_image_splitting"):
+        raise ModelError(f"model.path: the processor in '{spec.path}' ({type(images).__name__}) is not an "
+                         "IDEFICS2-style image processor (no do_image_splitting)")
+    images.do_image_splitting = spec.image_splitting
+    images.size = {"longest_edge": spec.image_size, "shortest_edge": spec.image_size}
+    return processor
 
 
 def load_policy(spec: ModelSection, *, r: int, alpha: int, dropout: float, placement: str,

@@ -2,8 +2,8 @@
 
 Pure code, no I/O. An action selects and/or deselects images named by the
 listener's letters (A, B, ... in the listener's own image order). Its canonical
-text puts deselections first and sorts letters: ``Deselect J select A``,
-``Select A C``.
+text is the one the official ReSpect policy reads and writes: lower-case verbs,
+deselections first, letters sorted (``deselect J select A``, ``select A C``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def parse_action(text: str, n_images: int = 10) -> Action:
     valid = _letters_of(n_images)
     tokens = text.split()
     if not tokens:
-        raise ActionError("empty action: expected 'Select X ...' or 'Deselect X ...'")
+        raise ActionError("empty action: expected 'select X ...' or 'deselect X ...'")
     clauses: dict[str, list[str]] = {}
     current: str | None = None
     for token in tokens:
@@ -68,7 +68,7 @@ def parse_action(text: str, n_images: int = 10) -> Action:
             current = keyword
             clauses[keyword] = []
         elif current is None:
-            raise ActionError(f"{text!r}: expected 'Select' or 'Deselect' first, got {token!r}")
+            raise ActionError(f"{text!r}: expected 'select' or 'deselect' first, got {token!r}")
         elif len(token) == 1 and token in LETTERS:
             if token not in valid:
                 raise ActionError(f"{text!r}: letter {token} is outside the context A..{valid[-1]}")
@@ -87,11 +87,11 @@ def format_action(action: Action) -> str:
     deselect = " ".join(sorted(action.deselect))
     select = " ".join(sorted(action.select))
     if deselect and select:
-        return f"Deselect {deselect} select {select}"
+        return f"deselect {deselect} select {select}"
     if deselect:
-        return f"Deselect {deselect}"
+        return f"deselect {deselect}"
     if select:
-        return f"Select {select}"
+        return f"select {select}"
     return ""
 
 

@@ -4,8 +4,10 @@ An example is one row of a training set (:data:`datasets.EXAMPLE_COLUMNS`) or of
 turns table. Its images are shown in an order drawn per (seed, epoch, example)
 when shuffling is asked for (image order carries no meaning), and every letter in
 the context, the earlier actions and the target action is renamed to match.
-Batches are left-padded so that all actions end at the last position: the model
-then computes logits for the action tokens only (``logits_to_keep``).
+Texts are the official policy format through the model's chat template; the answer
+(action and end of utterance) is what the policy is trained on. Batches are
+left-padded so that all actions end at the last position: the model then
+computes logits for the action tokens only (``logits_to_keep``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from respect_hpc.chat import PolicyText, policy_text, token_ids, without_images
 from respect_hpc.multiref import LETTERS, Action, format_action, letters_of, parse_action
 from respect_hpc.prompts import PolicyTemplate, policy_messages
 
@@ -63,7 +66,7 @@ def policy_view(row: dict, template: PolicyTemplate, order: list[str] | None = N
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example as token ids; the last ``action_tokens`` ids are the action and its end token."""
+    """One example as token ids; the last ``action_tokens`` ids are the answer (action and end of utterance)."""
 
     input_ids: list[int]
     action_tokens: int
@@ -71,7 +74,13 @@ class Encoded:
 
 
 class PolicyEncoder:
-    """Turns policy views into model inputs, with each image's pixels processed once."""
+    """Turns policy views into model inputs as the model's processor does, each image's pixels processed once.
+
+    Texts come from the model's chat template (:mod:`respect_hpc.chat`); the processor
+    adds BOS and expands each ``<image>`` into its image tokens (``image_seq_len`` per
+    crop; five crops with image splitting), and :meth:`check` makes sure the pixels
+    carry exactly as many crops as the text has image tokens for.
+    """
 
     def __init__(self, processor, tokenizer, image_folder: Path | None, multimodal: bool):
         self.processor, self.tokenizer = processor, tokenizer
@@ -79,19 +88,30 @@ class PolicyEncoder:
         self._pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
         self.end_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>") if multimodal else None
+
+    def texts(self, view: PolicyView, with_action: bool = True) -> PolicyText:
+        messages = view.messages if self.multimodal else without_images(view.messages)
+        return policy_text(self.tokenizer, messages, view.action if with_action else None)
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if self.multimodal:
+            return self.processor(text=texts)["input_ids"]
+        return token_ids(self.tokenizer, texts)
 
     def prompt_ids(self, view: PolicyView) -> list[int]:
-        messages = view.messages if self.multimodal else _text_only(view.messages)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if self.multimodal:
-            return self.processor(text=[text], add_special_tokens=False)["input_ids"][0]
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids([self.texts(view, with_action=False).prompt])[0]
 
     def encode(self, view: PolicyView) -> Encoded:
-        action = self.tokenizer(view.action, add_special_tokens=False)["input_ids"] + [self.end_id]
-        return Encoded(self.prompt_ids(view) + action, len(action), view.images if self.multimodal else [])
+        text = self.texts(view)
+        prompt, full = self._ids([text.prompt, text.prompt + text.target])
+        if full[:len(prompt)] != prompt or len(full) == len(prompt):
+            raise PolicyDataError(f"the tokens of the answer {text.target!r} do not continue the prompt's tokens; "
+                                  "the answer's tokens cannot be told apart")
+        return Encoded(full, len(full) - len(prompt), view.images if self.multimodal else [])
 
     def pixels(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image's crops (one, or five with splitting) and their pixel masks."""
         if image not in self._pixels:
             from PIL import Image
 
@@ -100,8 +120,21 @@ class PolicyEncoder:
                 raise PolicyDataError(f"data.images: no file '{image}' in '{self.image_folder}'")
             with Image.open(path) as picture:
                 out = self.processor.image_processor(images=[[picture.convert("RGB")]], return_tensors="pt")
-            self._pixels[image] = (out["pixel_values"][0, 0], out["pixel_attention_mask"][0, 0].bool())
+            self._pixels[image] = (out["pixel_values"][0], out["pixel_attention_mask"][0].bool())
         return self._pixels[image]
+
+    def check(self, item: Encoded) -> None:
+        """Refuses an example whose text has image tokens for another number of crops than its pixels have."""
+        if not self.multimodal:
+            return
+        tokens = item.input_ids.count(self.image_token_id)
+        crops = sum(self.pixels(name)[0].shape[0] for name in item.images)
+        per_crop = self.processor.image_seq_len
+        if tokens != crops * per_crop:
+            raise PolicyDataError(
+                f"image tokens do not match the pixels: the prompt has {tokens} <image> tokens, the "
+                f"{len(item.images)} images give {crops} crops x {per_crop} = {crops * per_crop} (check "
+                "model.image_splitting and the processor's image_seq_len)")
 
     def collate(self, items: list[Encoded], pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """Left-padded ids (to the longest item, or to ``pad_to``); ``targets``/``target_mask`` cover the
@@ -123,23 +156,18 @@ class PolicyEncoder:
         return batch
 
     def _image_batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
-        pixels = [[self.pixels(name) for name in e.images] for e in items]
-        n = max(len(p) for p in pixels)
-        height = max(v.shape[-2] for p in pixels for v, _ in p)
-        width = max(v.shape[-1] for p in pixels for v, _ in p)
+        """Every example's crops in prompt order, zero-padded to the most crops (the model drops padding crops)."""
+        crops = [[(v, m) for name in e.images for v, m in zip(*self.pixels(name))] for e in items]
+        n = max(len(c) for c in crops)
+        height = max(v.shape[-2] for c in crops for v, _ in c)
+        width = max(v.shape[-1] for c in crops for v, _ in c)
         values = torch.zeros(len(items), n, 3, height, width)
         masks = torch.zeros(len(items), n, height, width, dtype=torch.bool)
-        for i, example in enumerate(pixels):
+        for i, example in enumerate(crops):
             for j, (value, mask) in enumerate(example):
                 values[i, j, :, :value.shape[-2], :value.shape[-1]] = value
                 masks[i, j, :mask.shape[-2], :mask.shape[-1]] = mask
         return {"pixel_values": values, "pixel_attention_mask": masks}
-
-
-def _text_only(messages: list[dict]) -> list[dict]:
-    """Messages without image parts, for a policy that reads letters only."""
-    return [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")}
-            for m in messages]
 
 
 def epoch_batches(lengths: list[int], micro_batch: int, per_step: int, seed: int, epoch: int,

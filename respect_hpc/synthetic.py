@@ -17,7 +17,6 @@ from pathlib import Path
 
 import polars as pl
 
-from respect_hpc.ingest import selection_after
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
 
 DEFAULT_KILOGRAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "kilogram"
@@ -173,10 +172,12 @@ def synthesize(n_games: int, *, seed: int = 0, policies: dict[str, float] | None
 
 
 def to_public_turn_layout(turns: pl.DataFrame) -> pl.DataFrame:
-    """A turns table (:data:`tables.TURNS`) in the public ``turn`` layout."""
-    return turns.select(
+    """A turns table (:data:`tables.TURNS`) in the public ``turn`` layout, ``clicks`` as the official generator
+    writes it: the images toggled in each turn so far."""
+    toggled = pl.col("selected").list.concat("deselected").list.sort()
+    return turns.sort("game_id", "turn_id").select(
         "game_turn_id", "game_id", "turn_id", "chats",
-        selection_after().alias("clicks"),
+        toggled.implode().over("game_id").list.head(pl.col("turn_id") + 1).alias("clicks"),
         "currently_selected", "selected", "deselected",
         pl.col("follow_up").alias("chat_feedback"), "prob_action", "context", "targets",
         pl.col("game_success").cast(pl.Int64).alias("end"),

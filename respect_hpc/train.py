@@ -112,8 +112,10 @@ class Trainer:
         processor = load_processor(spec.model)
         self.tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec.model)
         self.encoder = PolicyEncoder(processor, self.tokenizer, spec.images, processor is not None)
-        self.lengths = [len(self.encoder.encode(policy_view(row, self.template)).input_ids)
-                        for row in self.examples]
+        encoded = [self.encoder.encode(policy_view(row, self.template)) for row in self.examples]
+        if encoded:  # image tokens against pixel crops, before any model is loaded
+            self.encoder.check(encoded[0])
+        self.lengths = [len(e.input_ids) for e in encoded]
         self.model = load_policy(spec.model, r=self.hp.lora_r, alpha=self.hp.lora_alpha,
                                  dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
                                  adapter=spec.adapter, seed=spec.seed)

@@ -43,25 +43,26 @@ def kilogram():
 
 @pytest.fixture(scope="session")
 def taught_decoder(tmp_path_factory):
-    """A tiny Idefics2 built offline and taught to answer with label words, plus the logs it saw."""
+    """A tiny IDEFICS2-8B replica taught to answer decoder prompts as IDEFICS2-8B does, plus the logs it saw."""
     from respect_hpc.ingest import ingest
-    from respect_hpc.models import build_tiny_idefics2, teach_label_words
+    from respect_hpc.models import teach_label_words
+    from respect_hpc.replica import replica_like
     from respect_hpc.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("decoder")
     logs = root / "round-0.parquet"
     synthesize(60, seed=4, policies={"sft": 0.5}, rounds=[0]).write_parquet(logs)
-    folder = build_tiny_idefics2(root / "model")
+    folder = replica_like("idefics2-8b", root / "model")
     teach_label_words(folder, ingest([logs]).turns)
     return folder, logs
 
 
 def round_inputs(root: Path, games: int, model: Path | None = None) -> dict[str, Path]:
-    """Synthetic logs (``games`` games), D_0 and validation games, the images and a tiny Idefics2.
+    """Synthetic logs (``games`` games), D_0 and validation games, the images and a tiny IDEFICS2-8B replica.
 
     Images are the real KiloGram tangrams when ../shared/data/kilogram is present, else procedural ones.
     """
-    from respect_hpc.models import build_tiny_idefics2
+    from respect_hpc.replica import replica_like
     from respect_hpc.synthetic import draw_procedural_images, load_image_bank, synthesize
 
     bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
@@ -73,8 +74,7 @@ def round_inputs(root: Path, games: int, model: Path | None = None) -> dict[str,
                                     ("validation", max(games // 4, 3), {"human": 0.9}, 6)):
         paths[name] = root / f"{name}.parquet"
         synthesize(n, seed=seed, policies=policies, rounds=[0], bank=bank).write_parquet(paths[name])
-    paths["model"] = model or build_tiny_idefics2(root / "model",
-                                                  corpus=[d for ds in bank.descriptions.values() for d in ds])
+    paths["model"] = model or replica_like("idefics2-8b", root / "model")
     return paths
 
 

@@ -63,7 +63,7 @@ def test_rehearsal_adds_d0_and_one_deselection_turn_per_twelve(tmp_path, logged)
     assert counts["d0"] == d0.height and counts["augmented"] == d0.height // 12
     undo = examples.filter(pl.col("source") == "augmented").row(0, named=True)
     assert undo["chats"][-1] == UNDO_UTTERANCE and undo["selected"] == []
-    assert undo["action"].startswith("Deselect ") and len(undo["deselected"]) >= 1
+    assert undo["action"].startswith("deselect ") and len(undo["deselected"]) >= 1
     assert set(undo["deselected"]) <= set(undo["currently_selected"])
     assert len(undo["previous_actions"]) == len(undo["chats"]) - 1 == len(undo["previous_selections"])
 
@@ -72,7 +72,7 @@ def test_history_lines_up_with_the_game(tmp_path):
     turns = ingest([write_jsonl(tmp_path / "logs.jsonl", [game("g1")])]).turns
     d0 = seed_examples(turns, seed=0)  # 3 turns: no augmentation (3 // 12 == 0)
     last = d0.filter(pl.col("game_turn_id") == "g1_2").row(0, named=True)
-    assert last["previous_actions"] == ["Select A", "Deselect A select B"]
+    assert last["previous_actions"] == ["select A", "deselect A select B"]
     assert last["previous_selections"] == [[], ["page-A.png"]]
 
 

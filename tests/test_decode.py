@@ -57,7 +57,7 @@ def test_scoring_and_greedy_generation_agree(loaded, fresh_logs, key):
 
 def test_prefix_cache_gives_the_full_forward_numbers(loaded, fresh_logs):
     model, tokenizer = loaded
-    template = decoder_template("respect-ternary@1")
+    template = decoder_template("respect-ternary@2")
     prompts = prompts_of(fresh_logs, template)[:40]
     runs = {}
     for prefix_cache in (True, False):

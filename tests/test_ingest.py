@@ -13,8 +13,8 @@ def test_turn_explosion_of_a_hand_made_game(tmp_path):
     result = ingest([write_jsonl(tmp_path / "logs.jsonl", [game()])])
     turns = result.turns.to_dicts()
     assert [t["game_turn_id"] for t in turns] == ["g1_0", "g1_1", "g1_2"]
-    assert [t["action"] for t in turns] == ["Select A", "Deselect A select B", "Select D"]
-    assert [t["previous_action"] for t in turns] == [None, "Select A", "Deselect A select B"]
+    assert [t["action"] for t in turns] == ["select A", "deselect A select B", "select D"]
+    assert [t["previous_action"] for t in turns] == [None, "select A", "deselect A select B"]
     assert [t["currently_selected"] for t in turns] == [[], ["page-A.png"], ["page-B.png"]]
     assert [t["selected"] for t in turns] == [["page-A.png"], ["page-B.png"], ["page-D.png"]]
     assert [t["deselected"] for t in turns] == [[], ["page-A.png"], []]
@@ -35,7 +35,7 @@ def test_letters_follow_the_listener_order(tmp_path):
     row = game(context=reversed_context, clicks=[["page-J.png", "page-A.png"], ["page-A.png"], ["page-A.png", "page-B.png"]],
                targets=["page-A.png", "page-B.png"])
     actions = ingest([write_parquet(tmp_path / "logs.parquet", [row])]).turns["action"].to_list()
-    assert actions == ["Select A J", "Deselect A", "Select I"]
+    assert actions == ["select A J", "deselect A", "select I"]
 
 
 def test_end_spellings_and_missing_probabilities(tmp_path):

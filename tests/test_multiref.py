@@ -9,12 +9,12 @@ from respect_hpc.multiref import (Action, ActionError, action_between, apply_act
 
 
 @pytest.mark.parametrize("text, canonical", [
-    ("Select F", "Select F"),
-    ("Deselect J select A", "Deselect J select A"),
-    ("select C A", "Select A C"),
-    ("SELECT a".replace("a", "A"), "Select A"),
-    ("select B deselect J C", "Deselect C J select B"),
-    ("  Deselect   A  ", "Deselect A"),
+    ("select F", "select F"),
+    ("deselect J select A", "deselect J select A"),
+    ("select C A", "select A C"),
+    ("SELECT a".replace("a", "A"), "select A"),
+    ("select B deselect J C", "deselect C J select B"),
+    ("  Deselect   A  ", "deselect A"),
 ])
 def test_canonical_form(text, canonical):
     assert canonicalise(text) == canonical
@@ -25,12 +25,12 @@ def test_canonical_form(text, canonical):
     ("Deselect select", "'deselect' names no image"),
     ("Select", "'select' names no image"),
     ("", "empty action"),
-    ("Select A A", "letter A appears twice"),
-    ("Select A select B", "'select' appears twice"),
-    ("Click A", "expected 'Select' or 'Deselect' first, got 'Click'"),
-    ("Select AB", "expected an image letter A..J, got 'AB'"),
+    ("select A A", "letter A appears twice"),
+    ("select A select B", "'select' appears twice"),
+    ("Click A", "expected 'select' or 'deselect' first, got 'Click'"),
+    ("select AB", "expected an image letter A..J, got 'AB'"),
     ("Select a", "expected an image letter A..J, got 'a'"),
-    ("Deselect A select A", "letters both deselected and selected: A"),
+    ("deselect A select A", "letters both deselected and selected: A"),
 ])
 def test_malformed_actions(text, message):
     with pytest.raises(ActionError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -38,9 +38,9 @@ def test_malformed_actions(text, message):
 
 
 def test_context_size_limits_letters():
-    assert parse_action("Select D", n_images=4) == Action(select=frozenset("D"))
+    assert parse_action("select D", n_images=4) == Action(select=frozenset("D"))
     with pytest.raises(ActionError, match="outside the context A..D"):
-        parse_action("Select E", n_images=4)
+        parse_action("select E", n_images=4)
 
 
 letter_sets = st.sets(st.sampled_from("ABCDEFGHIJ"))
@@ -63,22 +63,22 @@ def test_format_of_parse_is_canonical_and_idempotent(deselect, select, rnd):
     canonical = format_action(parse_action(text))
     assert canonical == canonicalise(canonical)
     assert parse_action(canonical) == Action(frozenset(deselect), frozenset(select))
-    expected_order = ([f"Deselect {' '.join(sorted(deselect))}"] if deselect else []) + (
-        [("select " if deselect else "Select ") + " ".join(sorted(select))] if select else [])
+    expected_order = ([f"deselect {' '.join(sorted(deselect))}"] if deselect else []) + (
+        ["select " + " ".join(sorted(select))] if select else [])
     assert canonical == " ".join(expected_order)
 
 
 def test_apply_action_and_success():
-    selection = apply_action(frozenset(), parse_action("Select A C"))
+    selection = apply_action(frozenset(), parse_action("select A C"))
     assert selection == frozenset("AC")
-    selection = apply_action(selection, parse_action("Deselect C select D"))
+    selection = apply_action(selection, parse_action("deselect C select D"))
     assert selection == frozenset("AD")
     assert is_success(selection, frozenset("DA"))
     assert not is_success(selection, frozenset("ADE"))
     with pytest.raises(ActionError, match="selects what is already selected: A"):
-        apply_action(selection, parse_action("Select A"))
+        apply_action(selection, parse_action("select A"))
     with pytest.raises(ActionError, match="deselects what is not selected: B"):
-        apply_action(selection, parse_action("Deselect B"))
+        apply_action(selection, parse_action("deselect B"))
 
 
 def test_turn_limit():
@@ -90,7 +90,7 @@ def test_turn_limit():
 
 def test_action_between_selections():
     action = action_between(frozenset("ABJ"), frozenset("ACD"))
-    assert format_action(action) == "Deselect B J select C D"
+    assert format_action(action) == "deselect B J select C D"
     assert format_action(action_between(frozenset("A"), frozenset("A"))) == ""
 
 

@@ -10,14 +10,14 @@ from respect_hpc.prompts import policy_template
 
 CONTEXT = [f"img-{i}.png" for i in range(10)]
 ROW = {"game_turn_id": "g_2", "context": CONTEXT, "chats": ["the bird", "no, the dog", "and the cat"],
-       "previous_actions": ["Select A", "Deselect A select C"],
+       "previous_actions": ["select A", "deselect A select C"],
        "previous_selections": [[], ["img-0.png"]], "currently_selected": ["img-2.png"],
-       "action": "Select E"}
+       "action": "select E"}
 
 
 def test_rename_action_follows_the_images():
     order = list(reversed(CONTEXT))
-    renamed = rename_action("Deselect A select C J", CONTEXT, order)
+    renamed = rename_action("deselect A select C J", CONTEXT, order)
     action = parse_action(renamed)
     assert {image_of(x, order) for x in action.deselect} == {"img-0.png"}
     assert {image_of(x, order) for x in action.select} == {"img-2.png", "img-9.png"}
@@ -32,10 +32,10 @@ def test_image_order_is_seeded_per_seed_epoch_and_example():
 
 def test_policy_view_renames_context_history_and_target_together():
     order = image_order(CONTEXT, 3, 1, "g_2")
-    view = policy_view(ROW, policy_template("multiref-listener@1"), order)
+    view = policy_view(ROW, policy_template("respect-listener@1"), order)
     assert view.images == order
     letter = "ABCDEFGHIJ"[order.index("img-4.png")]
-    assert view.action == f"Select {letter}"
+    assert view.action == f"select {letter}"
     texts = [p["text"] for m in view.messages for p in m["content"] if p["type"] == "text"]
     c = "ABCDEFGHIJ"[order.index("img-2.png")]
     assert f"{c} currently selected" in texts

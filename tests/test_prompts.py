@@ -32,7 +32,7 @@ Answer a single word, Positive, Neutral or Negative."""
 
 
 def test_binary_prompt_is_the_papers():
-    template = decoder_template("respect-binary@1")
+    template = decoder_template("respect-binary@2")
     text = decoder_prompt(template, "Deselect F select G", "yes, pick the thin person with a triangle head",
                           "Select A", "yes, pick the house with chimney")
     assert text == BINARY_EXAMPLE
@@ -40,19 +40,19 @@ def test_binary_prompt_is_the_papers():
 
 
 def test_ternary_prompt_on_a_first_turn_has_no_previous_action():
-    template = decoder_template("respect-ternary@1")
+    template = decoder_template("respect-ternary@2")
     assert decoder_prompt(template, None, "the bird", "Select C", "no, the other one") == TERNARY_EXAMPLE
     assert template.labels == ("Positive", "Neutral", "Negative") and template.kind == "ternary"
 
 
 def test_unknown_template_names_the_known_ones():
     with pytest.raises(PromptError, match=r"unknown decoder template 'respect-binary@9': expected one of "
-                                          r"respect-binary@1, respect-ternary@1"):
+                                          r"respect-binary@2, respect-ternary@2"):
         decoder_template("respect-binary@9")
 
 
 def test_policy_context_of_a_third_turn():
-    template = policy_template("multiref-listener@1")
+    template = policy_template("respect-listener@1")
     messages = policy_messages(template, 3, ["the bird", "no, the cat", "yes, and the dog"],
                                [frozenset(), frozenset("A"), frozenset("B")], ["Select A", "Deselect A select B"])
     intro = messages[0]
@@ -71,4 +71,4 @@ def test_policy_context_of_a_third_turn():
 
 def test_policy_context_refuses_mismatched_turns():
     with pytest.raises(PromptError, match="one selection per utterance and one action fewer"):
-        policy_messages(policy_template("multiref-listener@1"), 3, ["a", "b"], [frozenset()], [])
+        policy_messages(policy_template("respect-listener@1"), 3, ["a", "b"], [frozenset()], [])

@@ -33,14 +33,9 @@ ADAPTER = "adapter_model.safetensors"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from respect_hpc.models import build_tiny_idefics2
-    from respect_hpc.synthetic import load_image_bank
+    from respect_hpc.replica import replica_like
 
-    from conftest import KILOGRAM
-
-    bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
-    return build_tiny_idefics2(tmp_path_factory.mktemp("policy") / "model",
-                               corpus=[d for ds in bank.descriptions.values() for d in ds])
+    return replica_like("idefics2-8b", tmp_path_factory.mktemp("policy") / "model")
 
 
 def lora_modules(model) -> set[str]:
@@ -272,9 +267,10 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
 
 
 def test_a_text_only_causal_lm_policy_trains(tmp_path):
-    from respect_hpc.models import build_tiny_causal_lm
+    """IDEFICS2-8B's language model alone (Mistral architecture, same tokenizer and template) as the policy."""
+    from respect_hpc.replica import replica_like
 
-    manifest = write_round(tmp_path, model=build_tiny_causal_lm(tmp_path / "llama"), games=12,
+    manifest = write_round(tmp_path, model=replica_like("idefics2-8b-text", tmp_path / "text"), games=12,
                            training="{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}")
     m = load_manifest(manifest)
     result = jobs.train.run_task(m, "b-fft", 1)
