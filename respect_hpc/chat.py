@@ -22,15 +22,16 @@ class ChatError(ValueError):
 
 
 def _reads_typed_content(tokenizer) -> bool:
-    cached = getattr(tokenizer, "_respect_typed_content", None)
-    if cached is None:
+    """Whether the tokenizer's chat template renders typed content (answer remembered per template)."""
+    template, known = getattr(tokenizer, "_respect_typed_content", (None, None))
+    if template != tokenizer.chat_template:
         probe = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
         try:
-            cached = _PROBE in tokenizer.apply_chat_template(probe, tokenize=False)
+            known = _PROBE in tokenizer.apply_chat_template(probe, tokenize=False)
         except Exception:  # a template that concatenates content as a string raises on a list
-            cached = False
-        tokenizer._respect_typed_content = cached
-    return cached
+            known = False
+        tokenizer._respect_typed_content = (tokenizer.chat_template, known)
+    return known
 
 
 def _as_strings(messages: list[dict]) -> list[dict]:

@@ -93,7 +93,7 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def teach_label_words(folder: Path, turns, steps: int = 150, seed: int = 0) -> None:
+def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> None:
     """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts as IDEFICS2-8B answers them.
 
     A random-weight model answers decoder prompts with random tokens and labels a round all
@@ -120,13 +120,16 @@ def teach_label_words(folder: Path, turns, steps: int = 150, seed: int = 0) -> N
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in range(steps):  # left-padded, so that the answers end together and only they get logits
         batch = [rows[i] for i in torch.randint(len(rows), (16,), generator=generator)]
         width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([[-100] * n + ids[n:] + [-100] * (width - len(ids)) for ids, n in batch])
-        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        keep = max(len(ids) - n for ids, n in batch)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids, _ in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+        labels = torch.tensor([[-100] * (keep - len(ids) + n) + ids[n:] for ids, n in batch])
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=keep + 1).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()

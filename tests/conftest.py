@@ -117,3 +117,11 @@ training:
   zero_stage: null
 {extra}""")
     return manifest
+
+
+@pytest.fixture(scope="session")
+def idefics2_interface(tmp_path_factory):
+    """IDEFICS2-8B's config, tokenizer, chat template and processor (rebuilt offline), without weights."""
+    from respect_hpc.replica import write_interface
+
+    return write_interface("idefics2-8b", tmp_path_factory.mktemp("idefics2-8b"))

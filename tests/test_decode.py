@@ -1,4 +1,4 @@
-"""Feedback decoding on a tiny Idefics2 built offline: scoring vs generation, shards, kills, merge, cache."""
+"""Feedback decoding on a tiny IDEFICS2-8B replica: scoring vs generation, shards, kills, merge, cache."""
 
 import shutil
 import signal
@@ -19,13 +19,14 @@ from respect_hpc.feedback import MergeError, part_name
 from respect_hpc.ingest import ingest
 from respect_hpc.manifest import ModelSection, load_manifest
 from respect_hpc.models import ModelError, load_text_model, load_tokenizer
-from respect_hpc.prompts import DECODER_TEMPLATES, DecoderTemplate, decoder_prompt, decoder_template
+from respect_hpc.chat import decoder_text
+from respect_hpc.prompts import DECODER_TEMPLATES, DecoderTemplate, decoder_template
 from respect_hpc.synthetic import synthesize
 
 
-def prompts_of(logs: Path, template: DecoderTemplate, policies=("sft", "bp")) -> list[str]:
+def prompts_of(logs: Path, template: DecoderTemplate, tokenizer, policies=("sft", "bp")) -> list[str]:
     turns = ingest([logs], policies=policies).turns.filter("has_follow_up")
-    return [decoder_prompt(template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
+    return [decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
             for t in turns.iter_rows(named=True)]
 
 
@@ -46,7 +47,7 @@ def fresh_logs(tmp_path_factory):
 def test_scoring_and_greedy_generation_agree(loaded, fresh_logs, key):
     model, tokenizer = loaded
     template = decoder_template(key)
-    prompts = prompts_of(fresh_logs, template)
+    prompts = prompts_of(fresh_logs, template, tokenizer)
     scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=2048)
     scored = sorted((s for batch in scorer.score(prompts) for s in batch), key=lambda s: s.index)
     assert [s.index for s in scored] == list(range(len(prompts)))
@@ -58,7 +59,7 @@ def test_scoring_and_greedy_generation_agree(loaded, fresh_logs, key):
 def test_prefix_cache_gives_the_full_forward_numbers(loaded, fresh_logs):
     model, tokenizer = loaded
     template = decoder_template("respect-ternary@2")
-    prompts = prompts_of(fresh_logs, template)[:40]
+    prompts = prompts_of(fresh_logs, template, tokenizer)[:40]
     runs = {}
     for prefix_cache in (True, False):
         scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=prefix_cache)
@@ -78,10 +79,24 @@ def test_token_budget_batches_cover_every_prompt_once():
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # at least one token of each row runs
 
 
+def test_labels_are_scored_on_the_tokens_idefics2_emits_after_assistant(loaded):
+    """After ``Assistant:`` IDEFICS2-8B answers `` Positive.`` = ``▁Pos itive .``: ``▁Pos`` must count."""
+    model, tokenizer = loaded
+    ids = label_token_ids(tokenizer, ("Positive", "Neutral", "Negative"))
+    pieces = [set(tokenizer.convert_ids_to_tokens(i)) for i in ids]
+    assert "▁Pos" in pieces[0] and "▁Ne" in pieces[1] and "▁Neg" in pieces[2]
+    template = decoder_template("respect-ternary@2")
+    prompt = decoder_text(tokenizer, template, None, "the bird", "select C", "no, the other one")
+    answer = model.generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    first = int(answer[0, -3])  # the first token the taught replica emits
+    assert tokenizer.convert_ids_to_tokens(first).startswith("▁")  # spaced after the colon, as IDEFICS2-8B's
+    assert any(first in i for i in ids)
+
+
 def test_label_words_the_tokenizer_cannot_tell_apart(loaded):
     _, tokenizer = loaded
-    clash = DecoderTemplate("clash", 1, "q", "a", ("Positive", "Positively"))
-    with pytest.raises(DecoderError, match="label words 'Positive' and 'Positively' share their first token"):
+    clash = DecoderTemplate("clash", 1, "q", "a", ("Positive", "positive"))
+    with pytest.raises(DecoderError, match="label word 'Positive' starts with no token of its own"):
         label_token_ids(tokenizer, clash.labels)
     assert parse_label(" Negative.", ("Positive", "Negative")) == 1
     assert parse_label("maybe", ("Positive", "Negative")) is None
