@@ -96,7 +96,7 @@ def test_labels_are_scored_on_the_tokens_idefics2_emits_after_assistant(loaded):
 def test_label_words_the_tokenizer_cannot_tell_apart(loaded):
     _, tokenizer = loaded
     clash = DecoderTemplate("clash", 1, "q", "a", ("Positive", "positive"))
-    with pytest.raises(DecoderError, match="label word 'Positive' starts with no token of its own"):
+    with pytest.raises(DecoderError, match="label word 'positive' starts with no token of its own"):
         label_token_ids(tokenizer, clash.labels)
     assert parse_label(" Negative.", ("Positive", "Negative")) == 1
     assert parse_label("maybe", ("Positive", "Negative")) is None
