@@ -63,3 +63,77 @@ def test_length_grouping_cuts_padding():
     grouped = epoch_batches(lengths, 8, 64, seed=0, epoch=0, group=50)
     plain = epoch_batches(lengths, 8, 64, seed=0, epoch=0, group=None)
     assert padding(grouped) * 5 < padding(plain)
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    from respect_hpc.replica import replica_like
+
+    return replica_like("idefics2-8b", tmp_path_factory.mktemp("replica") / "model")
+
+
+def encoder_for(replica, images, **model_options):
+    from respect_hpc.manifest import ModelSection
+    from respect_hpc.models import load_processor
+    from respect_hpc.policy_data import PolicyEncoder
+
+    processor = load_processor(ModelSection(path=replica, dtype="fp32", **model_options))
+    return PolicyEncoder(processor, processor.tokenizer, images, multimodal=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    for i, name in enumerate(CONTEXT):
+        Image.new("RGB", (300 + 10 * i, 280), (20 * i, 100, 200)).save(folder / name)
+    return folder
+
+
+def forward(replica, batch):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(replica)
+    inputs = {k: v for k, v in batch.items() if k not in ("targets", "target_mask")}
+    return model(**inputs, logits_to_keep=batch["targets"].shape[1] + 1).logits
+
+
+def test_the_stock_processor_config_is_overridden_with_the_official_image_settings(replica, images):
+    """IDEFICS2-8B ships 980 px with image splitting; the official recipe runs 224 px, one crop an image."""
+    import json
+
+    shipped = json.loads((replica / "processor_config.json").read_text())["image_processor"]
+    assert shipped["do_image_splitting"] is True and shipped["size"]["longest_edge"] == 980
+    encoder = encoder_for(replica, images)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    tokenizer = encoder.tokenizer
+    assert item.input_ids[0] == tokenizer.bos_token_id and item.input_ids[1] != tokenizer.bos_token_id
+    assert tokenizer.convert_ids_to_tokens(item.input_ids[-item.action_tokens:]) == [
+        "▁select", "▁E", "<end_of_utterance>"]
+    assert item.input_ids.count(encoder.image_token_id) == 10 * 64
+    encoder.check(item)
+    batch = encoder.collate([item, item])
+    assert tuple(batch["pixel_values"].shape) == (2, 10, 3, 224, 224)
+    assert forward(replica, batch).shape == (2, 4, 32003)  # the answer and the position before it
+
+
+def test_image_splitting_when_a_manifest_asks_for_it(replica, images):
+    encoder = encoder_for(replica, images, image_splitting=True, image_size=224)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    assert item.input_ids.count(encoder.image_token_id) == 10 * 5 * 64
+    encoder.check(item)
+    batch = encoder.collate([item])
+    assert batch["pixel_values"].shape[1] == 50  # five crops an image, in prompt order
+    assert forward(replica, batch).shape == (1, 4, 32003)
+
+
+def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(replica, images):
+    from respect_hpc.policy_data import PolicyDataError
+
+    encoder = encoder_for(replica, images)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    encoder.processor.image_processor.do_image_splitting = True  # pixels now come in five crops an image
+    with pytest.raises(PolicyDataError, match=r"^image tokens do not match the pixels: the prompt has 640 <image> "
+                                              r"tokens, the 10 images give 50 crops x 64 = 3200 \(check "):
+        encoder.check(item)
