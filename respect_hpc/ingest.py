@@ -172,8 +172,9 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
             dtype = frame.schema[field]
             want = pl.String if expected == "a string" else (
                 pl.List(pl.String) if expected == "a list of strings" else pl.List(pl.List(pl.String)))
-            allowed = [want, pl.Null] + ([pl.List(pl.List(pl.String))] if layout is TURN_LAYOUT and field == "clicks"
-                                         else [])
+            allowed = [want, pl.Null]
+            if layout is TURN_LAYOUT and field == "clicks":  # either form (see _TURN_FIELD_TYPES)
+                allowed = [pl.List(pl.String), pl.List(pl.List(pl.String)), pl.Null]
             if dtype not in allowed:
                 raise IngestError(f"{path}: column {field}: expected {expected}, got {dtype}")
     records = frame.height + len(errors)

@@ -47,15 +47,50 @@ def test_end_spellings_and_missing_probabilities(tmp_path):
     assert b_probs == [None, None, None]
 
 
-def test_turn_layout_round_trip(tmp_path):
+TURN_COLUMNS = ["game_turn_id", "action", "previous_action", "follow_up", "has_follow_up", "prob_action",
+                "selected", "deselected", "currently_selected", "chats", "game_success"]
+
+
+@pytest.mark.parametrize("clicks", ["toggled", "after"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_turn_layout_round_trip(tmp_path, clicks, fmt):
+    """``clicks`` as the official generator writes it (the images toggled in each turn so far) or as the
+    selection after the turn: both read, the action from selected/deselected."""
+    from respect_hpc.ingest import selection_after
+
     logs = synthesize(20, seed=3, policies={"sft": 0.5}, rounds=[0])
     from_interactions = ingest([write_parquet(tmp_path / "interaction.parquet", logs.to_dicts())])
     turn_layout = to_public_turn_layout(from_interactions.turns)
-    from_turns = ingest([write_parquet(tmp_path / "turn.parquet", turn_layout.to_dicts())])
-    columns = ["game_turn_id", "action", "previous_action", "follow_up", "has_follow_up", "prob_action",
-               "selected", "deselected", "currently_selected", "chats", "game_success"]
-    assert from_turns.turns.select(columns).equals(from_interactions.turns.select(columns))
+    row = turn_layout.filter(pl.col("turn_id") == 2).row(0, named=True)
+    assert row["clicks"] == [sorted(turn_layout.filter((pl.col("game_id") == row["game_id"]) & (pl.col("turn_id") == t))
+                                    .select(pl.col("selected").list.concat("deselected").list.sort()).item())
+                             for t in range(3)]
+    if clicks == "after":
+        turn_layout = turn_layout.with_columns(clicks=selection_after())
+    write = write_parquet if fmt == "parquet" else write_jsonl
+    from_turns = ingest([write(tmp_path / f"turn.{fmt}", turn_layout.to_dicts())])
+    assert from_turns.turns.select(TURN_COLUMNS).equals(from_interactions.turns.select(TURN_COLUMNS))
     assert from_turns.rows_in == from_interactions.turns.height  # turn layout: records are turns
+
+
+@pytest.mark.parametrize("clicks", ["toggled", "after"])
+def test_turn_layout_clicks_that_disagree_with_the_action_are_refused(tmp_path, clicks):
+    from respect_hpc.ingest import selection_after
+
+    logs = synthesize(6, seed=3, policies={"sft": 0.5}, rounds=[0])
+    turn_layout = to_public_turn_layout(ingest([write_parquet(tmp_path / "i.parquet", logs.to_dicts())]).turns)
+    if clicks == "after":
+        turn_layout = turn_layout.with_columns(clicks=selection_after())
+    rows = turn_layout.to_dicts()
+    victim = next(i for i, r in enumerate(rows) if r["turn_id"] == 1 and r["selected"])
+    stray = next(x for x in rows[victim]["context"] if x not in rows[victim]["selected"])
+    if clicks == "toggled":
+        rows[victim]["clicks"][-1] = sorted([*rows[victim]["clicks"][-1], stray])
+    else:
+        rows[victim]["clicks"] = sorted({*rows[victim]["clicks"]} ^ {stray})
+    with pytest.raises(IngestError, match=r"turn\.parquet: row \d+: clicks: turn 1: clicks disagree with "
+                                          r"currently_selected/selected/deselected"):
+        ingest([write_parquet(tmp_path / "turn.parquet", rows)])
 
 
 def test_polars_actions_agree_with_the_game_rules(tmp_path):
