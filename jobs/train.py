@@ -81,6 +81,7 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "def
         "training": manifest.training.model_dump(mode="json", include={"zero_stage", "max_action_tokens"}),
         "policy_template": manifest.policy_template, "images": str(manifest.data.images),
         "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
+        "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
         "inputs": [file_digest(p) for p in (*inputs(manifest), manifest.data.seed_data, manifest.data.validation,
                                             adapter)]})
 
