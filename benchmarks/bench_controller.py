@@ -43,7 +43,7 @@ def sbatch_shim(folder: Path) -> Path:
 
 
 def write_round(root: Path) -> Path:
-    from respect_hpc.models import build_tiny_idefics2
+    from respect_hpc.replica import replica_like
     from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
     bank = load_image_bank(DEFAULT_KILOGRAM)
@@ -54,7 +54,7 @@ def write_round(root: Path) -> Path:
     for name, n, policies, seed in (("logs", 6, {"sft": 0.5}, 0), ("d0", 6, {"human": 0.95}, 1),
                                     ("validation", 2, {"human": 0.9}, 2)):
         synthesize(n, seed=seed, policies=policies, rounds=[0], bank=bank).write_parquet(root / f"{name}.parquet")
-    model = build_tiny_idefics2(root / "model", corpus=[d for ds in bank.descriptions.values() for d in ds])
+    model = replica_like("idefics2-8b", root / "model")
     variants = "\n".join(f"  - {{name: {f[0]}-{o}, feedback: {f}, objective: {o}, init: base}}"
                          for o in ("fft", "rl", "kto") for f in ("binary", "ternary"))
     manifest = root / "round.yaml"

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from respect_hpc.decode import FeedbackScorer, chat_prompt, parse_label, shared_prefix_length
+from respect_hpc.chat import decoder_text, token_ids
+from respect_hpc.decode import FeedbackScorer, parse_label, shared_prefix_length
 from respect_hpc.ingest import explode_turns, read_interactions
 from respect_hpc.manifest import ModelSection
 from respect_hpc.models import load_text_model, load_tokenizer
-from respect_hpc.prompts import decoder_prompt, decoder_template
+from respect_hpc.prompts import decoder_template
 from respect_hpc.synthetic import synthesize
 
 N_PROMPTS = int(os.environ.get("BENCH_DECODE_PROMPTS", 2000))
@@ -52,14 +53,15 @@ def smollm2_checkpoint() -> Path:
     return out
 
 
-def benchmark_prompts(n: int) -> list[str]:
+def benchmark_prompts(n: int, tokenizer) -> list[str]:
+    """Decoder prompts rendered through the model's chat template (SmolLM2's reads plain strings)."""
     template = decoder_template("respect-binary@2")
     logs = CACHE / "decode-logs.parquet"
     CACHE.mkdir(parents=True, exist_ok=True)
     synthesize(n // 4, seed=0, policies={"sft": 0.45, "bp": 0.6}, rounds=[0]).write_parquet(logs)
     turns = explode_turns(read_interactions([logs])[0]).filter("has_follow_up").head(n)
     assert turns.height == n, f"only {turns.height} windows"
-    return [decoder_prompt(template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
+    return [decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
             for t in turns.iter_rows(named=True)]
 
 
@@ -68,9 +70,8 @@ def reference(model, tokenizer, prompts: list[str], labels: tuple[str, ...]) -> 
     answers: list[int | None] = []
     tokenizer.padding_side = "left"
     for start in range(0, len(prompts), 16):
-        texts = [chat_prompt(tokenizer, p) for p in prompts[start:start + 16]]
-        inputs = tokenizer(texts, return_tensors="pt", padding="max_length", max_length=256, truncation=True,
-                           add_special_tokens=False)
+        inputs = tokenizer(prompts[start:start + 16], return_tensors="pt", padding="max_length", max_length=256,
+                           truncation=True)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers += [parse_label(t, labels) for t in tokenizer.batch_decode(out[:, 256:], skip_special_tokens=True)]
@@ -81,8 +82,8 @@ def main() -> str:
     spec = ModelSection(path=smollm2_checkpoint(), dtype="bf16")
     model, tokenizer = load_text_model(spec), load_tokenizer(spec)
     template = decoder_template("respect-binary@2")
-    prompts = benchmark_prompts(N_PROMPTS)
-    lengths = [len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts]
+    prompts = benchmark_prompts(N_PROMPTS, tokenizer)
+    lengths = [len(ids) for ids in token_ids(tokenizer, prompts)]
     assert max(lengths) <= 256, max(lengths)
 
     # The two decoders alternate chunk by chunk, so load from elsewhere on the machine slows both alike.

@@ -22,8 +22,8 @@ from jobs.train import _distributed_env
 from respect_hpc.datasets import training_set
 from respect_hpc.ingest import ingest
 from respect_hpc.manifest import Hyperparameters, ModelSection
-from respect_hpc.models import build_tiny_causal_lm, build_tiny_idefics2
 from respect_hpc.policy_data import epoch_batches
+from respect_hpc.replica import replica_like
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 from respect_hpc.train import Trainer, TrainSpec, _release
 
@@ -74,12 +74,11 @@ def main() -> str:
     turns = ingest([logs]).turns
     feedback = turns.select("game_turn_id", kind=pl.lit("binary"), label=pl.lit(1, pl.Int8))
     examples = training_set(turns, feedback, None, variant="b-fft", kind="binary", objective="fft", seed=1)
-    corpus = [d for ds in bank.descriptions.values() for d in ds]
     models = {
-        "text-only Llama (hidden 512, 4 layers), letters only":
-            build_tiny_causal_lm(root / "llama", corpus=corpus, hidden_size=512, layers=4),
-        "Idefics2 (text model hidden 512, 4 layers) + 10 images per example":
-            build_tiny_idefics2(root / "idefics2", corpus=corpus, hidden_size=512, layers=4),
+        "IDEFICS2-8B's text model replica (hidden 512, 4 layers), letters only":
+            replica_like("idefics2-8b-text", root / "text", hidden_size=512, layers=4),
+        "IDEFICS2-8B replica (text model hidden 512, 4 layers) + 10 images per example":
+            replica_like("idefics2-8b", root / "idefics2", hidden_size=512, layers=4),
     }
     rows, notes = [], []
     for label, folder in models.items():
