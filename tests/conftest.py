@@ -80,7 +80,7 @@ def round_inputs(root: Path, games: int, model: Path | None = None) -> dict[str,
 
 def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary, objective: fft}]",
                 training: str = "{epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
-                extra: str = "", model: Path | None = None, games: int = 24) -> Path:
+                extra: str = "", model: Path | None = None, games: int = 24, model_options: str = "") -> Path:
     """A round ready to train (:func:`round_inputs`, ingested), with decoded feedback written directly:
     heuristic labels standing in for the decode stage."""
     import jobs.ingest
@@ -107,7 +107,7 @@ data:
   seed_data: {d0}
   validation: {validation}
   images: {images}
-model: {{path: {model}, dtype: fp32}}
+model: {{path: {model}, dtype: fp32{model_options}}}
 variants: {variants}
 seeds: [1, 2]
 training:

@@ -277,3 +277,16 @@ def test_a_text_only_causal_lm_policy_trains(tmp_path):
     out = jobs.train.task_dir(m, "b-fft", 1)
     assert result["best_epoch"] == 1 and (out / "epochs" / "epoch-001" / ADAPTER).is_file()
     assert pl.read_parquet(out / METRICS_FILE)["val_exact_match"].drop_nulls().len() == 1
+
+
+def test_training_with_image_splitting_when_the_manifest_asks_for_it(tmp_path, model):
+    """Five crops an image (IDEFICS2's do_image_splitting): 320 image tokens an image, every crop's pixels."""
+    manifest = write_round(tmp_path, model=model, games=6, model_options=", image_splitting: true",
+                           training="{epochs: 1, effective_batch: 4, micro_batch: 2, warmup_steps: 0}")
+    m = load_manifest(manifest)
+    assert m.model.image_splitting is True
+    result = jobs.train.run_task(m, "b-fft", 1)
+    out = jobs.train.task_dir(m, "b-fft", 1)
+    assert result["best_epoch"] == 1 and (out / "epochs" / "epoch-001" / ADAPTER).is_file()
+    steps = pl.read_parquet(out / METRICS_FILE).filter(pl.col("loss").is_not_null())
+    assert steps.height >= 1 and steps["loss"].is_finite().all()
