@@ -60,8 +60,8 @@ def bootstrap_mean_ci(values: np.ndarray, counts: np.ndarray, rng: np.random.Gen
 def _intervals(interactions: pl.DataFrame, column: str, seed: int, n_resamples: int,
                confidence: float) -> pl.DataFrame:
     """Bootstrap interval of the mean of ``column`` per (policy, round)."""
-    counts = (interactions.group_by(*KEYS, column).len()
-              .group_by(KEYS).agg(pl.col(column).cast(pl.Float64), pl.col("len")))
+    counts = (interactions.group_by(*KEYS, column).len().sort(*KEYS, column)  # a fixed order for the seeded draws
+              .group_by(KEYS, maintain_order=True).agg(pl.col(column).cast(pl.Float64), pl.col("len")))
     rows = []
     for policy, round_, values, n in counts.iter_rows():  # one iteration per cell, not per game
         low, high = bootstrap_mean_ci(np.asarray(values), np.asarray(n, dtype=np.int64),

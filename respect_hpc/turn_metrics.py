@@ -85,7 +85,7 @@ def _interval(values: pl.Series, seed: int, key: tuple, n_resamples: int) -> tup
     values = values.drop_nulls()
     if values.is_empty():
         return None, None
-    distinct = values.value_counts()
+    distinct = values.value_counts().sort(values.name)  # a fixed order for the seeded draws
     return bootstrap_mean_ci(distinct[values.name].cast(pl.Float64).to_numpy(), distinct["count"].to_numpy(),
                              group_rng(seed, *key), n_resamples)
 

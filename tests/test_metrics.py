@@ -2,6 +2,7 @@
 plain resampling."""
 
 import numpy as np
+import polars as pl
 import pytest
 from conftest import game, write_jsonl
 
@@ -65,6 +66,25 @@ def test_bootstrap_is_reproducible_for_a_seed(tmp_path):
     values, counts = np.arange(1.0, 11.0), np.arange(10, 110, 10)  # many distinct means: seeds differ
     assert bootstrap_mean_ci(values, counts, np.random.default_rng(7), n_resamples=500) != bootstrap_mean_ci(
         values, counts, np.random.default_rng(8), n_resamples=500)
+
+
+def test_intervals_do_not_depend_on_the_order_of_rows(tmp_path):
+    """The seeded resampler must see each cell's distinct values in a fixed order, whatever the row order."""
+    from respect_hpc.synthetic import synthesize
+    from respect_hpc.turn_metrics import turn_metrics
+
+    logs = synthesize(120, seed=2, policies={"sft": 0.4, "bp": 0.7}, rounds=[0, 1])
+    result = ingest([write_jsonl(tmp_path / "logs.jsonl", logs.to_dicts())])
+    first = round_metrics(result.interactions, result.turns, seed=0, n_resamples=2000)
+    evals = result.turns.with_columns(reference_selected="selected", reference_deselected="deselected",
+                                      feedback=(pl.col("game_turn_id").str.len_chars() % 3 - 1))
+    first_turns = turn_metrics(evals, seed=0, n_resamples=2000)
+    for shuffle in range(6):
+        interactions, turns = (f.sample(fraction=1.0, shuffle=True, seed=shuffle)
+                               for f in (result.interactions, result.turns))
+        assert round_metrics(interactions, turns, seed=0, n_resamples=2000).equals(first)
+        assert turn_metrics(evals.sample(fraction=1.0, shuffle=True, seed=shuffle), seed=0,
+                            n_resamples=2000).equals(first_turns)
 
 
 def test_multinomial_bootstrap_matches_plain_resampling():
