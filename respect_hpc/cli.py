@@ -425,8 +425,9 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
     from respect_hpc.manifest import Manifest
 
     m = Manifest.model_validate_json(lock.read_text())
-    if round_ is not None:
-        m = m.model_copy(update={"round": round_})
+    # the state of this run directory, wherever it was made or moved to
+    m = m.model_copy(update={"workdir": run_dir.absolute().parent, "experiment": run_dir.absolute().name,
+                             **({} if round_ is None else {"round": round_})})
     rows = Controller(m).status()
     table = Table(title=f"{run_dir} round {m.round}")
     states = ["done", "pending", "running", "failed", "cancelled", "not submitted"]

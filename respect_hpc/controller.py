@@ -152,7 +152,7 @@ class Controller:
             raise ControllerError(f"data.validation: required to train (human-human games for checkpoint "
                                   f"selection); the round has {len(train.tasks)} training tasks")
         self.check_previous(retry, stages)
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        self.run_dir.make_private()
         (self.run_dir.root / MANIFEST_FILE).write_text(self.manifest.model_dump_json(indent=1))
         if self.kind == "slurm":
             return self._run_chained(stages, detach)

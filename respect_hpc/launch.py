@@ -16,7 +16,7 @@ from respect_hpc.rundir import RunDir
 def executor(manifest: Manifest, stage: str, executor_kind: str | None = None) -> submitit.Executor:
     """An executor for ``stage``'s array tasks, with the manifest's resources for that stage."""
     kind = executor_kind or manifest.cluster.executor
-    folder = RunDir.of(manifest).root / "logs" / stage / "%j"
+    folder = RunDir.of(manifest).make_private() / "logs" / stage / "%j"
     resources = manifest.cluster.stages[stage]
     if kind == "debug":
         return submitit.DebugExecutor(folder=folder)

@@ -2,7 +2,8 @@
 
 :func:`load_manifest` validates a manifest with pydantic and reports every
 problem as ``FILE:LINE: field.path: what is wrong``. Relative paths are resolved
-against the manifest's folder. Strings that reach a scheduler (partition,
+against the manifest's folder into absolute paths (a run directory's recorded manifest reads the
+same from any folder). Strings that reach a scheduler (partition,
 account, QOS, constraint, names) must match a conservative pattern, so nothing
 from a manifest reaches a shell unvalidated.
 """
@@ -33,8 +34,16 @@ _SAFE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 
 
 def _safe(value: str) -> str:
-    if not value or not set(value) <= _SAFE_CHARS or value.startswith("-"):
-        raise ValueError(f"unsafe value {value!r}: expected {_SAFE}, not starting with '-'")
+    if not value or not set(value) <= _SAFE_CHARS or value[0] in "-.":
+        raise ValueError(f"unsafe value {value!r}: expected {_SAFE}, not starting with '-' or '.'")
+    return value
+
+
+def _plain_path(value: Path) -> Path:
+    """A path without control characters (a newline would reach an sbatch script as a new directive)."""
+    bad = sorted({repr(c) for c in str(value) if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(f"path {str(value)!r} holds control characters {', '.join(bad)}")
     return value
 
 
@@ -46,24 +55,27 @@ def _safe_constraint(value: str) -> str:
 
 
 SafeName = Annotated[str, AfterValidator(_safe)]
+PlainPath = Annotated[Path, AfterValidator(_plain_path)]
+MAX_SEED = 2**31 - 1
+MAX_SHARDS = 100_000
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataSection(Strict):
-    interactions: list[Path] = Field(min_length=1, description="interaction logs of the rounds so far "
+    interactions: list[PlainPath] = Field(min_length=1, description="interaction logs of the rounds so far "
                                      "(Parquet or JSON lines, public layout; files or folders)")
-    seed_data: Path | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
-    validation: Path | None = Field(None, description="human-human validation games for checkpoint selection")
-    images: Path | None = Field(None, description="folder of the tangram PNGs named in the logs")
+    seed_data: PlainPath | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
+    validation: PlainPath | None = Field(None, description="human-human validation games for checkpoint selection")
+    images: PlainPath | None = Field(None, description="folder of the tangram PNGs named in the logs")
     max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=26, description="turn limit of a game")
 
 
 class ModelSection(Strict):
-    path: Path = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
-    gguf_file: str | None = Field(None, description="GGUF file name inside path, when the model is one")
+    path: PlainPath = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
+    gguf_file: SafeName | None = Field(None, description="GGUF file name inside path, when the model is one")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     image_size: int = Field(224, ge=14, le=4096, description="edge in pixels images are resized to (official: 224, "
                             "whatever the checkpoint's processor says)")
@@ -74,7 +86,7 @@ class ModelSection(Strict):
 class DecoderSection(Strict):
     model: ModelSection | None = Field(None, description="decoder model; default: the round's base model")
     templates: dict[FeedbackKind, str] = Field(default_factory=lambda: dict(DEFAULT_DECODER_TEMPLATE))
-    shards: int = Field(1, ge=1, description="array tasks that decoding is split into")
+    shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks that decoding is split into")
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
     chunk_rows: int = Field(4096, ge=1, description="windows scored and streamed to disk at a time")
 
@@ -146,7 +158,7 @@ class Variant(Strict):
     init: Literal["base", "previous"] | None = Field(
         None, description="train from the base model (default for fft, rl) or continue from the "
                           "previous round's selected adapter (default for kto)")
-    previous_adapter: Path | None = Field(None, description="default: the previous round's policies/<name>")
+    previous_adapter: PlainPath | None = Field(None, description="default: the previous round's policies/<name>")
 
     @property
     def continues(self) -> bool:
@@ -193,13 +205,13 @@ class ClusterSection(Strict):
 class Manifest(Strict):
     experiment: SafeName
     round: int = Field(ge=0)
-    workdir: Path = Field(Path("runs"), description="where run directories are created")
+    workdir: PlainPath = Field(Path("runs"), description="where run directories are created")
     data: DataSection
     model: ModelSection
     policy_template: str = DEFAULT_POLICY_TEMPLATE
     decoder: DecoderSection = DecoderSection()
     variants: list[Variant] = Field(default_factory=lambda: list(PAPER_VARIANTS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     training: TrainingSection = TrainingSection()
     sweep: dict[str, list[float | int | str]] = Field(
         default_factory=dict, description="a grid on top of the seeds: hyperparameter -> values, e.g. "
@@ -321,6 +333,8 @@ def _message(error: dict, model_fields: list[str]) -> str:
         return f"expected a value {sign} {bound}, got {value!r}"
     if kind == "too_short":
         return "expected at least one entry"
+    if kind == "finite_number":
+        return f"expected a finite number, got {value!r}"
     return error["msg"].removeprefix("Value error, ")
 
 
@@ -405,6 +419,10 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError([f"{path}:1: (file): cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ManifestError([f"{path}:{line}: (file): not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                             f"offset {exc.start})"]) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -417,7 +435,7 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping of manifest sections"])
     manifest = None
     try:
-        manifest = Manifest.model_validate(_resolve(raw, path.parent))
+        manifest = Manifest.model_validate(_resolve(raw, path.parent.absolute()))  # valid from any folder
     except ValidationError as exc:
         for error in exc.errors():
             loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -428,6 +446,9 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
                 problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: no such file or folder '{target}'")
             elif kind == "folder" and not target.is_dir():
                 problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: expected a folder, got a file '{target}'")
+    if check_files and manifest is not None and manifest.workdir.exists() and not manifest.workdir.is_dir():
+        problems.append(f"{path}:{_line_of(root, ('workdir',))}: workdir: expected a folder, got a file "
+                        f"'{manifest.workdir}'")
     if problems or manifest is None:
         raise ManifestError(sorted(problems, key=lambda p: int(p[len(str(path)) + 1:].split(":", 1)[0])))
     return manifest

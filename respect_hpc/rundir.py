@@ -3,10 +3,14 @@
     <workdir>/<experiment>/
       data/interactions.parquet, data/turns.parquet, data/quarantine.parquet
       round-<R>/metrics/round_metrics.parquet
+
+A run directory is private to its owner (mode 0700): submitit keeps each job's
+pickled function under ``logs/``, and whoever can write there runs code as the user.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,13 @@ class RunDir:
     @classmethod
     def of(cls, manifest: Manifest) -> RunDir:
         return cls(manifest.workdir / manifest.experiment)
+
+    def make_private(self) -> Path:
+        """Create the run directory (0700), or take group and other access away from an existing one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.stat().st_uid == os.getuid() and self.root.stat().st_mode & 0o077:
+            self.root.chmod(0o700)
+        return self.root
 
     @property
     def data(self) -> Path:

@@ -92,9 +92,11 @@ def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_no
     manifest = write_logged_round(tmp_path, taught_decoder[0])
     m = load_manifest(manifest)
     lines = []
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True, mode=0o755)  # made by hand, readable by all: the controller makes it private
     counts = Controller(m, report=lines.append).run()
     assert counts == {"ingest": 1, "decode": 2, "merge": 1, "train": 2, "select": 1, "metrics": 1}
-    run = tmp_path / "runs" / "tiny"
+    assert run.stat().st_mode & 0o777 == 0o700  # submitit's job pickles live in logs/
     selection = pl.read_parquet(run / "round-1" / "selection.parquet")
     assert selection.select("variant", "cell", "seeds", "chosen").rows() == [("b-fft", "default", 2, True)]
     chosen = selection.row(0, named=True)

@@ -66,9 +66,9 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
     ("seeds: [1, two]\n", ["7: seeds[1]: expected an integer, got 'two'"]),
     ("cluster:\n  partition: 'gpu; rm -rf /'\n",
      ["8: cluster.partition: unsafe value 'gpu; rm -rf /': expected letters, digits, '_', '.', '-', "
-      "not starting with '-'"]),
+      "not starting with '-' or '.'"]),
     ("cluster:\n  account: '$(whoami)'\n",
-     ["8: cluster.account: unsafe value '$(whoami)': expected letters, digits, '_', '.', '-', not starting with '-'"]),
+     ["8: cluster.account: unsafe value '$(whoami)': expected letters, digits, '_', '.', '-', not starting with '-' or '.'"]),
     ("cluster:\n  constraint: 'a100`id`'\n",
      ["8: cluster.constraint: unsafe value 'a100`id`': expected feature names (letters, digits, '_', '.', '-') "
       "joined by '&', '|' or ','"]),
@@ -84,6 +84,14 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
     ("variants:\n  - {name: a, feedback: binary, objective: fft}\n  - {name: a, feedback: binary, objective: rl}\n",
      ["7: variants: variant names repeat: a"]),
     ("round: 2\n", ["7: round: duplicate key"]),
+    # names and numbers that would escape the run directory, reach a shell or overflow later
+    ("variants:\n  - {name: ., feedback: binary, objective: fft}\n",
+     ["8: variants[0].name: unsafe value '.': expected letters, digits, '_', '.', '-', not starting with '-' or '.'"]),
+    ("decoder: {shards: 99999999999999999999999}\n",
+     ["7: decoder.shards: expected a value <= 100000, got 99999999999999999999999"]),
+    ("seeds: [-1]\n", ["7: seeds[0]: expected a value >= 0, got -1"]),
+    ("seeds: [12345678901234567890]\n", ["7: seeds[0]: expected a value <= 2147483647, got 12345678901234567890"]),
+    ("training:\n  fft: {learning_rate: .inf}\n", ["8: training.fft.learning_rate: expected a finite number, got inf"]),
 ])
 def test_manifest_errors(tmp_path, extra, expected):
     assert problems(write(tmp_path, GOOD + extra)) == expected
@@ -114,6 +122,31 @@ def test_kto_in_round_zero_needs_an_adapter(tmp_path):
     assert problems(write(tmp_path, text)) == [
         "7: variants: variant b-kto continues from the previous round, but round 0 has none: "
         "set init: base or previous_adapter"]
+
+
+def test_names_that_escape_the_run_directory_and_paths_that_reach_sbatch(tmp_path):
+    assert problems(write(tmp_path, GOOD.replace("experiment: test", "experiment: '..'"))) == [
+        "1: experiment: unsafe value '..': expected letters, digits, '_', '.', '-', not starting with '-' or '.'"]
+    found = problems(write(tmp_path, GOOD + 'workdir: "runs\\n#SBATCH --partition=stolen"\n'))
+    assert len(found) == 1 and found[0].startswith("7: workdir: path '") and found[0].endswith(
+        "runs\\n#SBATCH --partition=stolen' holds control characters '\\n'")
+    (tmp_path / "afile").write_text("")
+    assert problems(write(tmp_path, GOOD + "workdir: afile\n")) == [
+        f"7: workdir: expected a folder, got a file '{tmp_path / 'afile'}'"]
+
+
+def test_relative_paths_become_absolute_whatever_the_current_folder(tmp_path, monkeypatch):
+    write(tmp_path, GOOD + "workdir: runs\n")
+    monkeypatch.chdir(tmp_path)
+    m = load_manifest("round.yaml")
+    assert m.workdir == tmp_path / "runs" and m.model.path == tmp_path / "model"
+    assert m.data.interactions == [tmp_path / "logs.jsonl"]
+
+
+def test_a_manifest_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_bytes(b"experiment: test\nround: 1\nworkdir: caf\xe9\n")
+    assert problems(path) == ["3: (file): not UTF-8 text (byte 0xe9 at offset 38)"]
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
