@@ -97,6 +97,8 @@ def ingest_command(sources: Sources,
                    quarantine: Quarantine = False, max_turns: MaxTurns = DEFAULT_MAX_TURNS,
                    policy: Policies = None, max_round: MaxRound = None) -> None:
     """Normalise logs into interactions.parquet and turns.parquet (one row per logged action)."""
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: exists and is a file; expected a folder for interactions.parquet and turns.parquet")
     try:
         with err.status("ingesting"):
             result = jobs.ingest.run(sources, out, **_ingest_options(quarantine, max_turns, policy, max_round))
@@ -127,8 +129,9 @@ def print_metrics(metrics, title: str = "round metrics") -> None:
 def metrics(sources: Sources,
             as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line per (policy, round).")]
             = False,
-            seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-            resamples: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = N_RESAMPLES,
+            seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the bootstrap.")] = 0,
+            resamples: Annotated[int, typer.Option(min=1, max=10_000_000,
+                                                   help="Bootstrap resamples per interval.")] = N_RESAMPLES,
             quarantine: Quarantine = False, max_turns: MaxTurns = DEFAULT_MAX_TURNS,
             policy: Policies = None, max_round: MaxRound = None) -> None:
     """Round metrics per (policy, round): success rate and turns per game with 95% bootstrap intervals,

@@ -97,8 +97,14 @@ def hash_speaker(speaker: str) -> str:
 def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
     """Rows of a JSON-lines file, with a row-level error for each line of wrong shape."""
     rows, errors = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                errors.append(_error(path, line_no, None, "line", f"not UTF-8 text (byte {raw[exc.start]:#04x} "
+                                                                 f"at column {exc.start + 1})"))
+                continue
             if not line.strip():
                 continue
             try:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import game, write_jsonl, write_parquet
 
 from respect_hpc.metrics import METRIC_COLUMNS
@@ -64,6 +66,31 @@ def test_metrics_json_lines(tmp_path):
     assert [(r["policy"], r["round"]) for r in rows] == [("bp", 1), ("bp", 2), ("sft", 1)]
     assert all(list(r) == list(METRIC_COLUMNS) for r in rows)
     assert "success" in cli("metrics", src).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resamples", "0"], "Invalid value for '--resamples': Input should be greater than or equal to 1"),
+    (["--resamples", "-5"], "Invalid value for '--resamples': Input should be greater than or equal to 1"),
+    (["--seed", "-1"], "Invalid value for '--seed': Input should be greater than or equal to 0"),
+])
+def test_metrics_options_out_of_range_are_refused(tmp_path, args, message):
+    done = cli("metrics", write_jsonl(tmp_path / "logs.jsonl", [game("a")]), *args)
+    assert done.returncode == 2 and message in " ".join(done.stderr.replace("│", " ").split())
+    assert "Traceback" not in done.stderr
+
+
+def test_ingest_out_onto_a_file_and_non_utf8_logs_are_refused_in_one_line(tmp_path):
+    src = write_jsonl(tmp_path / "logs.jsonl", [game("a")])
+    (tmp_path / "taken").write_text("mine")
+    done = cli("ingest", src, "--out", tmp_path / "taken")
+    assert done.returncode == 2 and "exists and is a file" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "taken").read_text() == "mine"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"game_id": "\xff"}\n')
+    for command in (["ingest", bad, "--out", tmp_path / "out"], ["metrics", bad]):
+        done = cli(*command)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert f"{bad}: row 1: line: not UTF-8 text (byte 0xff at column 14)" in done.stderr
 
 
 def test_demo_runs_a_whole_round_then_a_rerun_submits_nothing(tmp_path):

@@ -151,14 +151,15 @@ def test_extra_policies_are_accepted_when_named(tmp_path):
 
 def test_jsonl_shape_errors_name_the_line(tmp_path):
     path = tmp_path / "logs.jsonl"
-    path.write_text('{"game_id": "a"\n[1, 2]\n' + '{"game_id": "b", "clicks": "A"}\n')
+    path.write_bytes(b'{"game_id": "a"\n[1, 2]\n' + b'{"game_id": "b", "clicks": "A"}\n{"game_id": "caf\xe9"}\n')
     result = ingest([path], quarantine=True)
     assert result.quarantine.select("row", "field", "reason").rows() == [
         (1, "line", "not valid JSON (Expecting ',' delimiter)"),
         (2, "line", "expected a JSON object"),
         (3, "clicks", "expected a list of lists of strings"),
+        (4, "line", "not UTF-8 text (byte 0xe9 at column 17)"),
     ]
-    assert result.rows_in == 3 and result.rows_out == 0
+    assert result.rows_in == 4 and result.rows_out == 0
 
 
 def test_quarantine_keeps_bad_rows_aside_with_accounting(tmp_path):
