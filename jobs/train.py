@@ -119,12 +119,13 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
     if is_multimodal(AutoConfig.from_pretrained(manifest.model.path, gguf_file=manifest.model.gguf_file)):
         _check_images(manifest, examples, "training examples")
         _check_images(manifest, validation, "data.validation")
+    spec_hash = task_hash(manifest, variant.name, seed, cell)
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
                      out=task_dir(manifest, variant.name, seed, cell), adapter=adapter,
                      zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
-                     max_action_tokens=manifest.training.max_action_tokens, cell=cell)
-    return Prepared(spec, examples, validation, task_hash(manifest, variant.name, seed, cell))
+                     max_action_tokens=manifest.training.max_action_tokens, cell=cell, spec_hash=spec_hash)
+    return Prepared(spec, examples, validation, spec_hash)
 
 
 def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:

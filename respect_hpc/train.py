@@ -62,6 +62,7 @@ class TrainSpec:
     checkpoint_every: int = 0
     max_action_tokens: int = 16
     cell: str = "default"
+    spec_hash: str = ""             # of the task's settings and inputs: checkpoints resume only under it
 
 
 def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int, where: str = "training") -> int:
@@ -75,6 +76,23 @@ def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int, 
 def latest_checkpoint(out: Path) -> Path | None:
     done = sorted(p for p in (out / "ckpt").glob("step-*") if (p / "trainer.json").is_file())
     return done[-1] if done else None
+
+
+def _discard_other_specs(spec: TrainSpec, progress: Callable[[str], None]) -> None:
+    """Remove what another spec (other settings or inputs) left in the task folder: its checkpoints,
+    epoch adapters, metrics and KTO reference must never be resumed or reported by this one."""
+    checkpoint = latest_checkpoint(spec.out)
+    if checkpoint is None:
+        return
+    written_by = json.loads((checkpoint / "trainer.json").read_text()).get("spec_hash")
+    if written_by == spec.spec_hash:
+        return
+    progress(f"{checkpoint} was written by another spec ({written_by or 'unrecorded'}, now {spec.spec_hash}): "
+             "settings or inputs changed; training starts afresh")
+    for name in ("ckpt", "epochs"):
+        shutil.rmtree(spec.out / name, ignore_errors=True)
+    for name in (METRICS_FILE, REFERENCE_FILE):
+        (spec.out / name).unlink(missing_ok=True)
 
 
 def _rows(frame: pl.DataFrame) -> list[dict]:
@@ -108,6 +126,9 @@ class Trainer:
             mixed_precision="bf16" if bf16 and plugin is None else "no",
             kwargs_handlers=[] if cuda else [InitProcessGroupKwargs(backend="gloo")])
         self.deepspeed = plugin is not None
+        with self.accelerator.main_process_first():
+            if self.accelerator.is_main_process:
+                _discard_other_specs(spec, print)
         self.template = policy_template(spec.policy_template)
         processor = load_processor(spec.model)
         self.tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec.model)
@@ -220,7 +241,8 @@ class Trainer:
         accelerator.save_state(str(tmp / "state"), **({"exclude_frozen_parameters": True} if self.deepspeed else {}))
         if accelerator.is_main_process:
             accelerator.unwrap_model(self.model).save_pretrained(tmp / "adapter")
-            (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "epoch_done": epoch_done}))
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "epoch_done": epoch_done,
+                                                          "spec_hash": self.spec.spec_hash}))
             self._write_metrics()
             final = root / f"step-{step:06d}"
             shutil.rmtree(final, ignore_errors=True)

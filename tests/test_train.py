@@ -290,3 +290,23 @@ def test_training_with_image_splitting_when_the_manifest_asks_for_it(tmp_path, m
     assert result["best_epoch"] == 1 and (out / "epochs" / "epoch-001" / ADAPTER).is_file()
     steps = pl.read_parquet(out / METRICS_FILE).filter(pl.col("loss").is_not_null())
     assert steps.height >= 1 and steps["loss"].is_finite().all()
+
+
+def test_a_changed_hyperparameter_never_resumes_the_old_checkpoint(tmp_path, model, capsys):
+    training = "{epochs: 1, effective_batch: 4, micro_batch: 4, warmup_steps: 0, learning_rate: %s}"
+    manifest = write_round(tmp_path, model=model, games=6, training=training % "1.0e-4")
+    first = load_manifest(manifest)
+    jobs.train.run_task(first, "b-fft", 1)
+    out = jobs.train.task_dir(first, "b-fft", 1)
+    before = (out / "epochs" / "epoch-001" / ADAPTER).read_bytes()
+    manifest.write_text(manifest.read_text().replace("learning_rate: 1.0e-4", "learning_rate: 3.0e-3"))
+    changed = load_manifest(manifest)
+    assert jobs.train.task_dir(changed, "b-fft", 1) == out
+    capsys.readouterr()
+    result = jobs.train.run_task(changed, "b-fft", 1)
+    assert "was written by another spec" in capsys.readouterr().out
+    assert "resumed" not in capsys.readouterr().out
+    assert (out / "epochs" / "epoch-001" / ADAPTER).read_bytes() != before
+    steps = pl.read_parquet(out / METRICS_FILE).filter(pl.col("loss").is_not_null())
+    assert steps["learning_rate"].max() > 1e-3  # trained at the new rate, from the start
+    assert result["spec_hash"] == json.loads((out / "done.json").read_text())["spec_hash"]
