@@ -193,7 +193,8 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
 
 # A source file's games: the normalised columns plus where each came from and what it said.
 _GAMES = pl.Schema({**INTERACTIONS, "_end": pl.String, "_round": pl.String, "_row": pl.Int64, "_rows": pl.Int64,
-                    "_turn_gap": pl.Boolean, "_clicks_mismatch": pl.Int64, "_file": pl.String})
+                    "_turn_gap": pl.Boolean, "_clicks_mismatch": pl.Int64, "_end_disagree": pl.Boolean,
+                    "_file": pl.String})
 
 
 def _optional(frame: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
@@ -226,6 +227,7 @@ def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
         pl.lit(1, pl.Int64).alias("_rows"),
         pl.lit(False).alias("_turn_gap"),
         pl.lit(None, pl.Int64).alias("_clicks_mismatch"),
+        pl.lit(False).alias("_end_disagree"),
     )
 
 
@@ -273,6 +275,7 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
             pl.len().cast(pl.Int64).alias("_rows"),
             (pl.col("turn_id").diff().drop_nulls() != 1).any().alias("_turn_gap"),
             pl.col("turn_id").filter("_disagree").first().alias("_clicks_mismatch"),
+            (_END.n_unique() > 1).alias("_end_disagree"),
         )
     )
 
@@ -292,6 +295,8 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
         (pl.col("game_id").is_null() | (pl.col("game_id") == ""), "game_id", pl.lit("missing game id")),
         (pl.col("_duplicate_of").is_not_null(), "game_id",
          pl.format("duplicate game id {}, first seen in {} row {}", "game_id", "_first_file", "_duplicate_of")),
+        *_null_checks(),
+        (pl.col("_end_disagree"), "end", pl.lit("the game's turn rows disagree on how it ended")),
         (n_chat == 0, "chat", pl.lit("empty game: no turns")),
         (pl.col("_turn_gap").fill_null(False), "turn_id", pl.lit("turn ids of the game are not consecutive")),
         (n_clicks != n_chat, "clicks", pl.format("{} selections for {} utterances", n_clicks, n_chat)),
@@ -320,9 +325,23 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
          pl.lit("expected probabilities in (0, 1]")),
     ]
     problem = pl.lit(None, pl.String)
-    for bad, field, reason in reversed(checks):
-        problem = pl.when(bad.fill_null(True)).then(pl.concat_str(pl.lit(field + "\t"), reason)).otherwise(problem)
+    for bad, field, reason in reversed(checks):  # a reason that comes out null still marks the row bad
+        problem = (pl.when(bad.fill_null(True))
+                   .then(pl.concat_str(pl.lit(field + "\t"), reason.fill_null("unreadable value")))
+                   .otherwise(problem))
     return problem
+
+
+def _null_checks() -> list[tuple[pl.Expr, str, pl.Expr]]:
+    """Missing lists and null entries in them: never a good row (a null must not read as "nothing")."""
+    checks = []
+    for column in ("chat", "context", "targets", "clicks"):
+        checks.append((pl.col(column).is_null(), column, pl.lit("missing (null)")))
+        entries = pl.element().is_null()
+        if column == "clicks":
+            entries = entries | pl.element().list.eval(pl.element().is_null()).list.any()
+        checks.append((pl.col(column).list.eval(entries).list.any(), column, pl.lit("holds a null entry")))
+    return checks
 
 
 def read_interactions(sources: list[str | Path], *, quarantine: bool = False, max_turns: int = DEFAULT_MAX_TURNS,

@@ -1,5 +1,7 @@
 """Ingest: public layouts -> interactions and turns tables; every bad-row kind is refused or quarantined."""
 
+import re
+
 import polars as pl
 import pytest
 from conftest import CONTEXT, game, write_jsonl, write_parquet
@@ -117,7 +119,39 @@ BAD_ROWS = [
     (game(prob_action=[0.5]), "prob_action: 1 probabilities for 3 turns"),
     (game(prob_action=[0.5, 0.0, 1.0]), "prob_action: expected probabilities in (0, 1]"),
     (game(context=CONTEXT[:9] + ["page-A.png"]), "context: an image appears twice"),
+    # nulls are never "nothing": every list column, missing or holding a null entry
+    (game(clicks=None), "clicks: missing (null)"),
+    (game(context=None), "context: missing (null)"),
+    (game(targets=None), "targets: missing (null)"),
+    (game(chat=None), "chat: missing (null)"),
+    ({k: v for k, v in game().items() if k != "clicks"}, "clicks: missing (null)"),
 ]
+# Parquet keeps a null inside a list (JSON lines refuse it as the wrong type, tested below)
+NULL_ENTRIES = [
+    (game(clicks=[["page-A.png"], None, ["page-B.png"]]), "clicks: holds a null entry"),
+    (game(clicks=[["page-A.png"], [None], ["page-B.png"]]), "clicks: holds a null entry"),
+    (game(context=[None] + CONTEXT[1:]), "context: holds a null entry"),
+    (game(chat=["the bird", None, "yes"]), "chat: holds a null entry"),
+]
+
+
+@pytest.mark.parametrize("row, message", NULL_ENTRIES)
+def test_null_entries_in_parquet_lists_are_bad_rows(tmp_path, row, message):
+    with pytest.raises(IngestError, match=re.escape(f"row 2: {message}")):
+        ingest([write_parquet(tmp_path / "logs.parquet", [game("ok"), row])])
+
+
+def test_turn_layout_rows_that_disagree_or_miss_their_utterances(tmp_path):
+    logs = synthesize(4, seed=3, policies={"sft": 0.5}, rounds=[0])
+    turn_layout = to_public_turn_layout(ingest([write_parquet(tmp_path / "i.parquet", logs.to_dicts())]).turns)
+    rows = turn_layout.to_dicts()
+    rows[1] = {**rows[1], "end": 1 - rows[1]["end"]}
+    with pytest.raises(IngestError, match="end: the game's turn rows disagree on how it ended"):
+        ingest([write_parquet(tmp_path / "t1.parquet", rows)])
+    rows = turn_layout.to_dicts()
+    rows[1] = {**rows[1], "chats": None}
+    with pytest.raises(IngestError, match="chat: holds a null entry"):
+        ingest([write_parquet(tmp_path / "t2.parquet", rows)])
 
 
 @pytest.mark.parametrize("row, message", BAD_ROWS, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD_ROWS)])
