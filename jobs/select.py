@@ -12,13 +12,13 @@ import json
 
 import polars as pl
 
-from jobs.train import DONE_FILE, task_dir
+from jobs.train import task_dir
 from respect_hpc.hashing import spec_hash
 from respect_hpc.manifest import Manifest
 from respect_hpc.rundir import RunDir
 from respect_hpc.select import CURVES, select_checkpoints
 from respect_hpc.tables import SPEC_HASH_KEY, atomic_copy_tree, atomic_write_parquet, parquet_metadata
-from respect_hpc.train import METRICS_FILE, TrainingError
+from respect_hpc.train import DONE_FILE, METRICS_FILE, TrainingError, adapter_problem
 
 SELECTION_FILE = "selection.parquet"
 
@@ -40,9 +40,13 @@ def _spec_hash(manifest: Manifest) -> str | None:
 
 
 def is_done(manifest: Manifest) -> bool:
+    """Selection ran on the current training outputs and every chosen policy is intact."""
     path = RunDir.of(manifest).round(manifest.round) / SELECTION_FILE
     current = _spec_hash(manifest)
-    return current is not None and path.is_file() and parquet_metadata(path).get(SPEC_HASH_KEY) == current
+    if current is None or not path.is_file() or parquet_metadata(path).get(SPEC_HASH_KEY) != current:
+        return False
+    chosen = pl.read_parquet(path).filter("chosen")["variant"].to_list()
+    return all(adapter_problem(path.parent / "policies" / v) is None for v in chosen)
 
 
 def curves(manifest: Manifest) -> pl.DataFrame:
@@ -64,6 +68,10 @@ def run(manifest: Manifest) -> pl.DataFrame:
     selection = select_checkpoints(curves(manifest), manifest.round)
     for row in selection.filter("chosen").iter_rows(named=True):
         source = task_dir(manifest, row["variant"], row["seed"], row["cell"]) / "epochs" / f"epoch-{row['epoch']:03d}"
+        problem = adapter_problem(source)
+        if problem:
+            raise TrainingError(f"variant {row['variant']}: the selected adapter is damaged: {problem}; run the "
+                                "round again: the training task is redone")
         atomic_copy_tree(source, round_dir / "policies" / row["variant"])
     atomic_write_parquet(selection, round_dir / SELECTION_FILE, {SPEC_HASH_KEY: _spec_hash(manifest)})
     return selection

@@ -33,9 +33,9 @@ from respect_hpc.manifest import Manifest, Variant
 from respect_hpc.models import is_multimodal, model_fingerprint
 from respect_hpc.rundir import RunDir
 from respect_hpc.select import rank
-from respect_hpc.train import METRICS_FILE, TrainingError, TrainSpec, accumulation_steps, train
+from respect_hpc.train import (DONE_FILE, METRICS_FILE, TrainingError, TrainSpec, accumulation_steps, adapter_problem,
+                               clear_task, train)
 
-DONE_FILE = "done.json"
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -138,9 +138,27 @@ def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:
         raise TrainingError(f"{what}: {len(missing)} images are not in data.images '{folder}', e.g. {missing[0]}")
 
 
+def outputs_problem(out: Path) -> str | None:
+    """What is wrong with a finished task's outputs that later stages trust (every epoch's adapter), or None."""
+    try:
+        epochs = json.loads((out / DONE_FILE).read_text()).get("epochs")
+    except (OSError, ValueError):
+        return f"'{out / DONE_FILE}' is unreadable"
+    for epoch in range(1, (epochs or 0) + 1):
+        problem = adapter_problem(out / "epochs" / f"epoch-{epoch:03d}")
+        if problem:
+            return f"epoch {epoch}: {problem}"
+    return None if epochs else f"'{out / DONE_FILE}' names no epochs"
+
+
 def is_done(out: Path, spec_hash: str) -> bool:
+    """The task finished under this spec and its epoch adapters are intact."""
     done = out / DONE_FILE
-    return done.is_file() and json.loads(done.read_text()).get("spec_hash") == spec_hash
+    try:
+        recorded = json.loads(done.read_text()).get("spec_hash") if done.is_file() else None
+    except ValueError:
+        return False
+    return recorded == spec_hash and outputs_problem(out) is None
 
 
 def _distributed_env() -> None:
@@ -198,6 +216,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         if is_done(out, prepared.spec_hash):
             console.print(f"{self.variant} seed {self.seed}: done already ({out / DONE_FILE}), skipped")
             return json.loads((out / DONE_FILE).read_text())
+        if (out / DONE_FILE).is_file() and outputs_problem(out):
+            console.print(f"{self.variant} seed {self.seed}: {outputs_problem(out)}; training again from the start")
+            clear_task(out)
         _distributed_env()
         main = os.environ.get("RANK", "0") == "0"
         stop = StopRequest()
@@ -208,7 +229,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         if outcome == "stopped":
             stop.hand_over()
         result = {"variant": self.variant, "cell": self.cell, "seed": self.seed, "spec_hash": prepared.spec_hash,
-                  "examples": prepared.examples.height, **best_epoch(out)}
+                  "examples": prepared.examples.height, "epochs": prepared.spec.hp.epochs, **best_epoch(out)}
         if main:
             tmp = out / f".{DONE_FILE}.tmp"
             tmp.write_text(json.dumps(result, indent=1))

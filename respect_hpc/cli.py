@@ -433,7 +433,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
                              **({} if round_ is None else {"round": round_})})
     rows = Controller(m).status()
     table = Table(title=f"{run_dir} round {m.round}")
-    states = ["done", "pending", "running", "failed", "cancelled", "not submitted"]
+    states = ["done", "pending", "running", "failed", "cancelled", "out of date", "not submitted"]
     for name in ["stage", *states, "other"]:
         table.add_column(name, justify="left" if name == "stage" else "right")
     for stage in dict.fromkeys(r.stage for r in rows):

@@ -102,8 +102,13 @@ class Controller:
     def _row(self, stage: str, key: str, rec: dict, scheduler: SchedulerState) -> TaskStatus:
         log = str(log_path(rec["folder"], rec["job_id"]))
         state = scheduler.state
+        error = last_error_line(Path(log), errors_only=True)
+        if state == "COMPLETED" or (state == "ENDED" and not error):
+            # the job ended well (or was stopped without an error), yet its output is not current
+            return TaskStatus(stage, key, "out of date", "its output is missing, damaged or stale: a run redoes it",
+                              log)
         if state in FAILED or state == "ENDED":
-            return TaskStatus(stage, key, "failed", last_error_line(Path(log)), log)
+            return TaskStatus(stage, key, "failed", error or last_error_line(Path(log)), log)
         if state.startswith("CANCELLED"):
             reason = scheduler.reason if scheduler.reason not in ("", "None") else "cancelled"
             return TaskStatus(stage, key, "cancelled", reason, log)
@@ -114,7 +119,7 @@ class Controller:
     # -- submitting ---------------------------------------------------------------------------------
     def check_previous(self, retry: bool, stages: list[Stage]) -> None:
         """Refuse while tasks of this round are still queued or running, and after failures without --retry."""
-        rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "completed")]
+        rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "out of date")]
         active = [r for r in rows if r.active]
         if active:
             raise ControllerError(f"round {self.manifest.round} is still running: {len(active)} tasks pending or "

@@ -160,12 +160,14 @@ def log_path(folder: str, job_id: str) -> Path:
     return JobPaths(folder, job_id=job_id, task_id=0).stderr
 
 
-def last_error_line(log: Path) -> str:
-    """The last meaningful line of a task's stderr log (its error), or ''."""
+def last_error_line(log: Path, errors_only: bool = False) -> str:
+    """The last error line of a task's stderr log; else its last line (or '' with ``errors_only``)."""
     if not log.is_file():
         return ""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
              if line.strip() and not line.startswith(("srun:", "slurmstepd:"))]  # the scheduler's own notes
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line) or "error" in line.lower()]
+    if errors_only and not errors:
+        return ""
     return re.sub(r"^[\w.]+(Error|Exception): ", "", (errors or lines or [""])[-1])
 

@@ -39,6 +39,7 @@ METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "lo
                      "objective": pl.Float64, "entropy": pl.Float64, "learning_rate": pl.Float64,
                      "val_exact_match": pl.Float64, "val_loss": pl.Float64})
 METRICS_FILE = "metrics.parquet"
+DONE_FILE = "done.json"       # written by the task's entry point (jobs/train.py) when it finished
 REFERENCE_FILE = "reference.parquet"
 
 
@@ -78,6 +79,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def clear_task(out: Path) -> None:
+    """Remove a task's checkpoints, epoch adapters, metrics, KTO reference and done marker."""
+    for name in ("ckpt", "epochs"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (METRICS_FILE, REFERENCE_FILE, DONE_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def _discard_other_specs(spec: TrainSpec, progress: Callable[[str], None]) -> None:
     """Remove what another spec (other settings or inputs) left in the task folder: its checkpoints,
     epoch adapters, metrics and KTO reference must never be resumed or reported by this one."""
@@ -89,10 +98,25 @@ def _discard_other_specs(spec: TrainSpec, progress: Callable[[str], None]) -> No
         return
     progress(f"{checkpoint} was written by another spec ({written_by or 'unrecorded'}, now {spec.spec_hash}): "
              "settings or inputs changed; training starts afresh")
-    for name in ("ckpt", "epochs"):
-        shutil.rmtree(spec.out / name, ignore_errors=True)
-    for name in (METRICS_FILE, REFERENCE_FILE):
-        (spec.out / name).unlink(missing_ok=True)
+    clear_task(spec.out)
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """What is wrong with a saved adapter folder (missing or truncated files), or None; reads headers only."""
+    config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    try:
+        json.loads(config.read_text())
+        with weights.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError as exc:
+        return f"'{exc.filename}' is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"'{config}' or '{weights}' is unreadable"
+    if weights.stat().st_size != 8 + size + end:
+        return f"'{weights}' is truncated or damaged ({weights.stat().st_size} bytes, its header says {8 + size + end})"
+    return None
 
 
 def _rows(frame: pl.DataFrame) -> list[dict]:

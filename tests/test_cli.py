@@ -36,7 +36,7 @@ def test_validate_ok_and_problems(tmp_path):
     done = cli("validate", bad)
     assert done.returncode == 2
     assert done.stdout == (f"{bad}:5: cluster.partition: unsafe value 'a b': expected letters, digits, '_', '.', "
-                           "'-', not starting with '-'\n")
+                           "'-', not starting with '-' or '.'\n")
 
 
 def test_schema_is_json():

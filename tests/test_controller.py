@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from respect_hpc.controller import Controller, ControllerError, array_chunks
+from respect_hpc.train import adapter_problem
 from respect_hpc.manifest import load_manifest
 from respect_hpc.plan import Task
 from respect_hpc.state import LockError, RunLock
@@ -112,6 +113,20 @@ def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_no
     cli = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "status", str(run)], capture_output=True,
                          text=True)
     assert cli.returncode == 0 and re.search(r"│ train\s+│\s+2 │", cli.stdout), cli.stdout
+
+    # a damaged selected adapter is never trusted: the task that wrote it is redone, and the selection after it
+    weights = source / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert sorted(r.state for r in Controller(m).status() if r.stage == "train") == ["done", "out of date"]
+    counts = Controller(m, report=lines.append).run()
+    assert counts["train"] == 1  # the same seed retrains to the same weights: the placed policy stays current
+    assert adapter_problem(source) is None
+    assert (policy / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
+    # a deleted policy is placed again by the selection stage alone
+    (policy / "adapter_model.safetensors").unlink()
+    counts = Controller(m, report=lines.append).run()
+    assert "train" not in counts and counts["select"] == 1
+    assert (policy / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
 
 
 @pytest.mark.slow
