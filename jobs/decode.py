@@ -95,8 +95,8 @@ def plan(manifest: Manifest, n_shards: int) -> list[KindPlan]:
         folder = run.root / "feedback" / key
         windows = window_keys(turns, template, fingerprint).with_columns(shard=shard_of(n_shards))
         cache = folder / CACHE_FILE
-        earlier = (pl.read_parquet(cache).filter(pl.col("decoded_in_round") < manifest.round) if cache.is_file()
-                   else pl.DataFrame(schema=LABELS))
+        earlier = (pl.read_parquet(cache).filter(pl.col("decoded_in_round") < manifest.round)
+                   if cache.is_file() and parquet_metadata(cache) else pl.DataFrame(schema=LABELS))  # damaged: redo
         pending = windows.join(earlier, on="key", how="anti").unique("key", keep="first", maintain_order=True)
         plans.append(KindPlan(kind, template.key, fingerprint, key, folder, manifest.round, windows, earlier,
                               pending))

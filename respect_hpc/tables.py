@@ -98,5 +98,9 @@ def atomic_copy_tree(source: str | Path, target: str | Path) -> Path:
 
 
 def parquet_metadata(path: str | Path) -> dict[str, str]:
-    """The key/value metadata a table was written with."""
-    return pl.read_parquet_metadata(path)
+    """The key/value metadata a table was written with; {} for a file that is not a readable Parquet file
+    (truncated, say), so that the output counts as not done and its stage makes it again."""
+    try:
+        return pl.read_parquet_metadata(path)
+    except Exception:  # polars raises ComputeError, OSError... for damaged files
+        return {}

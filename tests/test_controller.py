@@ -122,6 +122,14 @@ def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_no
     assert counts["train"] == 1  # the same seed retrains to the same weights: the placed policy stays current
     assert adapter_problem(source) is None
     assert (policy / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
+    # truncated tables are made again by the stages that wrote them, never a crash naming no file
+    for table in (run / "data" / "turns.parquet", run / "round-1" / "feedback.parquet"):
+        table.write_bytes(table.read_bytes()[:200])
+    todo = {s.name for s in Controller(m).plan() if s.todo}
+    assert {"ingest", "merge"} <= todo
+    Controller(m, report=lines.append).run()
+    assert pl.read_parquet(run / "round-1" / "feedback.parquet").height > 0
+    assert {s.name for s in Controller(m).plan() if s.todo} == set()
     # a deleted policy is placed again by the selection stage alone
     (policy / "adapter_model.safetensors").unlink()
     counts = Controller(m, report=lines.append).run()
