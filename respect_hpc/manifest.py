@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator,
                       field_validator)
 
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
@@ -124,6 +124,13 @@ class Hyperparameters(Strict):
     lora_alpha: int = Field(8, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     lora_placement: Literal["paper", "enhanced"] = "paper"
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> Hyperparameters:
+        if self.effective_batch % self.micro_batch:
+            raise ValueError(f"effective_batch {self.effective_batch} is not a multiple of micro_batch "
+                             f"{self.micro_batch}")
+        return self
 
 
 OBJECTIVE_DEFAULTS: dict[str, dict] = {

@@ -139,9 +139,14 @@ def _with(manifest: Path, old: str, new: str) -> Path:
 
 
 def test_bad_input_is_refused_before_training(round_files, tmp_path):
-    m = load_manifest(_with(round_files, "fft: {epochs: 2, effective_batch: 8", "fft: {epochs: 2, effective_batch: 10"))
-    with pytest.raises(TrainingError, match=r"training.fft.effective_batch 10 is not a multiple of micro_batch 4 x 1"):
-        jobs.train.prepare(m, "b-fft", 1)
+    from respect_hpc.manifest import ManifestError
+    from respect_hpc.train import accumulation_steps
+
+    with pytest.raises(ManifestError, match=r"training.fft: effective_batch 10 is not a multiple of micro_batch 4"):
+        load_manifest(_with(round_files, "fft: {epochs: 2, effective_batch: 8", "fft: {epochs: 2, effective_batch: 10"))
+    with pytest.raises(TrainingError, match=r"training.fft.effective_batch 8 is not a multiple of micro_batch 4 x 3 "
+                                            r"processes"):  # the world size is known only when the task starts
+        accumulation_steps(8, 4, 3, "training.fft")
     m = load_manifest(_with(round_files, "init: base", "init: previous"))
     with pytest.raises(TrainingError, match=r"variant b-kto: continues from the previous round's adapter, but "
                                             r"'.*round-0/policies/b-kto' holds none"):
