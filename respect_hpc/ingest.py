@@ -360,6 +360,9 @@ def read_interactions(sources: list[str | Path], *, quarantine: bool = False, ma
         records += n
     if not frames:
         raise IngestError("no sources given")
+    if records == 0:
+        raise IngestError(f"{', '.join(map(str, sources))}: no rows: expected games in the public interaction "
+                          "layout or turns in the turn layout")
     games = pl.concat(frames)
     first = pl.col("_row").first().over("game_id")
     games = games.with_columns(

@@ -93,6 +93,15 @@ def test_ingest_out_onto_a_file_and_non_utf8_logs_are_refused_in_one_line(tmp_pa
         assert f"{bad}: row 1: line: not UTF-8 text (byte 0xff at column 14)" in done.stderr
 
 
+def test_empty_inputs_are_refused_not_reported_as_zero_games(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for command in (["ingest", empty, "--out", tmp_path / "out"], ["metrics", empty]):
+        done = cli(*command)
+        assert done.returncode == 2 and f"{empty}: no rows: expected games" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_runs_a_whole_round_then_a_rerun_submits_nothing(tmp_path):
     manifest = tmp_path / "demo.yaml"
     manifest.write_text(textwrap.dedent("""\
