@@ -63,6 +63,19 @@ MAX_SHARDS = 100_000
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """YAML's true/false is not a number (pydantic alone would read `shards: true` as 1)."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = (annotation, *get_args(annotation))
+            if bool not in kinds:
+                what = next((name for kind, name in ((int, "an integer"), (float, "a number"), (str, "a string"))
+                             if kind in kinds), "a value of the field's own kind")
+                raise ValueError(f"expected {what}, got {str(value).lower()}")
+        return value
+
 
 class DataSection(Strict):
     interactions: list[PlainPath] = Field(min_length=1, description="interaction logs of the rounds so far "

@@ -93,6 +93,7 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
     ("seeds: [12345678901234567890]\n", ["7: seeds[0]: expected a value <= 2147483647, got 12345678901234567890"]),
     ("training:\n  rl: {effective_batch: 10, micro_batch: 4}\n",
      ["8: training.rl: effective_batch 10 is not a multiple of micro_batch 4"]),
+    ("decoder: {shards: true}\n", ["7: decoder.shards: expected an integer, got true"]),
     ("training:\n  fft: {learning_rate: .inf}\n", ["8: training.fft.learning_rate: expected a finite number, got inf"]),
 ])
 def test_manifest_errors(tmp_path, extra, expected):
