@@ -46,7 +46,7 @@ def is_done(manifest: Manifest) -> bool:
     if current is None or not path.is_file() or parquet_metadata(path).get(SPEC_HASH_KEY) != current:
         return False
     chosen = pl.read_parquet(path).filter("chosen")["variant"].to_list()
-    return all(adapter_problem(path.parent / "policies" / v) is None for v in chosen)
+    return all(adapter_problem(RunDir.of(manifest).policy(manifest.round, v)) is None for v in chosen)
 
 
 def curves(manifest: Manifest) -> pl.DataFrame:
@@ -72,7 +72,7 @@ def run(manifest: Manifest) -> pl.DataFrame:
         if problem:
             raise TrainingError(f"variant {row['variant']}: the selected adapter is damaged: {problem}; run the "
                                 "round again: the training task is redone")
-        atomic_copy_tree(source, round_dir / "policies" / row["variant"])
+        atomic_copy_tree(source, RunDir.of(manifest).policy(manifest.round, row["variant"]))
     atomic_write_parquet(selection, round_dir / SELECTION_FILE, {SPEC_HASH_KEY: _spec_hash(manifest)})
     return selection
 

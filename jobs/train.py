@@ -62,7 +62,7 @@ def task_dir(manifest: Manifest, variant: str, seed: int, cell: str = "default")
 
 
 def previous_adapter(manifest: Manifest, variant: Variant) -> Path:
-    return variant.previous_adapter or RunDir.of(manifest).round(manifest.round - 1) / "policies" / variant.name
+    return variant.previous_adapter or RunDir.of(manifest).policy(manifest.round - 1, variant.name)
 
 
 def inputs(manifest: Manifest) -> tuple[Path, Path]:

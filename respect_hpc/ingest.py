@@ -158,6 +158,9 @@ def _error(path: Path, row: int, game_id: object, field: str, reason: str, rows:
 
 def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
     """One source file as (frame with ``_row``, row errors, number of records read)."""
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
+        raise IngestError(f"{path}: expected a .parquet or .jsonl (JSON lines) file of the public layout, "
+                          f"got a '{path.suffix or 'suffix-less'}' file")
     if path.suffix == ".parquet":
         try:
             frame = pl.read_parquet(path)
@@ -193,7 +196,8 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
 
 # A source file's games: the normalised columns plus where each came from and what it said.
 _GAMES = pl.Schema({**INTERACTIONS, "_end": pl.String, "_round": pl.String, "_row": pl.Int64, "_rows": pl.Int64,
-                    "_turn_gap": pl.Boolean, "_clicks_mismatch": pl.Int64, "_end_disagree": pl.Boolean,
+                    "_turn_gap": pl.Boolean, "_clicks_mismatch": pl.Int64, "_clicks_mismatch_row": pl.Int64,
+                    "_end_disagree": pl.Boolean,
                     "_file": pl.String})
 
 
@@ -227,6 +231,7 @@ def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
         pl.lit(1, pl.Int64).alias("_rows"),
         pl.lit(False).alias("_turn_gap"),
         pl.lit(None, pl.Int64).alias("_clicks_mismatch"),
+        pl.lit(None, pl.Int64).alias("_clicks_mismatch_row"),
         pl.lit(False).alias("_end_disagree"),
     )
 
@@ -275,13 +280,15 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
             pl.len().cast(pl.Int64).alias("_rows"),
             (pl.col("turn_id").diff().drop_nulls() != 1).any().alias("_turn_gap"),
             pl.col("turn_id").filter("_disagree").first().alias("_clicks_mismatch"),
+            pl.col("_row").filter("_disagree").first().alias("_clicks_mismatch_row"),
             (_END.n_unique() > 1).alias("_end_disagree"),
         )
     )
 
 
 def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | None) -> pl.Expr:
-    """The first problem of a normalised row as "field\\treason", or null for a good row."""
+    """The first problem of a normalised row as "field\\trow\\treason" (the row of the game, or of its turn
+    at fault), or null for a good row."""
     n_chat = pl.col("chat").list.len()
     n_clicks = pl.col("clicks").list.len()
     clicked = pl.col("clicks").list.eval(pl.element().explode()).list.unique()
@@ -301,7 +308,8 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
         (pl.col("_turn_gap").fill_null(False), "turn_id", pl.lit("turn ids of the game are not consecutive")),
         (n_clicks != n_chat, "clicks", pl.format("{} selections for {} utterances", n_clicks, n_chat)),
         (pl.col("_clicks_mismatch").is_not_null(), "clicks",
-         pl.format("turn {}: clicks disagree with currently_selected/selected/deselected", "_clicks_mismatch")),
+         pl.format("turn {}: clicks disagree with currently_selected/selected/deselected", "_clicks_mismatch"),
+         pl.col("_clicks_mismatch_row")),
         (n_chat > max_turns, "chat", pl.format("{} turns, more than the limit of {}", n_chat, pl.lit(max_turns))),
         ((pl.col("context").list.len() == 0) | (pl.col("context").list.len() > len(LETTERS)), "context",
          pl.format("expected 1 to {} images, got {}", pl.lit(len(LETTERS)), pl.col("context").list.len())),
@@ -325,9 +333,10 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
          pl.lit("expected probabilities in (0, 1]")),
     ]
     problem = pl.lit(None, pl.String)
-    for bad, field, reason in reversed(checks):  # a reason that comes out null still marks the row bad
+    for bad, field, reason, *row in reversed(checks):  # a reason that comes out null still marks the row bad
+        at = (row[0] if row else pl.col("_row")).fill_null(pl.col("_row")).cast(pl.String)
         problem = (pl.when(bad.fill_null(True))
-                   .then(pl.concat_str(pl.lit(field + "\t"), reason.fill_null("unreadable value")))
+                   .then(pl.concat_str(pl.lit(field + "\t"), at, pl.lit("\t"), reason.fill_null("unreadable value")))
                    .otherwise(problem))
     return problem
 
@@ -372,10 +381,10 @@ def read_interactions(sources: list[str | Path], *, quarantine: bool = False, ma
     bad = games.filter(pl.col("_problem").is_not_null())
     refused = pl.concat([
         pl.DataFrame(errors, schema={**QUARANTINE, "rows": pl.Int64}),
-        bad.select(file="_file", row="_row", game_id="game_id",
-                   field=pl.col("_problem").str.split_exact("\t", 1).struct.field("field_0"),
-                   reason=pl.col("_problem").str.split_exact("\t", 1).struct.field("field_1"),
-                   rows="_rows"),
+        bad.with_columns(_parts=pl.col("_problem").str.splitn("\t", 3))
+        .select(file="_file", row=pl.col("_parts").struct.field("field_1").cast(pl.Int64), game_id="game_id",
+                field=pl.col("_parts").struct.field("field_0"), reason=pl.col("_parts").struct.field("field_2"),
+                rows="_rows"),
     ]).sort("file", "row")
     if refused.height and not quarantine:
         first_bad = refused.row(0, named=True)

@@ -225,7 +225,8 @@ class ClusterSection(Strict):
 class Manifest(Strict):
     experiment: SafeName
     round: int = Field(ge=0)
-    workdir: PlainPath = Field(Path("runs"), description="where run directories are created")
+    workdir: PlainPath = Field(Path("runs"), description="where run directories are created (relative to the "
+                                                         "manifest's folder, like every path in it)")
     data: DataSection
     model: ModelSection
     policy_template: str = DEFAULT_POLICY_TEMPLATE
@@ -387,6 +388,20 @@ def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
     return found
 
 
+def _missing_previous(manifest: Manifest) -> list[tuple[tuple, str]]:
+    """Variants that continue from the previous round's selected policy when the run directory holds none."""
+    from respect_hpc.rundir import RunDir  # the run directory's layout is built on manifests
+
+    found = []
+    for i, variant in enumerate(manifest.variants):
+        if variant.continues and variant.previous_adapter is None and manifest.round > 0:
+            folder = RunDir.of(manifest).policy(manifest.round - 1, variant.name)
+            if not (folder / "adapter_config.json").is_file():
+                found.append((("variants", i, "init"), f"continues from round {manifest.round - 1}'s selected policy, "
+                              f"but '{folder}' holds no adapter: run that round, set previous_adapter, or init: base"))
+    return found
+
+
 def _join(base: Path, value: str) -> str:
     return os.path.normpath(base / value)
 
@@ -412,8 +427,8 @@ def _resolve(data: object, base: Path) -> object:
         data["variants"] = [{**v, "previous_adapter": _join(base, v["previous_adapter"])}
                             if isinstance(v, dict) and isinstance(v.get("previous_adapter"), str) else v
                             for v in data["variants"]]
-    if isinstance(data.get("workdir"), str):
-        data["workdir"] = _join(base, data["workdir"])
+    if isinstance(data.get("workdir", "runs"), str):
+        data["workdir"] = _join(base, data.get("workdir", "runs"))
     return data
 
 
@@ -469,6 +484,9 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     if check_files and manifest is not None and manifest.workdir.exists() and not manifest.workdir.is_dir():
         problems.append(f"{path}:{_line_of(root, ('workdir',))}: workdir: expected a folder, got a file "
                         f"'{manifest.workdir}'")
+    if check_files and manifest is not None and not problems:  # where the run directory is must be settled first
+        problems += [f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}"
+                     for loc, problem in _missing_previous(manifest)]
     if problems or manifest is None:
         raise ManifestError(sorted(problems, key=lambda p: int(p[len(str(path)) + 1:].split(":", 1)[0])))
     return manifest

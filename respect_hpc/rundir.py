@@ -39,5 +39,9 @@ class RunDir:
     def round(self, round_: int) -> Path:
         return self.root / f"round-{round_}"
 
+    def policy(self, round_: int, variant: str) -> Path:
+        """The adapter a round selected for a variant (what the next round deploys or continues from)."""
+        return self.round(round_) / "policies" / variant
+
     def metrics(self, round_: int) -> Path:
         return self.round(round_) / "metrics"

@@ -9,7 +9,8 @@ Checkpoints (``ckpt/step-SSSSSS/``: the adapter as safetensors, optimizer,
 scheduler and RNG state, the position in the data) are written atomically at every
 epoch's end, every ``checkpoint_every`` steps, and when ``should_stop`` turns true
 (a preemption signal); a new call resumes from the newest one and ends exactly
-where an uninterrupted run would. Each epoch's adapter is kept under
+where an uninterrupted run would. ``trainer.json`` lists the digest of every file of
+its checkpoint: one written by another spec, or damaged since, is never resumed. Each epoch's adapter is kept under
 ``epochs/epoch-EEE/`` (1-based) with its validation exact match in ``metrics.parquet``.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import Hyperparameters, ModelSection
 from respect_hpc.models import load_policy, load_processor, load_tokenizer
 from respect_hpc.multiref import ActionError, canonicalise
@@ -87,17 +89,42 @@ def clear_task(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _discard_other_specs(spec: TrainSpec, progress: Callable[[str], None]) -> None:
-    """Remove what another spec (other settings or inputs) left in the task folder: its checkpoints,
-    epoch adapters, metrics and KTO reference must never be resumed or reported by this one."""
+def _inventory(checkpoint: Path) -> dict[str, str]:
+    """The digest of every file of a checkpoint folder but its trainer.json, by relative name."""
+    return {str(p.relative_to(checkpoint)): bytes_digest(p) for p in sorted(checkpoint.rglob("*"))
+            if p.is_file() and p.name != "trainer.json"}
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint (an unreadable trainer.json, a file missing or changed since it was
+    written), or None."""
+    try:
+        recorded = json.loads((checkpoint / "trainer.json").read_text())["files"]
+        found = _inventory(checkpoint)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"'{checkpoint / 'trainer.json'}' is unreadable or lists no files"
+    for name, digest in recorded.items():
+        if name not in found:
+            return f"'{checkpoint / name}' is missing"
+        if found[name] != digest:
+            return f"'{checkpoint / name}' is damaged (its bytes changed since it was written)"
+    return None
+
+
+def _discard_unusable(spec: TrainSpec, progress: Callable[[str], None]) -> None:
+    """Remove what another spec (other settings or inputs) or a damaged checkpoint left in the task folder:
+    its checkpoints, epoch adapters, metrics and KTO reference must never be resumed or reported by this one."""
     checkpoint = latest_checkpoint(spec.out)
     if checkpoint is None:
         return
-    written_by = json.loads((checkpoint / "trainer.json").read_text()).get("spec_hash")
-    if written_by == spec.spec_hash:
-        return
-    progress(f"{checkpoint} was written by another spec ({written_by or 'unrecorded'}, now {spec.spec_hash}): "
-             "settings or inputs changed; training starts afresh")
+    problem = checkpoint_problem(checkpoint)
+    if problem is None:
+        written_by = json.loads((checkpoint / "trainer.json").read_text()).get("spec_hash")
+        if written_by == spec.spec_hash:
+            return
+        problem = (f"{checkpoint} was written by another spec ({written_by or 'unrecorded'}, now {spec.spec_hash}): "
+                   "settings or inputs changed")
+    progress(f"{problem}; training starts afresh")
     clear_task(spec.out)
 
 
@@ -152,7 +179,7 @@ class Trainer:
         self.deepspeed = plugin is not None
         with self.accelerator.main_process_first():
             if self.accelerator.is_main_process:
-                _discard_other_specs(spec, print)
+                _discard_unusable(spec, print)
         self.template = policy_template(spec.policy_template)
         processor = load_processor(spec.model)
         self.tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec.model)
@@ -263,10 +290,12 @@ class Trainer:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"), **({"exclude_frozen_parameters": True} if self.deepspeed else {}))
+        accelerator.wait_for_everyone()  # every process's shard is written before the inventory is taken
         if accelerator.is_main_process:
             accelerator.unwrap_model(self.model).save_pretrained(tmp / "adapter")
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, "epoch_done": epoch_done,
-                                                          "spec_hash": self.spec.spec_hash}))
+                                                          "spec_hash": self.spec.spec_hash,
+                                                          "files": _inventory(tmp)}))
             self._write_metrics()
             final = root / f"step-{step:06d}"
             shutil.rmtree(final, ignore_errors=True)

@@ -90,8 +90,8 @@ def test_turn_layout_clicks_that_disagree_with_the_action_are_refused(tmp_path, 
         rows[victim]["clicks"][-1] = sorted([*rows[victim]["clicks"][-1], stray])
     else:
         rows[victim]["clicks"] = sorted({*rows[victim]["clicks"]} ^ {stray})
-    with pytest.raises(IngestError, match=r"turn\.parquet: row \d+: clicks: turn 1: clicks disagree with "
-                                          r"currently_selected/selected/deselected"):
+    with pytest.raises(IngestError, match=rf"turn\.parquet: row {victim + 1}: clicks: turn 1: clicks disagree with "
+                                          r"currently_selected/selected/deselected"):  # the row of the turn at fault
         ingest([write_parquet(tmp_path / "turn.parquet", rows)])
 
 
@@ -225,6 +225,11 @@ def test_unreadable_sources(tmp_path):
     corrupt.write_text("not parquet")
     with pytest.raises(IngestError, match="corrupt.parquet: cannot read as Parquet"):
         ingest([corrupt])
+    csv = tmp_path / "logs.csv"
+    csv.write_text("game_id,chat\nx,hello\n")
+    with pytest.raises(IngestError, match=r"logs.csv: expected a .parquet or .jsonl \(JSON lines\) file of the public "
+                                          r"layout, got a '.csv' file"):
+        ingest([csv])
 
 
 def test_folders_are_read_recursively(tmp_path):

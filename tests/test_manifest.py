@@ -14,6 +14,9 @@ MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 def write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "logs.jsonl").write_text("")
     (tmp_path / "model").mkdir(exist_ok=True)
+    for kto in ("b-kto", "t-kto"):  # round 0's selected policies, which the default KTO variants continue from
+        (tmp_path / "runs" / "test" / "round-0" / "policies" / kto).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / "test" / "round-0" / "policies" / kto / "adapter_config.json").write_text("{}")
     path = tmp_path / "round.yaml"
     path.write_text(textwrap.dedent(text))
     return path
@@ -120,11 +123,20 @@ def test_missing_files_are_named(tmp_path):
     assert load_manifest(path, check_files=False).model.path == tmp_path / "gone"
 
 
-def test_kto_in_round_zero_needs_an_adapter(tmp_path):
+def test_kto_needs_the_adapter_it_continues_from(tmp_path):
     text = GOOD.replace("round: 1", "round: 0") + "variants:\n  - {name: b-kto, feedback: binary, objective: kto}\n"
     assert problems(write(tmp_path, text)) == [
         "7: variants: variant b-kto continues from the previous round, but round 0 has none: "
         "set init: base or previous_adapter"]
+    text = GOOD + "variants:\n  - {name: b-fft, feedback: binary, objective: fft}\n" \
+                  "  - {name: b-kto, feedback: binary, objective: kto}\n"
+    path = write(tmp_path, text)
+    (tmp_path / "runs/test/round-0/policies/b-kto/adapter_config.json").unlink()
+    assert problems(path) == [
+        "9: variants[1].init: continues from round 0's selected policy, but "
+        f"'{tmp_path}/runs/test/round-0/policies/b-kto' holds no adapter: run that round, set previous_adapter, "
+        "or init: base"]
+    assert load_manifest(path, check_files=False).variants[1].continues  # a cluster manifest checked elsewhere
 
 
 def test_names_that_escape_the_run_directory_and_paths_that_reach_sbatch(tmp_path):

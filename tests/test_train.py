@@ -147,7 +147,11 @@ def test_bad_input_is_refused_before_training(round_files, tmp_path):
     with pytest.raises(TrainingError, match=r"training.fft.effective_batch 8 is not a multiple of micro_batch 4 x 3 "
                                             r"processes"):  # the world size is known only when the task starts
         accumulation_steps(8, 4, 3, "training.fft")
-    m = load_manifest(_with(round_files, "init: base", "init: previous"))
+    previous = _with(round_files, "init: base", "init: previous")
+    with pytest.raises(ManifestError, match=r"variants\[\d\].init: continues from round 0's selected policy, but "
+                                            r"'.*round-0/policies/b-kto' holds no adapter: run that round"):
+        load_manifest(previous)  # known before any job is submitted
+    m = load_manifest(previous, check_files=False)
     with pytest.raises(TrainingError, match=r"variant b-kto: continues from the previous round's adapter, but "
                                             r"'.*round-0/policies/b-kto' holds none"):
         jobs.train.prepare(m, "b-kto", 1)
@@ -315,3 +319,29 @@ def test_a_changed_hyperparameter_never_resumes_the_old_checkpoint(tmp_path, mod
     steps = pl.read_parquet(out / METRICS_FILE).filter(pl.col("loss").is_not_null())
     assert steps["learning_rate"].max() > 1e-3  # trained at the new rate, from the start
     assert result["spec_hash"] == json.loads((out / "done.json").read_text())["spec_hash"]
+
+
+def test_a_damaged_checkpoint_is_never_resumed(tmp_path, model, capsys):
+    """Each file of an unfinished task's checkpoint truncated in turn: the task starts afresh (never a crash, never a
+    silent partial resume) and ends with the adapter an undisturbed run writes."""
+    manifest = write_round(tmp_path, model=model, games=6,
+                           training="{epochs: 1, effective_batch: 4, micro_batch: 4, warmup_steps: 0}")
+    m = load_manifest(manifest)
+    jobs.train.run_task(m, "b-fft", 1)
+    out = jobs.train.task_dir(m, "b-fft", 1)
+    undisturbed = (out / "epochs" / "epoch-001" / ADAPTER).read_bytes()
+    checkpoint = next((out / "ckpt").glob("step-*"))
+    names = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    assert {"trainer.json", "adapter/adapter_model.safetensors", "state/optimizer.bin",
+            "state/random_states_0.pkl"} <= set(names), names
+    for name in names:
+        checkpoint = next((out / "ckpt").glob("step-*"))
+        (out / "done.json").unlink()  # the task is unfinished: its last checkpoint is what a rerun resumes
+        with (checkpoint / name).open("r+b") as handle:
+            handle.truncate((checkpoint / name).stat().st_size // 2)
+        capsys.readouterr()
+        jobs.train.run_task(m, "b-fft", 1)
+        printed = capsys.readouterr().out
+        assert f"'{checkpoint / name}' is " in printed and "training starts afresh" in printed, (name, printed)
+        assert "resumed" not in printed
+        assert (out / "epochs" / "epoch-001" / ADAPTER).read_bytes() == undisturbed, name
