@@ -33,9 +33,10 @@ def _spec_hash(manifest: Manifest) -> str | None:
     hashes = []
     for variant, cell, seed in tasks(manifest):
         done = task_dir(manifest, variant, seed, cell) / DONE_FILE
-        if not done.is_file():
+        try:
+            hashes.append(json.loads(done.read_text())["spec_hash"])
+        except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: that task is not done
             return None
-        hashes.append(json.loads(done.read_text())["spec_hash"])
     return spec_hash({"train": hashes})
 
 

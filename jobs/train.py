@@ -32,6 +32,7 @@ from respect_hpc.ingest import ingest
 from respect_hpc.manifest import Manifest, Variant
 from respect_hpc.models import is_multimodal, model_fingerprint
 from respect_hpc.rundir import RunDir
+from respect_hpc.tables import atomic_write_text
 from respect_hpc.select import rank
 from respect_hpc.train import (DONE_FILE, METRICS_FILE, TrainingError, TrainSpec, accumulation_steps, adapter_problem,
                                clear_task, train)
@@ -231,9 +232,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         result = {"variant": self.variant, "cell": self.cell, "seed": self.seed, "spec_hash": prepared.spec_hash,
                   "examples": prepared.examples.height, "epochs": prepared.spec.hp.epochs, **best_epoch(out)}
         if main:
-            tmp = out / f".{DONE_FILE}.tmp"
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(out / DONE_FILE)
+            atomic_write_text(json.dumps(result, indent=1), out / DONE_FILE)
         return result
 
 

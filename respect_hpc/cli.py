@@ -425,9 +425,14 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
     lock = run_dir / MANIFEST_FILE
     if not lock.is_file():
         _fail(f"{run_dir}: no {MANIFEST_FILE}; nothing was submitted from this run directory")
+    from pydantic import ValidationError
+
     from respect_hpc.manifest import Manifest
 
-    m = Manifest.model_validate_json(lock.read_text())
+    try:
+        m = Manifest.model_validate_json(lock.read_text())
+    except (ValidationError, UnicodeDecodeError):
+        _fail(f"{lock}: damaged or written by another version; `respect-hpc run MANIFEST` writes it again")
     # the state of this run directory, wherever it was made or moved to
     m = m.model_copy(update={"workdir": run_dir.absolute().parent, "experiment": run_dir.absolute().name,
                              **({} if round_ is None else {"round": round_})})

@@ -22,6 +22,7 @@ from respect_hpc import launch
 from respect_hpc.manifest import Manifest
 from respect_hpc.plan import STAGES, UPSTREAM, Stage, Task, build, downstream_of_todo, mark_done
 from respect_hpc.rundir import RunDir
+from respect_hpc.tables import atomic_write_text
 from respect_hpc.state import (ACTIVE, FAILED, SchedulerState, last_error_line, latest_tasks, local_state,
                                log_path, record, slurm_states)
 
@@ -158,7 +159,7 @@ class Controller:
                                   f"selection); the round has {len(train.tasks)} training tasks")
         self.check_previous(retry, stages)
         self.run_dir.make_private()
-        (self.run_dir.root / MANIFEST_FILE).write_text(self.manifest.model_dump_json(indent=1))
+        atomic_write_text(self.manifest.model_dump_json(indent=1), self.run_dir.root / MANIFEST_FILE)
         if self.kind == "slurm":
             return self._run_chained(stages, detach)
         return self._run_in_turn()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,24 +28,65 @@ INTERACTION_LAYOUT = {"game_id", "chat", "clicks", "context", "targets", "end", 
 TURN_LAYOUT = {"game_id", "turn_id", "chats", "currently_selected", "selected", "deselected",
                "context", "targets", "end", "policy_name", "round"}
 
-_STR = ("a string", lambda v: isinstance(v, str))
-_STR_LIST = ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+@dataclass(frozen=True)
+class _Kind:
+    """What a column of the public layouts holds: in words, as a JSON value, as a Parquet type."""
+    expected: str
+    value_ok: Callable[[object], bool]
+    dtype_ok: Callable[[pl.DataType], bool]
+    dtype: pl.DataType | None = None  # what a column typed Null (all cells null or empty lists) is read as
+
+
+def _strings(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list_of(dtype: pl.DataType, inner: Callable[[pl.DataType], bool]) -> bool:
+    return dtype == pl.Null or (isinstance(dtype, pl.List) and (dtype.inner == pl.Null or inner(dtype.inner)))
+
+
+def _holds_null(dtype: pl.DataType) -> bool:
+    return dtype == pl.Null or (isinstance(dtype, pl.List) and _holds_null(dtype.inner))
+
+
+_STR = _Kind("a string", lambda v: isinstance(v, str), lambda t: t in (pl.String, pl.Null), pl.String)
+_STR_LIST = _Kind("a list of strings", _strings, lambda t: _list_of(t, lambda i: i == pl.String),
+                  pl.List(pl.String))
+_CLICKS = _Kind("a list of lists of strings", lambda v: isinstance(v, list) and all(_strings(x) for x in v),
+                lambda t: _list_of(t, lambda i: _STR_LIST.dtype_ok(i)), pl.List(pl.List(pl.String)))
 _FIELD_TYPES = {
     "game_id": _STR, "policy_name": _STR,
     "chat": _STR_LIST, "chats": _STR_LIST, "context": _STR_LIST, "targets": _STR_LIST,
     "currently_selected": _STR_LIST, "selected": _STR_LIST, "deselected": _STR_LIST,
-    "clicks": ("a list of lists of strings",
-               lambda v: isinstance(v, list) and all(_STR_LIST[1](x) for x in v)),
+    "clicks": _CLICKS,
+    "round": _Kind("an integer round", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+                   lambda t: t.is_integer() or t in (pl.String, pl.Null)),
+    "end": _Kind("'successful', 'unsuccessful', 0 or 1", lambda v: isinstance(v, (str, int, bool)),
+                 lambda t: t.is_integer() or t in (pl.String, pl.Boolean, pl.Null)),
+    "prob_action": _Kind("a list of probabilities (or null where p was not logged)",
+                         lambda v: isinstance(v, list) and all(x is None or _number(x) for x in v),
+                         lambda t: _list_of(t, lambda i: i.is_numeric()), pl.List(pl.Float64)),
 }
 # In the turn layout `clicks` is either the images toggled in each turn so far (a list of lists, as the official
 # generator writes it) or the selection after the turn (a list of strings); either must agree with the action.
-_TURN_FIELD_TYPES = {**_FIELD_TYPES, "clicks": (
-    "a list of strings (the selection after the turn) or a list of lists of strings (the images toggled in each "
-    "turn so far)", lambda v: _STR_LIST[1](v) or _FIELD_TYPES["clicks"][1](v))}
+_TURN_FIELD_TYPES = {
+    **_FIELD_TYPES,
+    "clicks": _Kind("a list of strings (the selection after the turn) or a list of lists of strings (the images "
+                    "toggled in each turn so far)", lambda v: _STR_LIST.value_ok(v) or _CLICKS.value_ok(v),
+                    lambda t: _STR_LIST.dtype_ok(t) or _CLICKS.dtype_ok(t), pl.List(pl.String)),
+    "turn_id": _Kind("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool),
+                     lambda t: t.is_integer() or t == pl.Null, pl.Int64),
+    "prob_action": _Kind("a probability (or null where p was not logged)", _number,
+                         lambda t: t.is_numeric() or t == pl.Null, pl.Float64),
+}
 
 
 def _is_turn_layout(columns: set[str] | dict) -> bool:
-    return "chats" in columns and "chat" not in columns
+    return "chat" not in columns and any(c in columns for c in TURN_LAYOUT - INTERACTION_LAYOUT)
 
 
 class IngestError(ValueError):
@@ -116,10 +158,12 @@ def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
                 errors.append(_error(path, line_no, None, "line", "expected a JSON object"))
                 continue
             types = _TURN_FIELD_TYPES if _is_turn_layout(record) else _FIELD_TYPES
-            problem = next(((field, expected) for field, (expected, ok) in types.items()
-                            if field in record and record[field] is not None and not ok(record[field])), None)
+            problem = next((field for field, kind in types.items()
+                            if field in record and record[field] is not None and not kind.value_ok(record[field])),
+                           None)
             if problem:
-                errors.append(_error(path, line_no, record.get("game_id"), problem[0], f"expected {problem[1]}"))
+                errors.append(_error(path, line_no, record.get("game_id"), problem,
+                                     f"expected {types[problem].expected}"))
                 continue
             if _is_turn_layout(record) and isinstance(record.get("clicks"), list):
                 _split_turn_clicks(record)
@@ -176,16 +220,12 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
     if frame.height and missing:
         raise IngestError(f"{path}: missing columns {', '.join(missing)} of the public "
                           f"{'interaction' if layout is INTERACTION_LAYOUT else 'turn'} layout")
-    for field, (expected, _) in (_TURN_FIELD_TYPES if layout is TURN_LAYOUT else _FIELD_TYPES).items():
-        if field in columns and frame.height:
-            dtype = frame.schema[field]
-            want = pl.String if expected == "a string" else (
-                pl.List(pl.String) if expected == "a list of strings" else pl.List(pl.List(pl.String)))
-            allowed = [want, pl.Null]
-            if layout is TURN_LAYOUT and field == "clicks":  # either form (see _TURN_FIELD_TYPES)
-                allowed = [pl.List(pl.String), pl.List(pl.List(pl.String)), pl.Null]
-            if dtype not in allowed:
-                raise IngestError(f"{path}: column {field}: expected {expected}, got {dtype}")
+    kinds = {f: k for f, k in (_TURN_FIELD_TYPES if layout is TURN_LAYOUT else _FIELD_TYPES).items() if f in columns}
+    for field, kind in kinds.items():
+        if frame.height and not kind.dtype_ok(frame.schema[field]):
+            raise IngestError(f"{path}: column {field}: expected {kind.expected}, got {frame.schema[field]}")
+    frame = frame.with_columns(pl.col(f).cast(k.dtype) for f, k in kinds.items()
+                               if k.dtype is not None and _holds_null(frame.schema[f]))
     records = frame.height + len(errors)
     if not frame.height:
         return pl.DataFrame(schema=_GAMES), errors, records
@@ -278,7 +318,7 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
             pl.col("round").cast(pl.String).first().alias("_round"),
             pl.col("_row").min(),
             pl.len().cast(pl.Int64).alias("_rows"),
-            (pl.col("turn_id").diff().drop_nulls() != 1).any().alias("_turn_gap"),
+            ((pl.col("turn_id").diff().drop_nulls() != 1).any() | pl.col("turn_id").is_null().any()).alias("_turn_gap"),
             pl.col("turn_id").filter("_disagree").first().alias("_clicks_mismatch"),
             pl.col("_row").filter("_disagree").first().alias("_clicks_mismatch_row"),
             (_END.n_unique() > 1).alias("_end_disagree"),
@@ -305,7 +345,8 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
         *_null_checks(),
         (pl.col("_end_disagree"), "end", pl.lit("the game's turn rows disagree on how it ended")),
         (n_chat == 0, "chat", pl.lit("empty game: no turns")),
-        (pl.col("_turn_gap").fill_null(False), "turn_id", pl.lit("turn ids of the game are not consecutive")),
+        (pl.col("_turn_gap").fill_null(False), "turn_id",
+         pl.lit("turn ids of the game are missing or not consecutive")),
         (n_clicks != n_chat, "clicks", pl.format("{} selections for {} utterances", n_clicks, n_chat)),
         (pl.col("_clicks_mismatch").is_not_null(), "clicks",
          pl.format("turn {}: clicks disagree with currently_selected/selected/deselected", "_clicks_mismatch"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import ModelSection
 from respect_hpc.prompts import DECODER_TEMPLATES
+from respect_hpc.tables import atomic_write_text
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -73,7 +73,10 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     ``memo`` (a JSON file, written when it learns a new one) by file path, size and modification time.
     """
     _check_folder(spec)
-    cache = json.loads(memo.read_text()) if memo and memo.is_file() else {}
+    try:
+        cache = json.loads(memo.read_text()) if memo and memo.is_file() else {}
+    except (OSError, ValueError):  # a damaged memo is only a slower start
+        cache = {}
     known = len(cache)
     files = sorted(p for p in spec.path.iterdir()
                    if p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "tokenizer.json"))
@@ -86,10 +89,7 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
         cache[memo_key] = cache.get(memo_key) or bytes_digest(path)
         digest.update(f"{path.name}:{cache[memo_key]}\n".encode())
     if memo and len(cache) > known:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, memo)
+        atomic_write_text(json.dumps(cache, indent=1), memo)
     return digest.hexdigest()
 
 

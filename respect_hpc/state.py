@@ -17,8 +17,11 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from respect_hpc.tables import atomic_write_text
 
 LOCK_FILE = "controller.lock"
 JOBS_FILE = "jobs.json"
@@ -35,13 +38,18 @@ def _now() -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process runs: a killed one whose parent died too may linger as a zombie until reaped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: the signal answered
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class RunLock:
@@ -82,14 +90,28 @@ class RunLock:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(data, indent=1), path)
 
 
 def read_jobs(round_dir: Path) -> list[dict]:
+    """The round's job records; a damaged file is set aside (never a crash): its tasks count as not
+    submitted, and their outputs alone decide what is done."""
     path = round_dir / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+        if isinstance(records, list) and all(isinstance(r, dict) and isinstance(r.get("tasks"), dict)
+                                             and {"stage", "executor", "folder"} <= r.keys() for r in records):
+            return records
+        problem = "not a list of job records"
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem = str(exc)
+    damaged = path.with_name(f"{path.name}.damaged")
+    os.replace(path, damaged)
+    print(f"warning: {path} is damaged ({problem}); set aside as {damaged}: the tasks it recorded count as not "
+          "submitted (check the scheduler for jobs of this round still running)", file=sys.stderr)
+    return []
 
 
 def record(round_dir: Path, stage: str, executor: str, tasks: dict[str, str], folder: Path) -> None:

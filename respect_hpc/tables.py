@@ -84,6 +84,16 @@ def atomic_write_parquet(frame: pl.DataFrame, path: str | Path, metadata: dict[s
     return path
 
 
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_copy_tree(source: str | Path, target: str | Path) -> Path:
     """Copy a folder to ``target``, replacing what is there by renames (never a half-copied folder)."""
     target = Path(target)
