@@ -124,6 +124,8 @@ def source_files(sources: list[str | Path]) -> list[Path]:
             files += found
         elif source.is_file():
             files.append(source)
+        elif source.exists():
+            raise IngestError(f"{source}: not a regular file or folder")
         else:
             raise IngestError(f"{source}: no such file or folder")
     return files

@@ -27,7 +27,8 @@ def test_validate_ok_and_problems(tmp_path):
     (tmp_path / "logs.jsonl").write_text("")
     (tmp_path / "m").mkdir()
     good = tmp_path / "good.yaml"
-    good.write_text("experiment: t\nround: 1\ndata: {interactions: [logs.jsonl]}\nmodel: {path: m}\n")
+    good.write_text("experiment: t\nround: 1\ndata: {interactions: [logs.jsonl]}\nmodel: {path: m}\n"
+                    "variants: [{name: b-fft, feedback: binary, objective: fft}]\n")
     done = cli("validate", good)
     assert (done.returncode, done.stdout) == (0, "ok\n")
     bad = tmp_path / "bad.yaml"
