@@ -134,8 +134,9 @@ def test_run_refuses_a_round_without_validation_games(tmp_path):
     (tmp_path / "model").mkdir()
     manifest = tmp_path / "m.yaml"
     manifest.write_text(f"experiment: x\nround: 1\nworkdir: {tmp_path}\ndata: {{interactions: [{src}]}}\n"
-                        f"model: {{path: {tmp_path / 'model'}}}\n")
+                        f"model: {{path: {tmp_path / 'model'}}}\n"
+                        "variants: [{name: b-fft, feedback: binary, objective: fft}]\n")
     done = cli("run", manifest)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("error: data.validation: required to train (human-human games "
-                                                    "for checkpoint selection); the round has 18 training tasks")
+                                                    "for checkpoint selection); the round has 3 training tasks")
