@@ -21,7 +21,7 @@ import torch
 from jobs.train import _distributed_env
 from respect_hpc.datasets import training_set
 from respect_hpc.ingest import ingest
-from respect_hpc.manifest import Hyperparameters, ModelSection
+from respect_hpc.manifest import Hyperparameters, ModelSection, Variant
 from respect_hpc.policy_data import epoch_batches
 from respect_hpc.replica import replica_like
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
@@ -73,7 +73,8 @@ def main() -> str:
     synthesize(GAMES, seed=11, policies={"sft": 0.35}, rounds=[0], bank=bank).write_parquet(logs)
     turns = ingest([logs]).turns
     feedback = turns.select("game_turn_id", kind=pl.lit("binary"), label=pl.lit(1, pl.Int8))
-    examples = training_set(turns, feedback, None, variant="b-fft", kind="binary", objective="fft", seed=1)
+    examples = training_set((turns, feedback), None, variant=Variant(name="b-fft", feedback="binary", objective="fft"),
+                            hp=Hyperparameters(), seed=1)
     models = {
         "IDEFICS2-8B's text model replica (hidden 512, 4 layers), letters only":
             replica_like("idefics2-8b-text", root / "text", hidden_size=512, layers=4),

@@ -26,9 +26,10 @@ import jobs.ingest
 from jobs.ingest import TURNS_FILE
 from respect_hpc import launch
 from respect_hpc.decode import FeedbackScorer
-from respect_hpc.hashing import spec_hash
+from respect_hpc.hashing import file_digest, spec_hash
 from respect_hpc.feedback import (FEEDBACK, LABELS, SPEC_KEY, MergeError, check_parts, decoder_key,
-                                  is_current, labels_frame, part_name, shard_of, shard_spec, window_keys)
+                                  is_current, labels_frame, part_name, precomputed_labels, shard_of, shard_spec,
+                                  window_keys)
 from respect_hpc.manifest import Manifest
 from respect_hpc.models import load_text_model, load_tokenizer, model_fingerprint
 from respect_hpc.chat import decoder_text
@@ -89,7 +90,7 @@ def plan(manifest: Manifest, n_shards: int) -> list[KindPlan]:
     turns = pl.read_parquet(turns_path)
     fingerprint = model_fingerprint(decoder_model(manifest), run.root / "cache" / "fingerprints.json")
     plans = []
-    for kind in sorted({v.feedback for v in manifest.variants}):
+    for kind in sorted({v.feedback for v in manifest.variants} - set(manifest.decoder.labels)):
         template = decoder_template(manifest.decoder.templates[kind])
         key = decoder_key(template, fingerprint)
         folder = run.root / "feedback" / key
@@ -196,8 +197,16 @@ def done_shards(manifest: Manifest, n_shards: int, plans: list[KindPlan] | None 
             if all(is_current(p.parts / part_name(s, n_shards), p.spec(s, n_shards)) for p in plans)}
 
 
-def _merge_hash(plans: list[KindPlan], n_shards: int) -> str:
-    return spec_hash({"parts": [spec_hash(p.spec(s, n_shards)) for p in plans for s in range(n_shards)]})
+def _precomputed(manifest: Manifest) -> dict[str, Path]:
+    """The feedback kinds the variants use whose labels the manifest gives instead of decoding them."""
+    return {k: p for k, p in sorted(manifest.decoder.labels.items()) if k in {v.feedback for v in manifest.variants}}
+
+
+def _merge_hash(manifest: Manifest, plans: list[KindPlan], n_shards: int) -> str:
+    given = _precomputed(manifest)  # their windows come from the turns table
+    return spec_hash({"parts": [spec_hash(p.spec(s, n_shards)) for p in plans for s in range(n_shards)],
+                      "labels": {k: file_digest(p) for k, p in given.items()},
+                      "turns": file_digest(RunDir.of(manifest).data / TURNS_FILE) if given else None})
 
 
 def merge_done(manifest: Manifest, n_shards: int, plans: list[KindPlan] | None = None) -> bool:
@@ -206,7 +215,7 @@ def merge_done(manifest: Manifest, n_shards: int, plans: list[KindPlan] | None =
         if not (path.is_file() and jobs.ingest.is_done(manifest)):
             return False
         plans = plan(manifest, n_shards)
-    return path.is_file() and parquet_metadata(path).get(SPEC_HASH_KEY) == _merge_hash(plans, n_shards)
+    return path.is_file() and parquet_metadata(path).get(SPEC_HASH_KEY) == _merge_hash(manifest, plans, n_shards)
 
 
 def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:
@@ -224,11 +233,34 @@ def merge(manifest: Manifest, n_shards: int) -> pl.DataFrame:
             raise MergeError(f"{kind_plan.folder}: {unlabelled.height} windows have no label, e.g. "
                              f"{unlabelled['game_turn_id'][0]}")
         frames.append(per_turn.with_columns(kind=pl.lit(kind_plan.kind), decoder_key=pl.lit(kind_plan.decoder_key)))
-    feedback = pl.concat(frames).select(FEEDBACK.names()).cast(dict(FEEDBACK)) if frames else pl.DataFrame(
-        schema=FEEDBACK)
+    frames += [_precomputed_feedback(manifest, kind, path) for kind, path in _precomputed(manifest).items()]
+    feedback = (pl.concat([f.select(pl.col(c) if c in f.columns else pl.lit(None, t).alias(c)
+                                    for c, t in FEEDBACK.items()).cast(dict(FEEDBACK)) for f in frames])
+                if frames else pl.DataFrame(schema=FEEDBACK))
     atomic_write_parquet(feedback, RunDir.of(manifest).round(manifest.round) / FEEDBACK_FILE,
-                         {SPEC_HASH_KEY: _merge_hash(plans, n_shards)})
+                         {SPEC_HASH_KEY: _merge_hash(manifest, plans, n_shards)})
     return feedback
+
+
+def _precomputed_feedback(manifest: Manifest, kind: str, path: Path) -> pl.DataFrame:
+    """The round's windows with the labels of ``path``; windows it has no label for are reported, and left
+    out of training."""
+    try:
+        frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_ndjson(path)
+    except Exception as exc:  # a corrupt or unreadable file: name it
+        raise MergeError(f"decoder.labels.{kind}: cannot read '{path}' ({exc})") from None
+    labels = precomputed_labels(frame, kind, f"decoder.labels.{kind} '{path}'")
+    windows = pl.read_parquet(RunDir.of(manifest).data / TURNS_FILE).filter("has_follow_up").select(
+        "game_turn_id", "round", "policy")
+    unlabelled = windows.join(labels, on="game_turn_id", how="anti")
+    if unlabelled.height:
+        console.print(f"decoder.labels.{kind}: {unlabelled.height} of {windows.height} windows have no label in "
+                      f"'{path}' (e.g. {unlabelled['game_turn_id'][0]}); they are not trained on")
+    words = {value: word for word, value in LABEL_VALUES.items()}
+    return windows.join(labels, on="game_turn_id", how="inner").with_columns(
+        kind=pl.lit(kind), decoder_key=pl.lit(f"labels-{file_digest(path)}"), key=pl.col("game_turn_id"),
+        label_word=pl.col("label").replace_strict(words, return_dtype=pl.String),
+        decoded_in_round=pl.lit(manifest.round, pl.Int64))
 
 
 def label_counts(feedback: pl.DataFrame) -> pl.DataFrame:

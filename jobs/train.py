@@ -26,7 +26,7 @@ from rich.console import Console
 
 from jobs.decode import FEEDBACK_FILE
 from jobs.ingest import TURNS_FILE
-from respect_hpc.datasets import training_set, with_history
+from respect_hpc.datasets import source_counts, training_set, validation_turns
 from respect_hpc.hashing import file_digest, spec_hash
 from respect_hpc.ingest import ingest
 from respect_hpc.manifest import Manifest, Variant
@@ -63,7 +63,7 @@ def task_dir(manifest: Manifest, variant: str, seed: int, cell: str = "default")
 
 
 def previous_adapter(manifest: Manifest, variant: Variant) -> Path:
-    return variant.previous_adapter or RunDir.of(manifest).policy(manifest.round - 1, variant.name)
+    return variant.previous_adapter or RunDir.of(manifest).previous_policy(manifest.round, variant.name)
 
 
 def inputs(manifest: Manifest) -> tuple[Path, Path]:
@@ -79,7 +79,8 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "def
     return spec_hash({
         "variant": variant.model_dump(mode="json"), "seed": seed, "cell": cell,
         "hp": manifest.objective(variant, cell).model_dump(mode="json"),
-        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "max_action_tokens"}),
+        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation"}),
+        "validation": manifest.validation.model_dump(mode="json"),
         "policy_template": manifest.policy_template, "images": str(manifest.data.images),
         "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
         "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
@@ -100,7 +101,7 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
                        f"training.{variant.objective}")
     turns_path, feedback_path = inputs(manifest)
     for path, stage in ((turns_path, "ingest"), (feedback_path, "decode")):
-        if not path.is_file():
+        if not path.is_file() and not manifest.seed_round:
             raise TrainingError(f"{path}: missing; run the {stage} stage first")
     if manifest.data.validation is None:
         raise TrainingError("data.validation: required for training (human-human games for checkpoint selection)")
@@ -110,22 +111,24 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
         if not (adapter / "adapter_config.json").is_file():
             raise TrainingError(f"variant {variant.name}: continues from the previous round's adapter, but "
                                 f"'{adapter}' holds none (set previous_adapter, or init: base)")
-    examples = training_set(pl.read_parquet(turns_path), pl.read_parquet(feedback_path),
-                            _turns_of(manifest.data.seed_data), variant=variant.name,
-                            kind=variant.feedback, objective=variant.objective, seed=seed,
-                            negatives_per_5_positives=hp.negatives_per_5_positives)
-    validation = with_history(_turns_of(manifest.data.validation))
+    logged = None if manifest.seed_round else (pl.read_parquet(turns_path), pl.read_parquet(feedback_path))
+    examples = training_set(logged, _turns_of(manifest.data.seed_data), variant=variant, hp=hp, seed=seed,
+                            augmentation=manifest.training.d0_augmentation)
+    validation = validation_turns(_turns_of(manifest.data.validation), limit=manifest.validation.turns)
     from transformers import AutoConfig
 
     if is_multimodal(AutoConfig.from_pretrained(manifest.model.path, gguf_file=manifest.model.gguf_file)):
         _check_images(manifest, examples, "training examples")
         _check_images(manifest, validation, "data.validation")
     spec_hash = task_hash(manifest, variant.name, seed, cell)
+    constrained = manifest.validation.constrained
+    constrained = variant.objective == "kto" if constrained is None else constrained
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
                      out=task_dir(manifest, variant.name, seed, cell), adapter=adapter,
                      zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
-                     max_action_tokens=manifest.training.max_action_tokens, cell=cell, spec_hash=spec_hash)
+                     validation=manifest.validation.model_copy(update={"constrained": constrained}), cell=cell,
+                     spec_hash=spec_hash)
     return Prepared(spec, examples, validation, spec_hash)
 
 
@@ -237,8 +240,8 @@ class TrainTask(submitit.helpers.Checkpointable):
 
 
 def _source_counts(examples: pl.DataFrame) -> str:
-    counts = examples.group_by("source").len().sort("source").rows()
-    return ", ".join(f"{n} {source}" for source, n in counts)
+    return ", ".join(f"{r['examples']} {r['source']} {r['policy']} round {r['round']}"
+                     for r in source_counts(examples).iter_rows(named=True))
 
 
 def best_epoch(out: Path) -> dict:

@@ -23,7 +23,7 @@ import jobs.ingest
 import jobs.metrics
 import jobs.select
 import jobs.train
-from respect_hpc.datasets import DatasetError
+from respect_hpc.datasets import DatasetError, is_idle, source_counts
 from respect_hpc import launch
 from respect_hpc.controller import MANIFEST_FILE, Controller, ControllerError, sbatch_script
 from respect_hpc.decode import DecoderError
@@ -262,6 +262,32 @@ def decode(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).
     _decode(m, shard, num_shards or m.decoder.shards, merge, check, submit, executor)
 
 
+DATASET_COLUMNS = ("source", "policy", "round", "game_turn_id", "label", "reward", "weight", "action", "prob_action")
+
+
+@app.command()
+def dataset(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")],
+            variant: Annotated[str, typer.Option(help="Variant name from the manifest, e.g. b-fft.")],
+            seed: Annotated[int, typer.Option(help="Seed of the task (negative subsampling, augmentation).")],
+            out: Annotated[Path, typer.Option(help="Parquet file for the examples.")]) -> None:
+    """Write the exact examples a training task will use, one row each (source: log, d0 or augmented; the
+    policy and round that logged it; label, reward, weight; the action in the official format; p), and
+    print where they come from. Needs the round's ingest and decode stages done."""
+    m = _manifest(manifest)
+    try:
+        prepared = jobs.train.prepare(m, variant, seed)
+    except (TrainingError, DatasetError, ModelError, IngestError, PolicyDataError) as exc:
+        _fail(str(exc))
+    examples = prepared.examples.select(DATASET_COLUMNS)
+    atomic_write_parquet(examples, out)
+    table = Table(title=f"{variant} seed {seed}: {examples.height} examples -> {out}")
+    for name in ("source", "policy", "round", "examples", "positive", "negative"):
+        table.add_column(name, justify="left" if name in ("source", "policy") else "right")
+    for row in source_counts(examples).iter_rows():
+        table.add_row(*map(str, row))
+    console.print(table)
+
+
 @app.command()
 def train(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")],
           variant: Annotated[str, typer.Option(help="Variant name from the manifest, e.g. b-fft.")],
@@ -348,6 +374,27 @@ def _controller(manifest: Path, executor: str | None, workdir: Path | None,
     return Controller(m, executor, report=lambda line: err.print(line, highlight=False, soft_wrap=True))
 
 
+def print_lineage(m) -> None:
+    """Each variant's lineage: the logged turns (not idle) it trains on per policy and round, once ingested."""
+    if m.seed_round:
+        return
+    turns_path = jobs.train.inputs(m)[0]
+    turns = pl.read_parquet(turns_path).filter(~is_idle()) if turns_path.is_file() else None
+    table = Table(title="lineage: logged turns each variant trains on" + ("" if turns is not None else
+                                                                         " (known after the ingest stage)"))
+    for name in ("variant", "policies", "policy", "round", "turns"):
+        table.add_column(name, justify="right" if name in ("round", "turns") else "left")
+    for v in m.variants:
+        mine = None if turns is None else turns.filter(pl.col("policy").is_in(v.policies)) if v.policies else turns
+        lineage = ", ".join(v.policies) if v.policies else "every policy"
+        if mine is None or mine.is_empty():
+            table.add_row(v.name, lineage, "-" if mine is None else "none: refused at training", "", "")
+            continue
+        for policy, round_, n in mine.group_by("policy", "round").len().sort("policy", "round").rows():
+            table.add_row(v.name, lineage, policy, str(round_), str(n))
+    console.print(table)
+
+
 @app.command()
 def plan(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")], executor: Executor = None,
          workdir: Workdir = None, cluster: ClusterProfile = None) -> None:
@@ -367,6 +414,7 @@ def plan(manifest: Annotated[Path, typer.Argument(help="Round manifest (YAML).")
         table.add_row(stage.name, str(len(stage.tasks)), str(len(stage.done)), str(len(stage.todo)), str(r.gpus),
                       str(r.cpus), f"{r.mem_gb} GB", f"{r.time_min} min", f"{r.nodes} x {r.processes}")
     console.print(table)
+    print_lineage(m)
     if not any(stage.todo for stage in stages):
         console.print("every task is done: run would submit nothing")
     for stage in stages:
@@ -523,21 +571,22 @@ def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the de
             m.data.images.symlink_to((DEFAULT_KILOGRAM / "tangram_pngs").resolve(), target_is_directory=True)
         else:
             draw_procedural_images(bank, m.data.images)
-    files = {m.data.interactions[0]: (games, {"sft": 0.45}, 0), m.data.seed_data: (games // 3, {"human": 0.9}, 1),
-             m.data.validation: (games // 4, {"human": 0.9}, 2)}
+    files = {m.data.seed_data: (games // 3, {"human": 0.9}, 1), m.data.validation: (games // 4, {"human": 0.9}, 2)}
+    if m.data.interactions:  # none in the seed round
+        files[m.data.interactions[0]] = (games, {"sft": 0.45}, 0)
     for path, (n, policies, seed) in files.items():
         if path is not None and not path.exists():
-            frame = synthesize(n, seed=seed, policies=policies, rounds=range(m.round), bank=bank,
+            frame = synthesize(n, seed=seed, policies=policies, rounds=range(max(m.round, 1)), bank=bank,
                                max_turns=m.data.max_turns)
             if path == m.data.seed_data:  # D_0: successful games only
                 frame = frame.filter(pl.col("end") == "successful")
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_parquet(frame, path)
             console.print(f"{frame.height} synthetic games ({bank.source} images) -> {path}")
-    if not m.model.path.exists():
+    if not m.model.path.exists():  # the same base in every round: taught on the logs, or on D_0 in the seed round
         with err.status("building a tiny IDEFICS2-8B replica offline and teaching it the decoder's answers"):
             replica_like("idefics2-8b", m.model.path)
-            teach_label_words(m.model.path, ingest(m.data.interactions, policies=None).turns)
+            teach_label_words(m.model.path, ingest(m.data.interactions or [m.data.seed_data], policies=None).turns)
         console.print(f"tiny IDEFICS2-8B replica (random weights, taught to answer decoder prompts) -> {m.model.path}")
     run(manifest, None, None, None, False, False)
 

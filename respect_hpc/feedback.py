@@ -137,3 +137,25 @@ def check_parts(folder: Path, specs: dict[int, dict], expected: dict[int, set[st
             raise MergeError(f"{path}: holds {part.height} windows, expected {len(expected[shard])}: {rerun}")
         parts.append(part)
     return parts
+
+
+def precomputed_labels(frame: pl.DataFrame, kind: str, source: str) -> pl.DataFrame:
+    """Labels decoded elsewhere, in the public feedback_decoder_* layout: (game_turn_id, label), checked."""
+    missing = sorted({"game_turn_id", "predictions"} - set(frame.columns))
+    if missing:
+        raise MergeError(f"{source}: missing columns {', '.join(missing)} of the public feedback_decoder_{kind} "
+                         "layout (game_turn_id, predictions -1/0/1)")
+    allowed = {-1, 1} if kind == "binary" else {-1, 0, 1}
+    labels = frame.select(pl.col("game_turn_id").cast(pl.String),
+                          pl.col("predictions").cast(pl.Int8, strict=False).alias("label"),
+                          pl.col("predictions").cast(pl.String).alias("_raw"))
+    bad = labels.with_row_index("row", offset=1).filter(pl.col("game_turn_id").is_null()
+                                                        | ~pl.col("label").is_in(list(allowed)).fill_null(False))
+    if bad.height:
+        row = bad.row(0, named=True)
+        raise MergeError(f"{source}: row {row['row']}: predictions: expected one of "
+                         f"{', '.join(map(str, sorted(allowed)))} for {kind} feedback, got {row['_raw']}")
+    repeated = labels.filter(pl.col("game_turn_id").is_duplicated())
+    if repeated.height:
+        raise MergeError(f"{source}: game_turn_id {repeated['game_turn_id'][0]} has more than one label")
+    return labels.drop("_raw")

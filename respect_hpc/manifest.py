@@ -25,7 +25,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from respect_hpc.multiref import DEFAULT_MAX_TURNS
 from respect_hpc.prompts import DECODER_TEMPLATES, DEFAULT_DECODER_TEMPLATE, DEFAULT_POLICY_TEMPLATE, POLICY_TEMPLATES
 
-Objective = Literal["fft", "rl", "kto"]
+Objective = Literal["fft", "rl", "kto", "seed"]  # seed: the seed round's policy, on D_0 alone
 FeedbackKind = Literal["binary", "ternary"]
 Stage = Literal["ingest", "decode", "merge", "train", "select", "metrics"]
 
@@ -78,8 +78,9 @@ class Strict(BaseModel):
 
 
 class DataSection(Strict):
-    interactions: list[PlainPath] = Field(min_length=1, description="interaction logs of the rounds so far "
-                                     "(Parquet or JSON lines, public layout; files or folders)")
+    interactions: list[PlainPath] = Field(default_factory=list, description=(
+        "interaction logs of the rounds so far (Parquet or JSON lines, public layout; files or folders); none: "
+        "the seed round (round 0), which trains the seed policy on D_0 alone"))
     seed_data: PlainPath | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
     validation: PlainPath | None = Field(None, description="human-human validation games for checkpoint selection")
     images: PlainPath | None = Field(None, description="folder of the tangram PNGs named in the logs")
@@ -102,6 +103,10 @@ class DecoderSection(Strict):
     shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks that decoding is split into")
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
     chunk_rows: int = Field(4096, ge=1, description="windows scored and streamed to disk at a time")
+    labels: dict[FeedbackKind, PlainPath] = Field(
+        default_factory=dict, description="decoded labels to use instead of decoding that kind: a Parquet or "
+                                          "JSON-lines file in the public feedback_decoder_binary/ternary layout "
+                                          "(game_turn_id, predictions -1/0/1), e.g. the paper's own")
 
     @field_validator("templates")
     @classmethod
@@ -126,12 +131,17 @@ class Hyperparameters(Strict):
     weight_decay: float = Field(0.01, ge=0)
     effective_batch: int = Field(64, ge=1)
     micro_batch: int = Field(4, ge=1, description="examples per device per forward pass")
-    entropy_weight: float = Field(0.01, ge=0)
+    entropy_weight: float = Field(0.01, ge=0, lt=1, description=(
+        "e of the entropy term: loss (1 - e) objective + e |R| U, U the cross-entropy against the uniform "
+        "distribution (the official code's structure); Table 1: 0.01 FFT and RL, 0.1 KTO (the official gin "
+        "files: 0.1 and 0.01)"))
     temperature: float = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="of D_0's cross-entropy, its own task in every "
+                                                                "variant (official: 0.1)")
     beta: float = Field(0.5, gt=0, description="KTO")
-    lambda_desirable: float = Field(4.0, gt=0, description="KTO")
-    lambda_undesirable: float = Field(1.0, gt=0, description="KTO")
+    lambda_desirable: float = Field(4.0, gt=0, description="KTO weight of desirable actions (Table 1: 4 until "
+                                                           "round 3; the official code: 1)")
+    lambda_undesirable: float = Field(1.0, gt=0, description="KTO weight of undesirable actions")
     negatives_per_5_positives: float = Field(4.0, gt=0, description="RL and KTO negative subsampling")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(8, ge=1)
@@ -150,6 +160,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
     "fft": {},
     "rl": {},
     "kto": {"optimizer": "rmsprop", "learning_rate": 1e-5, "schedule": "constant", "entropy_weight": 0.1},
+    "seed": {"schedule": "constant", "warmup_steps": 0, "epochs": 40},  # the official seed configuration
 }
 
 
@@ -159,16 +170,33 @@ class TrainingSection(Strict):
     fft: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["fft"])
     rl: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["rl"])
     kto: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["kto"])
+    seed: Hyperparameters = Field(Hyperparameters(**OBJECTIVE_DEFAULTS["seed"]),
+                                  description="the seed round's policy (D_0 alone, label-smoothed cross-entropy)")
     zero_stage: int | None = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; null: plain Accelerate "
                                                               "(no DeepSpeed)")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints besides each "
                                                        "epoch's end; 0: at epoch ends only")
-    max_action_tokens: int = Field(16, ge=1, description="token limit of a generated action in validation")
+    d0_augmentation: Literal["official", "paper", "none"] = Field(
+        "official", description="synthetic deselection turns added to D_0: official (two kinds, 'remove the "
+                                "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06), "
+                                "paper (one 'Wrong, undo what you selected' turn per 12), or none")
 
-    @field_validator("fft", "rl", "kto", mode="before")
+    @field_validator("fft", "rl", "kto", "seed", mode="before")
     @classmethod
     def _over_defaults(cls, value: object, info: ValidationInfo) -> object:
         return {**OBJECTIVE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
+
+
+class ValidationSection(Strict):
+    """How checkpoints are scored on the human-human validation turns (the official settings by default)."""
+
+    decoding: Literal["sample", "greedy"] = Field(
+        "sample", description="sample at temperature 1 over the legal action tokens (official), or greedy")
+    constrained: bool | None = Field(
+        None, description="decode only legal actions of each turn's state (the official KTO runs); default: "
+                          "for KTO variants only")
+    turns: int = Field(390, ge=1, description="at most this many validation turns (a seeded draw of the good ones)")
+    max_new_tokens: int = Field(10, ge=1, description="token limit of a generated action")
 
 
 class Variant(Strict):
@@ -179,14 +207,24 @@ class Variant(Strict):
         None, description="train from the base model (default for fft, rl) or continue from the "
                           "previous round's selected adapter (default for kto)")
     previous_adapter: PlainPath | None = Field(None, description="default: the previous round's policies/<name>")
+    policies: list[SafeName] | None = Field(
+        None, min_length=1, description="the lineage: logged policies (as the logs name them) whose turns this "
+                                        "variant trains on, e.g. [sft, bp] (the round-0 policy and the variant's "
+                                        "own deployments); default: every logged policy")
 
     @property
     def continues(self) -> bool:
         return (self.init or ("previous" if self.objective == "kto" else "base")) == "previous"
 
 
-PAPER_VARIANTS = [Variant(name=f"{f[0]}-{o}", feedback=f, objective=o)
-                  for o in ("fft", "rl", "kto") for f in ("binary", "ternary")]
+# Round 0, the seed round: the initial policy, trained on D_0 alone and named as the public logs name it.
+SEED_POLICY = "sft"
+SEED_VARIANT = Variant(name=SEED_POLICY, feedback="binary", objective="seed", init="base")
+
+# The paper's six systems, each retrained on the round-0 policy's games and its own deployments, with the
+# policy names of the public logs (b/t = binary/ternary decoder; p/a/k = FFT/RL/KTO).
+PAPER_VARIANTS = [Variant(name=f"{f[0]}-{o}", feedback=f, objective=o, policies=["sft", f"{f[0]}{code}"])
+                  for o, code in (("fft", "p"), ("rl", "a"), ("kto", "k")) for f in ("binary", "ternary")]
 
 
 class StageResources(Strict):
@@ -234,11 +272,43 @@ class Manifest(Strict):
     variants: list[Variant] = Field(default_factory=lambda: list(PAPER_VARIANTS), min_length=1)
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     training: TrainingSection = TrainingSection()
+    validation: ValidationSection = ValidationSection()
     sweep: dict[str, list[float | int | str]] = Field(
         default_factory=dict, description="a grid on top of the seeds: hyperparameter -> values, e.g. "
                                           "{learning_rate: [1e-4, 3e-4], lora_r: [8, 16]}; every cell trains "
                                           "every variant and seed")
     cluster: ClusterSection = ClusterSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_round_variant(cls, data: object) -> object:
+        """Without interaction logs the round trains the seed policy alone."""
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and not data["data"].get("interactions") \
+                and "variants" not in data:
+            return {**data, "variants": [SEED_VARIANT]}
+        return data
+
+    @model_validator(mode="after")
+    def _seed_round(self) -> Manifest:
+        seeding = [v.name for v in self.variants if v.objective == "seed"]
+        if self.data.interactions and seeding:
+            raise ValueError(f"variants: objective seed ({', '.join(seeding)}) belongs to the seed round, a "
+                             "manifest without data.interactions")
+        if not self.data.interactions:
+            if self.round != 0:
+                raise ValueError(f"data.interactions: round {self.round} needs the interaction logs of the rounds "
+                                 "so far; only round 0, the seed round, trains without them")
+            if self.variants != [SEED_VARIANT]:
+                raise ValueError("variants: the seed round (no data.interactions) trains the seed policy alone; "
+                                 "leave variants out")
+            if self.data.seed_data is None:
+                raise ValueError("data.seed_data: the seed round trains on D_0: name it")
+        return self
+
+    @property
+    def seed_round(self) -> bool:
+        """Round 0 without logs: the seed policy is trained on D_0 and becomes every variant's start."""
+        return not self.data.interactions
 
     @field_validator("sweep")
     @classmethod
@@ -382,6 +452,8 @@ def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
     found.append((("model", "path"), manifest.model.path, "any"))
     if manifest.decoder.model is not None:
         found.append((("decoder", "model", "path"), manifest.decoder.model.path, "any"))
+    for kind, path in manifest.decoder.labels.items():
+        found.append((("decoder", "labels", kind), path, "file"))
     for i, variant in enumerate(manifest.variants):
         if variant.previous_adapter is not None:
             found.append((("variants", i, "previous_adapter"), variant.previous_adapter, "folder"))
@@ -395,7 +467,7 @@ def _missing_previous(manifest: Manifest) -> list[tuple[tuple, str]]:
     found = []
     for i, variant in enumerate(manifest.variants):
         if variant.continues and variant.previous_adapter is None and manifest.round > 0:
-            folder = RunDir.of(manifest).policy(manifest.round - 1, variant.name)
+            folder = RunDir.of(manifest).previous_policy(manifest.round, variant.name)
             if not (folder / "adapter_config.json").is_file():
                 found.append((("variants", i, "init"), f"continues from round {manifest.round - 1}'s selected policy, "
                               f"but '{folder}' holds no adapter: run that round, set previous_adapter, or init: base"))
@@ -423,6 +495,9 @@ def _resolve(data: object, base: Path) -> object:
                     part[key] = [_join(base, v) if isinstance(v, str) else v for v in value]
     if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("model"), dict):
         data["decoder"] = {**data["decoder"], "model": _resolve({"model": data["decoder"]["model"]}, base)["model"]}
+    if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("labels"), dict):
+        data["decoder"] = {**data["decoder"], "labels": {k: _join(base, v) if isinstance(v, str) else v
+                                                         for k, v in data["decoder"]["labels"].items()}}
     if isinstance(data.get("variants"), list):
         data["variants"] = [{**v, "previous_adapter": _join(base, v["previous_adapter"])}
                             if isinstance(v, dict) and isinstance(v.get("previous_adapter"), str) else v
@@ -481,6 +556,8 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
                 problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: no such file or folder '{target}'")
             elif kind == "folder" and not target.is_dir():
                 problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: expected a folder, got a file '{target}'")
+            elif kind == "file" and not target.is_file():
+                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: expected a file, got '{target}'")
     if check_files and manifest is not None and manifest.workdir.exists() and not manifest.workdir.is_dir():
         problems.append(f"{path}:{_line_of(root, ('workdir',))}: workdir: expected a folder, got a file "
                         f"'{manifest.workdir}'")

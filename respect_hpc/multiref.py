@@ -95,6 +95,39 @@ def format_action(action: Action) -> str:
     return ""
 
 
+def action_prefix(text: str, n_images: int, selected: frozenset[str]) -> str | None:
+    """How far ``text`` (leading spaces ignored) is into a legal action of this state, by the official
+    constrained-decoding grammar: None when no legal action starts with it, "complete" when it is one (it
+    may still go on), else "open".
+
+    Legal: ``deselect`` and letters now selected, then ``select`` and letters not selected, either clause
+    optional but not both; one space between words, no letter twice, letters among the game's images.
+    """
+    letters = _letters_of(n_images)
+    *words, last = text.lstrip(" ").split(" ")
+    clause, names, used = None, 0, set()
+
+    def candidates() -> list[str]:
+        keywords = {None: ["deselect"] * bool(selected) + ["select"] * bool(set(letters) - selected),
+                    "deselect": ["select"] * bool(names and set(letters) - selected - used),
+                    "select": []}[clause]
+        free = [x for x in letters if x not in used and (x in selected) == (clause == "deselect")]
+        return keywords + (free if clause else [])
+
+    for word in words:
+        if word not in candidates():
+            return None
+        if word in ("deselect", "select"):
+            clause, names = word, 0
+        else:
+            used.add(word)
+            names += 1
+    options = candidates()
+    if last in options and last not in ("deselect", "select"):
+        return "complete"
+    return "open" if any(option.startswith(last) for option in options) else None
+
+
 def canonicalise(text: str, n_images: int = 10) -> str:
     """Parse and format: the canonical text of any valid action string."""
     return format_action(parse_action(text, n_images))

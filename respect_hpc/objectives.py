@@ -1,20 +1,20 @@
-"""Learning objectives on logged actions (RESPECT.md), pure torch.
+"""Learning objectives on logged actions, as the official ReSpect code computes them (OFFICIAL-RECIPE.md (e)),
+pure torch.
 
-Inputs are the logits the policy gives the action's tokens: ``logits`` (B, T, V)
-at the positions that predict ``targets`` (B, T), with ``mask`` (B, T) marking the
-action tokens; only they carry loss. Every objective uses length normalisation
-(a sequence's log-probability is divided by its number of action tokens) and
-subtracts an entropy bonus (``entropy_weight`` x mean token entropy).
+Inputs are the logits the policy gives the answer's tokens (the action and its end-of-utterance token):
+``logits`` (B, T, V) at the positions that predict ``targets`` (B, T), with ``mask`` (B, T) marking the answer
+tokens. Per action, log P is the sum of the answer tokens' log-probabilities (full-vocabulary softmax), n their
+number, and U the entropy term: the cross-entropy against the uniform distribution (minus the mean over the
+vocabulary of the log-softmax), averaged over the answer positions. Every function returns one loss per action;
+a batch's loss is their mean.
 
-- FFT: cross-entropy with label smoothing on positive actions.
-- REINFORCE: -c R log P(a|x), with c = 1 for R >= 0 and otherwise
-  c = max(P(a|x), eps) / max(p, eps), the inverse-propensity ratio of the current
-  probability to the logged one, without gradient.
-- KTO: with r = log pi(a|x) - log pi_ref(a|x) and a reference point z, the batch
-  mean of r clamped at 0 and without gradient (an estimate of the KL to the
-  reference policy), desirable actions score lambda_d sigmoid(beta (r - z)),
-  undesirable ones lambda_u sigmoid(beta (z - r)); the loss is lambda_y - score,
-  averaged with weights |R|.
+- cross-entropy (FFT, and D_0 in every variant): (1 - e) (-log P / n) + e U, label smoothing e;
+- REINFORCE: (1 - e) (-c R log P / n) + e |R| U, with c = 1 for R > 0 and otherwise
+  c = exp(log P - log max(p, 0.01)), without gradient and without an upper clamp (p: the probability the
+  deployed policy gave the action when it acted);
+- KTO: r = log P - log max(p, 0.01); desirable actions lose lambda_d (1 - sigmoid(beta (r - z))), undesirable
+  ones lambda_u (1 - sigmoid(beta (z - r))) (the weights come with the examples, datasets.py); the loss is (1 - e) KTO + e U, not length-normalised; z, the
+  reference point, is max(0, mean r) over the batch's logged actions, without gradient.
 """
 
 from __future__ import annotations
@@ -23,75 +23,53 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_PROB = 1e-4
-
-
-@dataclass(frozen=True)
-class LossParts:
-    """The loss to minimise and its parts, for logging."""
-
-    total: torch.Tensor
-    objective: torch.Tensor
-    entropy: torch.Tensor
+PROPENSITY_FLOOR = 0.01  # p is floored here; P, the current probability, never is
 
 
 @dataclass(frozen=True)
 class ActionScores:
-    """Per sequence: summed and length-normalised log-probability, mean token entropy."""
+    """Per action: summed log-probability, number of answer tokens, entropy term U."""
 
-    logprob_sum: torch.Tensor
-    logprob_mean: torch.Tensor
-    entropy: torch.Tensor
-    token_logprobs: torch.Tensor  # (B, T, V) log-softmax, for label smoothing
+    logprob: torch.Tensor
+    length: torch.Tensor
+    uniform: torch.Tensor
 
 
 def score_actions(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                   temperature: float = 1.0) -> ActionScores:
-    mask = mask.to(logits.dtype)
+    mask = mask.to(torch.float32)
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    lengths = mask.sum(-1).clamp(min=1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return ActionScores(picked.sum(-1), picked.sum(-1) / lengths, (entropy * mask).sum(-1) / lengths, logprobs)
+    length = mask.sum(-1).clamp(min=1)
+    uniform = (-logprobs.mean(-1) * mask).sum(-1) / length
+    return ActionScores(picked.sum(-1), length, uniform)
 
 
-def _with_entropy(objective: torch.Tensor, scores: ActionScores, entropy_weight: float) -> LossParts:
-    entropy = scores.entropy.mean()
-    return LossParts(objective - entropy_weight * entropy, objective.detach(), entropy.detach())
+def cross_entropy_loss(scores: ActionScores, *, label_smoothing: float) -> torch.Tensor:
+    return (1 - label_smoothing) * (-scores.logprob / scores.length) + label_smoothing * scores.uniform
 
 
-def fft_loss(logits, targets, mask, *, label_smoothing: float = 0.1, entropy_weight: float = 0.01,
-             temperature: float = 1.0) -> LossParts:
-    scores = score_actions(logits, targets, mask, temperature)
-    mask = mask.to(scores.token_logprobs.dtype)
-    target_nll = -scores.token_logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    uniform_nll = -scores.token_logprobs.mean(-1)
-    per_token = (1 - label_smoothing) * target_nll + label_smoothing * uniform_nll
-    per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return _with_entropy(per_sequence.mean(), scores, entropy_weight)
+def log_ratio(scores: ActionScores, propensity: torch.Tensor) -> torch.Tensor:
+    """log P - log max(p, 0.01): how much likelier the action is now than when the policy acted."""
+    return scores.logprob - propensity.to(scores.logprob.dtype).clamp(min=PROPENSITY_FLOOR).log()
 
 
-def reinforce_loss(logits, targets, mask, reward: torch.Tensor, propensity: torch.Tensor, *,
-                   entropy_weight: float = 0.01, temperature: float = 1.0, min_prob: float = MIN_PROB) -> LossParts:
-    """REINFORCE on logged actions; ``propensity`` is p, the probability logged when the policy acted."""
-    scores = score_actions(logits, targets, mask, temperature)
-    current = scores.logprob_sum.detach().exp().clamp(min=min_prob)
-    ratio = current / propensity.to(current.dtype).clamp(min=min_prob)
-    coefficient = torch.where(reward >= 0, torch.ones_like(ratio), ratio)
-    objective = -(coefficient * reward.to(current.dtype) * scores.logprob_mean).mean()
-    return _with_entropy(objective, scores, entropy_weight)
+def reinforce_loss(scores: ActionScores, reward: torch.Tensor, propensity: torch.Tensor, *,
+                   entropy_weight: float) -> torch.Tensor:
+    reward = reward.to(scores.logprob.dtype)
+    coefficient = torch.where(reward > 0, torch.ones_like(reward), log_ratio(scores, propensity).detach().exp())
+    objective = -coefficient * reward * scores.logprob / scores.length
+    return (1 - entropy_weight) * objective + entropy_weight * reward.abs() * scores.uniform
 
 
-def kto_loss(logits, targets, mask, reference_logprob: torch.Tensor, desirable: torch.Tensor,
-             weight: torch.Tensor, *, beta: float = 0.5, lambda_desirable: float = 4.0,
-             lambda_undesirable: float = 1.0, entropy_weight: float = 0.1, temperature: float = 1.0) -> LossParts:
-    """KTO; ``reference_logprob`` is the reference policy's length-normalised log-probability of each action."""
-    scores = score_actions(logits, targets, mask, temperature)
-    log_ratio = scores.logprob_mean - reference_logprob.to(scores.logprob_mean.dtype)
-    z = log_ratio.detach().mean().clamp(min=0)
-    value = torch.where(desirable, lambda_desirable * torch.sigmoid(beta * (log_ratio - z)),
-                        lambda_undesirable * torch.sigmoid(beta * (z - log_ratio)))
-    lam = torch.where(desirable, torch.full_like(value, lambda_desirable), torch.full_like(value, lambda_undesirable))
-    weight = weight.to(value.dtype)
-    objective = ((lam - value) * weight).sum() / weight.sum().clamp(min=1e-12)
-    return _with_entropy(objective, scores, entropy_weight)
+def kto_loss(scores: ActionScores, propensity: torch.Tensor, desirable: torch.Tensor, weight: torch.Tensor, *,
+             beta: float, entropy_weight: float, logged: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight``: lambda_d or lambda_u of each action; ``logged`` marks the actions z is estimated from
+    (default: all)."""
+    r = log_ratio(scores, propensity)
+    logged = torch.ones_like(desirable) if logged is None else logged
+    z = (r.detach() * logged).sum() / logged.sum().clamp(min=1)
+    z = z.clamp(min=0)
+    objective = weight.to(r.dtype) * torch.where(desirable, 1 - torch.sigmoid(beta * (r - z)),
+                                                 1 - torch.sigmoid(beta * (z - r)))
+    return (1 - entropy_weight) * objective + entropy_weight * scores.uniform

@@ -2,6 +2,8 @@
 
     ingest -> decode (one task per shard) -> merge -> train (variant x cell x seed) -> select -> metrics
 
+The seed round (no logs) is train (the seed policy x cell x seed) -> select.
+
 A task is done when its output records the hash of its current spec (see hashing.py).
 Done-ness is known only where a stage's inputs exist: before ingest has run, the
 decode shards cannot be checked, so they count as to do, and each task checks again
@@ -68,6 +70,8 @@ def build(manifest: Manifest, stages: tuple[str, ...] = STAGES) -> list[Stage]:
         "select": [Task("select", jobs.select.run, (manifest,))],
         "metrics": [Task("metrics", jobs.metrics.stage, (manifest,))],
     }
+    if manifest.seed_round:  # no logs: nothing to ingest, decode or measure
+        stages = tuple(s for s in stages if s in ("train", "select"))
     return [Stage(name, tasks[name]) for name in stages]
 
 
@@ -92,7 +96,7 @@ def _mark(manifest: Manifest, stage: Stage, ingested: bool, plans, merged: bool)
         stage.done = {"merge"} if merged else set()
     elif stage.name == "train":
         stage.done = {train_key(v, c, s) for v, c, s in jobs.select.tasks(manifest)
-                      if merged and jobs.train.is_done(jobs.train.task_dir(manifest, v, s, c),
+                      if (merged or manifest.seed_round) and jobs.train.is_done(jobs.train.task_dir(manifest, v, s, c),
                                                        jobs.train.task_hash(manifest, v, s, c))}
     elif stage.name == "select":
         stage.done = {"select"} if jobs.select.is_done(manifest) else set()

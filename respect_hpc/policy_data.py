@@ -171,26 +171,31 @@ class PolicyEncoder:
 
 
 def epoch_batches(lengths: list[int], micro_batch: int, per_step: int, seed: int, epoch: int,
-                  group: int | None = 50) -> list[list[int]]:
+                  group: int | None = 50, tasks: list[str] | None = None) -> list[list[int]]:
     """One epoch's micro-batches, a whole number of optimizer steps' worth, in a seeded order.
 
-    The examples are shuffled and wrapped around to fill the last step (``per_step``
-    examples each). With ``group``, they are cut into spans of ``group``
-    micro-batches, sorted by length inside each span and cut into micro-batches,
-    whose order is shuffled again: a micro-batch's rows have similar lengths (little
-    padding) while every epoch still differs. Without it, micro-batches follow the
-    shuffled order.
+    With ``tasks`` (one name per example), a micro-batch holds examples of one task only, as the official
+    code batches D_0 apart from the logged turns; every task's micro-batches run once an epoch, randomly
+    interleaved. Each task's examples are shuffled and wrapped around to fill its last micro-batch; with
+    ``group``, they are cut into spans of ``group`` micro-batches and sorted by length inside each span (a
+    micro-batch's rows have similar lengths: little padding, while every epoch still differs). The shuffled
+    micro-batches are wrapped around to fill the last step (``per_step`` examples).
     """
     rng = random.Random(f"{seed}/{epoch}/batches")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    steps = -(-len(order) // per_step)
-    order = (order * -(-steps * per_step // len(order)))[:steps * per_step]
-    if group is None:
-        return [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+    tasks = tasks or [""] * len(lengths)
     batches = []
-    for start in range(0, len(order), micro_batch * group):
-        span = sorted(order[start:start + micro_batch * group], key=lambda i: -lengths[i])
-        batches += [span[i:i + micro_batch] for i in range(0, len(span), micro_batch)]
+    for task in sorted(set(tasks)):
+        order = [i for i, t in enumerate(tasks) if t == task]
+        rng.shuffle(order)
+        filled = -(-len(order) // micro_batch) * micro_batch
+        order = (order * -(-filled // len(order)))[:filled]
+        span_size = len(order) if group is None else micro_batch * group
+        for start in range(0, len(order), span_size):
+            span = order[start:start + span_size]
+            if group is not None:
+                span.sort(key=lambda i: -lengths[i])
+            batches += [span[i:i + micro_batch] for i in range(0, len(span), micro_batch)]
     rng.shuffle(batches)
-    return batches
+    per_step_batches = per_step // micro_batch
+    steps = -(-len(batches) // per_step_batches)
+    return (batches * -(-steps * per_step_batches // len(batches)))[:steps * per_step_batches]

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from respect_hpc.manifest import Manifest
+from respect_hpc.manifest import SEED_POLICY, Manifest
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,11 @@ class RunDir:
     def policy(self, round_: int, variant: str) -> Path:
         """The adapter a round selected for a variant (what the next round deploys or continues from)."""
         return self.round(round_) / "policies" / variant
+
+    def previous_policy(self, round_: int, variant: str) -> Path:
+        """What a variant of ``round_`` continues from: its policy of the round before; in round 1, the seed
+        policy every variant starts from."""
+        return self.policy(round_ - 1, SEED_POLICY if round_ == 1 else variant)
 
     def metrics(self, round_: int) -> Path:
         return self.round(round_) / "metrics"

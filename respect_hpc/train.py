@@ -4,20 +4,22 @@
 ``WORLD_SIZE`` in the environment). Each optimizer step takes ``effective_batch``
 examples as micro-batches spread over the processes and accumulated; batches are
 length-grouped and left-padded, so logits are computed for the action tokens only.
+D_0 is a task of its own: its micro-batches never mix with the logged turns', and its
+rows are trained with label-smoothed cross-entropy whatever the variant's objective.
 
 Checkpoints (``ckpt/step-SSSSSS/``: the adapter as safetensors, optimizer,
 scheduler and RNG state, the position in the data) are written atomically at every
 epoch's end, every ``checkpoint_every`` steps, and when ``should_stop`` turns true
 (a preemption signal); a new call resumes from the newest one and ends exactly
 where an uninterrupted run would. ``trainer.json`` lists the digest of every file of
-its checkpoint: one written by another spec, or damaged since, is never resumed. Each epoch's adapter is kept under
-``epochs/epoch-EEE/`` (1-based) with its validation exact match in ``metrics.parquet``.
+its checkpoint: one written by another spec, or damaged since, is never resumed. Each
+epoch's adapter is kept under ``epochs/epoch-EEE/`` (1-based) with its validation exact
+match in ``metrics.parquet``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -29,11 +31,12 @@ import polars as pl
 import torch
 
 from respect_hpc.hashing import bytes_digest
-from respect_hpc.manifest import Hyperparameters, ModelSection
+from respect_hpc.manifest import Hyperparameters, ModelSection, ValidationSection
 from respect_hpc.models import load_policy, load_processor, load_tokenizer
-from respect_hpc.multiref import ActionError, canonicalise
-from respect_hpc.objectives import fft_loss, kto_loss, reinforce_loss, score_actions
-from respect_hpc.policy_data import PolicyEncoder, epoch_batches, image_order, policy_view
+from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
+from respect_hpc.multiref import letters_of
+from respect_hpc.objectives import cross_entropy_loss, kto_loss, reinforce_loss, score_actions
+from respect_hpc.policy_data import Encoded, PolicyEncoder, PolicyView, epoch_batches, image_order, policy_view
 from respect_hpc.prompts import policy_template
 from respect_hpc.tables import atomic_copy_tree, atomic_write_parquet
 
@@ -42,7 +45,17 @@ METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "lo
                      "val_exact_match": pl.Float64, "val_loss": pl.Float64})
 METRICS_FILE = "metrics.parquet"
 DONE_FILE = "done.json"       # written by the task's entry point (jobs/train.py) when it finished
-REFERENCE_FILE = "reference.parquet"
+REHEARSAL = ("d0", "augmented")  # example sources trained with label-smoothed cross-entropy in every variant
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """A micro-batch's loss, the mean loss of its logged actions (D_0 rows left out; 0 without any) and the
+    mean entropy term U, for the metrics table."""
+
+    total: torch.Tensor
+    objective: torch.Tensor
+    entropy: torch.Tensor
 
 
 class TrainingError(RuntimeError):
@@ -63,7 +76,7 @@ class TrainSpec:
     adapter: Path | None = None     # continue from this adapter (KTO) instead of new LoRA weights
     zero_stage: int | None = 2
     checkpoint_every: int = 0
-    max_action_tokens: int = 16
+    validation: ValidationSection = ValidationSection(constrained=False)
     cell: str = "default"
     spec_hash: str = ""             # of the task's settings and inputs: checkpoints resume only under it
 
@@ -82,10 +95,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def clear_task(out: Path) -> None:
-    """Remove a task's checkpoints, epoch adapters, metrics, KTO reference and done marker."""
+    """Remove a task's checkpoints, epoch adapters, metrics and done marker."""
     for name in ("ckpt", "epochs"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (METRICS_FILE, REFERENCE_FILE, DONE_FILE):
+    for name in (METRICS_FILE, DONE_FILE):
         (out / name).unlink(missing_ok=True)
 
 
@@ -113,7 +126,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def _discard_unusable(spec: TrainSpec, progress: Callable[[str], None]) -> None:
     """Remove what another spec (other settings or inputs) or a damaged checkpoint left in the task folder:
-    its checkpoints, epoch adapters, metrics and KTO reference must never be resumed or reported by this one."""
+    its checkpoints, epoch adapters and metrics must never be resumed or reported by this one."""
     checkpoint = latest_checkpoint(spec.out)
     if checkpoint is None:
         return
@@ -192,15 +205,13 @@ class Trainer:
                                  dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
                                  adapter=spec.adapter, seed=spec.seed)
         self.model.to(self.accelerator.device)
-        self.reference: dict[str, float] | None = None
-        if spec.objective == "kto":
-            self.reference = self._reference_logprobs()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
         else:
             optimizer = torch.optim.RMSprop(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
-        self.steps_per_epoch = math.ceil(len(self.examples) / self.hp.effective_batch)
+        self.tasks = ["d0" if r["source"] in REHEARSAL else "log" for r in self.examples]
+        self.steps_per_epoch = len(self._epoch_batches(0)) * self.hp.micro_batch // self.hp.effective_batch
         total = self.steps_per_epoch * self.hp.epochs
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -212,8 +223,14 @@ class Trainer:
             self.accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
             self.accelerator.register_load_state_pre_hook(self._load_adapter_hook)
         self.rows: list[dict] = []
+        self.legal: list[int] | None = None  # the action tokens, found at the first validation
 
     # -- data ---------------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This epoch's micro-batches: D_0 and the logged turns as separate tasks, a whole number of steps."""
+        return epoch_batches(self.lengths, self.hp.micro_batch, self.hp.effective_batch, self.spec.seed, epoch,
+                             tasks=self.tasks)
+
     def _batch(self, indices: list[int], epoch: int, shuffle: bool = True,
                pad_to: int | None = None) -> dict[str, torch.Tensor]:
         rows = [self.examples[i] for i in indices]
@@ -224,11 +241,10 @@ class Trainer:
         batch = self.encoder.collate(encoded, pad_to)
         batch["reward"] = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
         batch["propensity"] = torch.tensor([r["prob_action"] if r["prob_action"] is not None else 1.0
-                                            for r in rows], dtype=torch.float32)
+                                            for r in rows], dtype=torch.float32)  # datasets.py: only D_0 lacks p
+        batch["rehearsal"] = torch.tensor([r["source"] in REHEARSAL for r in rows])
         batch["desirable"] = torch.tensor([r["label"] == 1 for r in rows])
         batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
-        if self.reference is not None:
-            batch["reference"] = torch.tensor([self.reference[r["game_turn_id"]] for r in rows])
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -239,38 +255,24 @@ class Trainer:
         keep = batch["targets"].shape[1]
         return model(**inputs, logits_to_keep=keep + 1).logits[:, :-1]
 
-    def _loss(self, batch: dict[str, torch.Tensor]):
-        logits = self._logits(self.model, batch)
-        hp, targets, mask = self.hp, batch["targets"], batch["target_mask"]
-        if self.spec.objective == "fft":
-            return fft_loss(logits, targets, mask, label_smoothing=hp.label_smoothing,
-                            entropy_weight=hp.entropy_weight, temperature=hp.temperature)
+    def _loss(self, batch: dict[str, torch.Tensor]) -> LossParts:
+        """D_0 rows by label-smoothed cross-entropy, logged rows by the variant's objective (objectives.py)."""
+        hp = self.hp
+        scores = score_actions(self._logits(self.model, batch), batch["targets"], batch["target_mask"],
+                               hp.temperature)
+        rehearsal = batch["rehearsal"].to(scores.logprob.device)
         if self.spec.objective == "rl":
-            return reinforce_loss(logits, targets, mask, batch["reward"], batch["propensity"],
-                                  entropy_weight=hp.entropy_weight, temperature=hp.temperature)
-        return kto_loss(logits, targets, mask, batch["reference"], batch["desirable"], batch["weight"],
-                        beta=hp.beta, lambda_desirable=hp.lambda_desirable, lambda_undesirable=hp.lambda_undesirable,
-                        entropy_weight=hp.entropy_weight, temperature=hp.temperature)
-
-    @torch.no_grad()
-    def _reference_logprobs(self) -> dict[str, float]:
-        """KTO's reference: the starting policy's length-normalised log-probability of each action, once."""
-        path = self.spec.out / REFERENCE_FILE
-        with self.accelerator.main_process_first():
-            if not path.is_file():
-                self.model.eval()
-                values = []
-                for start in range(0, len(self.examples), self.hp.micro_batch):
-                    indices = list(range(start, min(start + self.hp.micro_batch, len(self.examples))))
-                    batch = self._batch(indices, 0, shuffle=False)
-                    scores = score_actions(self._logits(self.model, batch), batch["targets"], batch["target_mask"],
-                                           self.hp.temperature)
-                    values += scores.logprob_mean.tolist()
-                self.model.train()
-                atomic_write_parquet(pl.DataFrame({"game_turn_id": [r["game_turn_id"] for r in self.examples],
-                                                   "reference_logprob": values}), path)
-        table = pl.read_parquet(path)
-        return dict(zip(table["game_turn_id"], table["reference_logprob"]))
+            per_action = reinforce_loss(scores, batch["reward"], batch["propensity"], entropy_weight=hp.entropy_weight)
+        elif self.spec.objective == "kto":
+            per_action = kto_loss(scores, batch["propensity"], batch["desirable"], batch["weight"], beta=hp.beta,
+                                  entropy_weight=hp.entropy_weight, logged=~rehearsal)
+        else:  # fft (the seed round's rows are all D_0)
+            per_action = cross_entropy_loss(scores, label_smoothing=hp.entropy_weight)
+        per_action = torch.where(rehearsal, cross_entropy_loss(scores, label_smoothing=hp.label_smoothing),
+                                 per_action)
+        logged = per_action.detach()[~rehearsal]
+        return LossParts(per_action.mean(), logged.mean() if logged.numel() else torch.zeros(()),
+                         scores.uniform.detach().mean())
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _load_adapter_hook(self, models, folder: str) -> None:
@@ -340,7 +342,7 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         for epoch in range(first_epoch, hp.epochs):
-            batches = epoch_batches(self.lengths, hp.micro_batch, hp.effective_batch, self.spec.seed, epoch)
+            batches = self._epoch_batches(epoch)
             per_step = world * self.accum
             for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                 sums = [0.0, 0.0, 0.0]
@@ -376,7 +378,7 @@ class Trainer:
                     return "stopped"
                 if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and not last_of_epoch:
                     self._save(step, epoch, epoch_done=False)
-            exact, val_loss = self.validate()
+            exact, val_loss = self.validate(epoch)
             self.rows.append((self.spec.cell, step, epoch + 1, None, None, None, None, exact, val_loss))
             progress(f"epoch {epoch + 1}: validation exact match {exact:.3f}, loss {val_loss:.4f}")
             self._save(step, epoch, epoch_done=True)
@@ -387,50 +389,55 @@ class Trainer:
         return "finished"
 
     @torch.no_grad()
-    def validate(self) -> tuple[float, float]:
-        """Exact match of greedy actions and mean action loss on the validation turns (sharded over processes)."""
+    def validate(self, epoch: int) -> tuple[float, float]:
+        """Exact match of generated actions (the official raw accuracy: the action string, letter order
+        included) and mean action loss on the validation turns (sharded over processes). Sampling draws from
+        a generator seeded by (seed, epoch), apart from the training's random state."""
         accelerator = self.accelerator
         model = accelerator.unwrap_model(self.model)
         model.eval()
         mine = list(range(accelerator.process_index, len(self.validation), accelerator.num_processes))
         exact = loss = 0.0
-        for start in range(0, len(mine), self.hp.micro_batch):
-            rows = [self.validation[i] for i in mine[start:start + self.hp.micro_batch]]
-            views = [policy_view(row, self.template) for row in rows]
-            encoded = [self.encoder.encode(view) for view in views]
-            batch = {k: v.to(accelerator.device) for k, v in self.encoder.collate(encoded).items()}
-            scores = score_actions(self._logits(model, batch), batch["targets"], batch["target_mask"])
-            loss -= scores.logprob_mean.sum().item()
-            for row, view, answer in zip(rows, views, self._generate(model, views)):
-                exact += _same_action(answer, view.action, len(row["context"]))
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            torch.manual_seed(self.spec.seed * 1_000 + epoch)
+            for start in range(0, len(mine), self.hp.micro_batch):
+                rows = [self.validation[i] for i in mine[start:start + self.hp.micro_batch]]
+                views = [policy_view(row, self.template) for row in rows]
+                encoded = [self.encoder.encode(view) for view in views]
+                batch = {k: v.to(accelerator.device) for k, v in self.encoder.collate(encoded).items()}
+                scores = score_actions(self._logits(model, batch), batch["targets"], batch["target_mask"])
+                loss -= (scores.logprob / scores.length).sum().item()
+                states = [GameState(len(r["context"]), frozenset(letters_of(r["currently_selected"], r["context"])))
+                          for r in rows]
+                for view, answer in zip(views, self._generate(model, views, states)):
+                    exact += answer.strip() == view.action
         model.train()
         exact, loss = self._reduce([exact, loss], "sum")
         n = max(len(self.validation), 1)
         return exact / n, loss / n
 
-    def _generate(self, model, views) -> list[str]:
+    def _generate(self, model, views: list[PolicyView], states: list[GameState]) -> list[str]:
+        """Each view's action as the policy generates it (generation.py), its settings from ``validation``."""
+        settings = self.spec.validation
         prompts = [self.encoder.prompt_ids(view) for view in views]
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id
         inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
                   "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
         if self.encoder.multimodal:
-            from respect_hpc.policy_data import Encoded
-
             images = self.encoder.collate([Encoded(p, 1, v.images) for p, v in zip(prompts, views)])
             inputs["pixel_values"] = images["pixel_values"].to(next(model.parameters()).dtype)
             inputs["pixel_attention_mask"] = images["pixel_attention_mask"]
         inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
-        out = model.generate(**inputs, max_new_tokens=self.spec.max_action_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=self.encoder.end_id)
+        if self.legal is None:
+            self.legal = legal_token_ids(self.encoder, views[0])
+        ends = {self.encoder.end_id, self.tokenizer.eos_token_id} - {None}
+        processor = ActionLogits(self.tokenizer, self.legal, ends, width, states if settings.constrained else None)
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None} \
+            if settings.decoding == "sample" else {"do_sample": False}
+        out = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=sorted(ends), logits_processor=[processor], **sampling)
         return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-
-
-def _same_action(answer: str, reference: str, n_images: int) -> bool:
-    try:
-        return canonicalise(answer.strip(), n_images) == canonicalise(reference, n_images)
-    except ActionError:
-        return False
 
 
 def train(spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame,

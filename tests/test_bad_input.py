@@ -30,8 +30,9 @@ BASE = {
     "variants": [{"name": "b-fft", "feedback": "binary", "objective": "fft", "init": "base",
                   "previous_adapter": "model"}],
     "seeds": [1],
-    "training": {**{o: {} for o in ("fft", "rl", "kto")}, "zero_stage": 2, "checkpoint_every": 0,
-                 "max_action_tokens": 16},
+    "training": {**{o: {} for o in ("fft", "rl", "kto", "seed")}, "zero_stage": 2, "checkpoint_every": 0,
+                 "d0_augmentation": "official"},
+    "validation": {"decoding": "sample", "constrained": True, "turns": 390, "max_new_tokens": 10},
     "sweep": {"learning_rate": [1e-4]},
     "cluster": {"executor": "local", "partition": "gpu", "account": "lab", "qos": "normal", "constraint": "a100",
                 "stages": {"train": {"gpus": 1, "cpus": 1, "mem_gb": 4, "time_min": 60, "nodes": 1,
@@ -42,7 +43,7 @@ HYPERPARAMETERS = {"optimizer": "adamw", "learning_rate": 1e-4, "schedule": "cos
                    "temperature": 1.0, "label_smoothing": 0.0, "beta": 0.1, "lambda_desirable": 1.0,
                    "lambda_undesirable": 1.0, "negatives_per_5_positives": 1.0, "lora_r": 8, "lora_alpha": 16,
                    "lora_dropout": 0.1, "lora_placement": "paper"}
-for _objective in ("fft", "rl", "kto"):
+for _objective in ("fft", "rl", "kto", "seed"):
     BASE["training"][_objective] = dict(HYPERPARAMETERS)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import jobs.train
 from respect_hpc.controller import Controller, ControllerError, array_chunks
 from respect_hpc.train import adapter_problem
 from respect_hpc.manifest import load_manifest
@@ -71,6 +72,16 @@ def test_plan_lists_every_stage_and_task(tmp_path, taught_decoder):
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-1%2" in out.stdout and "#SBATCH --ntasks-per-node=1" in out.stdout
     assert re.search(r"│ train\s+│\s+2 │\s+0 │\s+2 │", out.stdout), out.stdout  # tasks, done, to do
+    assert "lineage: logged turns each variant trains on (known after the ingest stage)" in " ".join(
+        out.stdout.split())
+    import jobs.ingest
+
+    jobs.ingest.stage(m)
+    out = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "plan", str(tmp_path / "round.yaml")],
+                         capture_output=True, text=True)
+    turns = pl.read_parquet(tmp_path / "runs" / "tiny" / "data" / "turns.parquet")
+    active = turns.filter((pl.col("utterance").str.strip_chars() != "") & (pl.col("action") != "")).height
+    assert re.search(rf"│ b-fft\s+│ every policy\s+│ sft\s+│\s+0 │\s+{active} │", out.stdout), out.stdout
 
 
 def test_lock_refuses_a_second_controller_and_takes_over_a_stale_one(tmp_path):
@@ -161,3 +172,34 @@ def test_a_failed_task_stops_later_stages_and_retry_resubmits_only_what_failed(t
     counts = Controller(m).run(retry=True)
     assert counts == {"train": 2, "select": 1, "metrics": 1}  # the b-fft tasks are done: not resubmitted
     assert pl.read_parquet(run / "round-1" / "selection.parquet")["variant"].to_list() == ["b-fft", "b-kto"]
+
+
+def test_the_seed_round_trains_the_seed_policy_that_round_one_continues_from(tmp_path, taught_decoder):
+    """Round 0 without logs: train (the seed policy, on D_0 alone) and select, then a KTO variant of round 1
+    validates against the exported policy and trains from it."""
+    inputs = round_inputs(tmp_path, games=10, model=taught_decoder[0])
+    common = (f"workdir: {tmp_path / 'runs'}\n"
+              f"model: {{path: {inputs['model']}, dtype: fp32}}\n"
+              "seeds: [1]\n"
+              "training:\n"
+              "  seed: {epochs: 1, effective_batch: 8, micro_batch: 4}\n"
+              "  kto: {epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 0}\n"
+              "  zero_stage: null\n"
+              "cluster: {executor: local}\n")
+    data = f"seed_data: {inputs['d0']}, validation: {inputs['validation']}, images: {inputs['images']}"
+    seed_round = tmp_path / "round0.yaml"
+    seed_round.write_text(f"experiment: seeded\nround: 0\ndata: {{{data}}}\n{common}")
+    m = load_manifest(seed_round)
+    assert [(s.name, len(s.tasks)) for s in Controller(m).plan()] == [("train", 1), ("select", 1)]
+    assert Controller(m, report=lambda _: None).run() == {"train": 1, "select": 1}
+    run = tmp_path / "runs" / "seeded" / "round-0"
+    assert pl.read_parquet(run / "selection.parquet").select("variant", "chosen").rows() == [("sft", True)]
+    assert adapter_problem(run / "policies" / "sft") is None
+    examples = pl.read_parquet(run / "train" / "sft" / "seed-1" / "metrics.parquet")
+    assert examples.filter(pl.col("loss").is_not_null()).height >= 1
+
+    round_one = tmp_path / "round1.yaml"
+    round_one.write_text(f"experiment: seeded\nround: 1\ndata: {{interactions: [{inputs['logs']}], {data}}}\n"
+                         "variants: [{name: b-kto, feedback: binary, objective: kto, policies: [sft]}]\n" + common)
+    m1 = load_manifest(round_one)  # would be refused without round 0's policy
+    assert jobs.train.previous_adapter(m1, m1.variants[0]) == run / "policies" / "sft"

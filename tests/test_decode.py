@@ -235,3 +235,40 @@ def test_decode_shards_run_with_the_local_executor(round_one):
     assert "decode: 2 shards submitted as" in done.stderr and "(local)" in done.stderr
     assert len(list((root / "runs" / "test" / "feedback").glob("*/round-1/part-*-of-00002.parquet"))) == 4
     assert (root / "runs" / "test" / "logs" / "decode").is_dir()
+
+
+def test_precomputed_labels_replace_decoding_that_kind(tmp_path, taught_decoder, capsys):
+    """decoder.labels.binary in the public feedback_decoder_binary layout: no binary decoding; the labels as given,
+    windows without one reported; the ternary kind is still decoded."""
+    import jobs.ingest
+
+    model, logs = taught_decoder
+    path = write_manifest(tmp_path, model, [logs], shards=1)
+    turns = ingest([logs]).turns.filter("has_follow_up")
+    given = turns.select("game_turn_id").with_row_index().with_columns(
+        predictions=pl.when(pl.col("index") % 3 == 0).then(-1).otherwise(1),
+        labels=pl.lit(1), text=pl.lit("")).drop("index")
+    given.slice(1).write_parquet(tmp_path / "binary.parquet")  # the first window has no label
+    path.write_text(path.read_text().replace("decoder: {", f"decoder: {{labels: {{binary: {tmp_path / 'binary.parquet'}}}, "))
+    m = load_manifest(path)
+    jobs.ingest.stage(m)
+    assert [p.kind for p in jobs.decode.plan(m, 1)] == ["ternary"]  # binary is not decoded
+    jobs.decode.run_shard(m, 0, 1)
+    capsys.readouterr()
+    feedback = jobs.decode.merge(m, 1)
+    assert f"decoder.labels.binary: 1 of {turns.height} windows have no label" in " ".join(capsys.readouterr().err.split())
+    binary = feedback.filter(pl.col("kind") == "binary").sort("game_turn_id")
+    expected = given.slice(1).sort("game_turn_id")
+    assert binary["game_turn_id"].to_list() == expected["game_turn_id"].to_list()
+    assert binary["label"].to_list() == expected["predictions"].to_list()
+    assert set(binary["label_word"]) == {"Positive", "Negative"}
+    assert feedback.filter(pl.col("kind") == "ternary").height == turns.height  # decoded as before
+    assert jobs.decode.merge_done(m, 1)
+    given.with_columns(predictions=pl.lit(0)).write_parquet(tmp_path / "binary.parquet")
+    assert not jobs.decode.merge_done(m, 1)  # another file: merge again
+    with pytest.raises(MergeError, match=r"decoder.labels.binary '.*binary.parquet': row 1: predictions: expected one "
+                                         r"of -1, 1 for binary feedback, got 0"):
+        jobs.decode.merge(m, 1)
+    pl.concat([given, given.head(1)]).write_parquet(tmp_path / "binary.parquet")
+    with pytest.raises(MergeError, match="has more than one label"):
+        jobs.decode.merge(m, 1)

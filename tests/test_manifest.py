@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
+from respect_hpc.manifest import SEED_VARIANT, ManifestError, load_manifest, manifest_json_schema
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 
@@ -14,9 +14,9 @@ MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 def write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "logs.jsonl").write_text("")
     (tmp_path / "model").mkdir(exist_ok=True)
-    for kto in ("b-kto", "t-kto"):  # round 0's selected policies, which the default KTO variants continue from
-        (tmp_path / "runs" / "test" / "round-0" / "policies" / kto).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "runs" / "test" / "round-0" / "policies" / kto / "adapter_config.json").write_text("{}")
+    seed_policy = tmp_path / "runs" / "test" / "round-0" / "policies" / "sft"  # the KTO variants continue from it
+    seed_policy.mkdir(parents=True, exist_ok=True)
+    (seed_policy / "adapter_config.json").write_text("{}")
     path = tmp_path / "round.yaml"
     path.write_text(textwrap.dedent(text))
     return path
@@ -76,7 +76,7 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
      ["8: cluster.constraint: unsafe value 'a100`id`': expected feature names (letters, digits, '_', '.', '-') "
       "joined by '&', '|' or ','"]),
     ("variants:\n  - {name: b-ppo, feedback: binary, objective: ppo}\n",
-     ["8: variants[0].objective: unknown objective 'ppo': expected one of fft, rl, kto"]),
+     ["8: variants[0].objective: unknown objective 'ppo': expected one of fft, rl, kto, seed"]),
     ("variants:\n  - {name: x, feedback: unary, objective: fft}\n",
      ["8: variants[0].feedback: unknown feedback 'unary': expected one of binary, ternary"]),
     ("cluster:\n  executor: kubernetes\n",
@@ -108,8 +108,26 @@ def test_missing_fields_and_wrong_types(tmp_path):
     assert problems(path) == [
         "1: model: required field missing",
         "2: round: expected an integer, got 'first'",
-        "3: data.interactions: required field missing",
     ]
+
+
+def test_a_manifest_without_logs_is_the_seed_round(tmp_path):
+    seed_round = "experiment: test\nround: 0\ndata: {seed_data: logs.jsonl}\nmodel:\n  path: model\n"
+    manifest = load_manifest(write(tmp_path, seed_round))
+    assert manifest.seed_round and manifest.variants == [SEED_VARIANT] and SEED_VARIANT.name == "sft"
+    seed = manifest.objective(SEED_VARIANT)
+    assert (seed.epochs, seed.schedule, seed.warmup_steps, seed.learning_rate) == (40, "constant", 0, 1e-4)
+    assert problems(write(tmp_path, seed_round.replace("round: 0", "round: 2"))) == [
+        "1: (top level): data.interactions: round 2 needs the interaction logs of the rounds so far; only round 0, "
+        "the seed round, trains without them"]
+    assert problems(write(tmp_path, seed_round.replace("{seed_data: logs.jsonl}", "{}"))) == [
+        "1: (top level): data.seed_data: the seed round trains on D_0: name it"]
+    assert problems(write(tmp_path, seed_round + "variants: [{name: b-fft, feedback: binary, objective: fft}]\n")) \
+        == ["1: (top level): variants: the seed round (no data.interactions) trains the seed policy alone; leave "
+            "variants out"]
+    assert problems(write(tmp_path, GOOD + "variants: [{name: s, feedback: binary, objective: seed}]\n")) == [
+        "1: (top level): variants: objective seed (s) belongs to the seed round, a manifest without "
+        "data.interactions"]
 
 
 def test_missing_files_are_named(tmp_path):
@@ -131,10 +149,10 @@ def test_kto_needs_the_adapter_it_continues_from(tmp_path):
     text = GOOD + "variants:\n  - {name: b-fft, feedback: binary, objective: fft}\n" \
                   "  - {name: b-kto, feedback: binary, objective: kto}\n"
     path = write(tmp_path, text)
-    (tmp_path / "runs/test/round-0/policies/b-kto/adapter_config.json").unlink()
+    (tmp_path / "runs/test/round-0/policies/sft/adapter_config.json").unlink()
     assert problems(path) == [
         "9: variants[1].init: continues from round 0's selected policy, but "
-        f"'{tmp_path}/runs/test/round-0/policies/b-kto' holds no adapter: run that round, set previous_adapter, "
+        f"'{tmp_path}/runs/test/round-0/policies/sft' holds no adapter: run that round, set previous_adapter, "
         "or init: base"]
     assert load_manifest(path, check_files=False).variants[1].continues  # a cluster manifest checked elsewhere
 
@@ -172,8 +190,12 @@ def test_shipped_manifests_validate():
     paper = load_manifest(MANIFESTS / "paper-b-fft-round1.yaml", check_files=False)
     assert [v.name for v in paper.variants] == ["b-fft"] and paper.cluster.executor == "slurm"
     assert paper.model.dtype == "bf16" and paper.cluster.stages["train"].gpus == 4
+    assert paper.variants[0].policies == ["sft", "bp"]
     demo = load_manifest(MANIFESTS / "demo.yaml", check_files=False)
     assert demo.cluster.executor == "local"
+    for name in ("paper-seed-round0.yaml", "demo-round0.yaml"):
+        seed_round = load_manifest(MANIFESTS / name, check_files=False)
+        assert seed_round.seed_round and [v.name for v in seed_round.variants] == ["sft"]
 
 
 def test_json_schema_describes_the_sections():

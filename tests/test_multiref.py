@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from respect_hpc.multiref import (Action, ActionError, action_between, apply_action, canonicalise, format_action,
-                                  game_over, image_of, images_of, is_success, letter_of, letters_of, parse_action)
+from respect_hpc.multiref import (LETTERS, Action, ActionError, action_between, apply_action, canonicalise,
+                                  format_action, game_over, image_of, images_of, is_success, letter_of, letters_of,
+                                  parse_action)
 
 
 @pytest.mark.parametrize("text, canonical", [
@@ -104,3 +105,35 @@ def test_letters_and_images():
         letter_of("w.png", context)
     with pytest.raises(ActionError, match="letter 'D' is outside the context A..C"):
         image_of("D", context)
+
+
+def _legal_actions(n_images: int, selected: frozenset[str]) -> set[str]:
+    """Every legal action string of a state, letters in any order (a brute-force reading of the grammar)."""
+    from itertools import permutations
+
+    letters = LETTERS[:n_images]
+    chosen, free = [x for x in letters if x in selected], [x for x in letters if x not in selected]
+    deselects = [""] + [" ".join(p) for k in range(1, len(chosen) + 1) for p in permutations(chosen, k)]
+    selects = [""] + [" ".join(p) for k in range(1, len(free) + 1) for p in permutations(free, k)]
+    found = set()
+    for d in deselects:
+        for s in selects:
+            if d or s:
+                found.add(" ".join(part for part in (f"deselect {d}" if d else "", f"select {s}" if s else "")
+                                   if part))
+    return found
+
+
+@given(st.integers(1, 4), st.data())
+def test_action_prefix_accepts_exactly_the_prefixes_of_legal_actions(n_images, data):
+    from respect_hpc.multiref import action_prefix
+
+    selected = frozenset(data.draw(st.sets(st.sampled_from(LETTERS[:n_images]))))
+    legal = _legal_actions(n_images, selected)
+    prefixes = {a[:i] for a in legal for i in range(len(a) + 1)}
+    for text in prefixes:
+        expected = "complete" if text in legal else "open"
+        assert action_prefix(" " + text, n_images, selected) == expected, (text, selected)
+    junk = data.draw(st.text(alphabet="adeAlsBcDt ", max_size=14))
+    if junk.lstrip(" ") not in prefixes:
+        assert action_prefix(junk, n_images, selected) is None, (junk, selected)

@@ -1,11 +1,12 @@
-"""Objectives against hand computations (plain math on small logits), and their gradient paths."""
+"""Objectives against hand computations (plain math on small logits, OFFICIAL-RECIPE.md (e)), and their gradient
+paths."""
 
 import math
 
 import pytest
 import torch
 
-from respect_hpc.objectives import fft_loss, kto_loss, reinforce_loss, score_actions
+from respect_hpc.objectives import cross_entropy_loss, kto_loss, reinforce_loss, score_actions
 
 # One vocabulary of 3 tokens; two sequences of up to 2 action tokens (the second has one).
 LOGITS = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
@@ -23,86 +24,99 @@ def log_p(row, i):
     return math.log(softmax(row)[i])
 
 
-def entropy(row):
-    return -sum(p * math.log(p) for p in softmax(row))
-
-
 LP = {  # log-probabilities of each target token, by hand
     (0, 0): log_p([2, 0, 0], 0), (0, 1): log_p([0, 1, 0], 1), (1, 0): log_p([0, 0, 3], 2)}
-MEAN_LP = [(LP[0, 0] + LP[0, 1]) / 2, LP[1, 0]]
 SUM_LP = [LP[0, 0] + LP[0, 1], LP[1, 0]]
-ENTROPY = ((entropy([2, 0, 0]) + entropy([0, 1, 0])) / 2 + entropy([0, 0, 3])) / 2
+LENGTH = [2, 1]
 
 
-def test_scores_are_length_normalised_and_masked():
+def uniform(row):
+    """Cross-entropy against the uniform distribution: minus the mean log-probability over the vocabulary."""
+    return -sum(log_p(row, j) for j in range(3)) / 3
+
+
+U = [(uniform([2, 0, 0]) + uniform([0, 1, 0])) / 2, uniform([0, 0, 3])]
+
+
+def test_scores_sum_log_probabilities_and_average_the_entropy_term_over_answer_tokens():
     scores = score_actions(LOGITS, TARGETS, MASK)
-    assert scores.logprob_sum.tolist() == pytest.approx(SUM_LP, rel=1e-5)
-    assert scores.logprob_mean.tolist() == pytest.approx(MEAN_LP, rel=1e-5)
-    assert scores.entropy.mean().item() == pytest.approx(ENTROPY, rel=1e-5)
+    assert scores.logprob.tolist() == pytest.approx(SUM_LP, rel=1e-5)
+    assert scores.length.tolist() == LENGTH
+    assert scores.uniform.tolist() == pytest.approx(U, rel=1e-5)
 
 
-def test_fft_cross_entropy_with_label_smoothing():
-    eps, weight = 0.1, 0.01
+def test_cross_entropy_is_label_smoothing_over_the_vocabulary():
+    eps = 0.1
 
     def smoothed(row, i):
-        return (1 - eps) * -log_p(row, i) + eps * sum(-log_p(row, j) for j in range(3)) / 3
+        return (1 - eps) * -log_p(row, i) + eps * uniform(row)
 
-    per_sequence = [(smoothed([2, 0, 0], 0) + smoothed([0, 1, 0], 1)) / 2, smoothed([0, 0, 3], 2)]
-    expected = sum(per_sequence) / 2
-    parts = fft_loss(LOGITS, TARGETS, MASK, label_smoothing=eps, entropy_weight=weight)
-    assert parts.objective.item() == pytest.approx(expected, rel=1e-5)
-    assert parts.total.item() == pytest.approx(expected - weight * ENTROPY, rel=1e-5)
+    expected = [(smoothed([2, 0, 0], 0) + smoothed([0, 1, 0], 1)) / 2, smoothed([0, 0, 3], 2)]
+    loss = cross_entropy_loss(score_actions(LOGITS, TARGETS, MASK), label_smoothing=eps)
+    assert loss.tolist() == pytest.approx(expected, rel=1e-5)
 
 
-def test_reinforce_with_inverse_propensity_on_negative_rewards():
-    reward, propensity = torch.tensor([1.0, -0.1]), torch.tensor([0.5, 0.02])
-    c_negative = max(math.exp(SUM_LP[1]), 1e-4) / 0.02
-    expected = -(1.0 * 1.0 * MEAN_LP[0] + c_negative * -0.1 * MEAN_LP[1]) / 2
-    parts = reinforce_loss(LOGITS, TARGETS, MASK, reward, propensity, entropy_weight=0.0)
-    assert parts.total.item() == pytest.approx(expected, rel=1e-5)
+def test_reinforce_as_the_official_code_computes_it():
+    """(1 - e)(-c R log P / n) + e |R| U; c = 1 for R > 0, else P / max(p, 0.01), P never clamped."""
+    eps = 0.01
+    reward, propensity = torch.tensor([1.0, -0.1]), torch.tensor([0.5, 0.002])  # p below the floor
+    c_negative = math.exp(SUM_LP[1]) / 0.01
+    expected = [(1 - eps) * -SUM_LP[0] / 2 + eps * 1.0 * U[0],
+                (1 - eps) * -(c_negative * -0.1 * SUM_LP[1]) + eps * 0.1 * U[1]]
+    loss = reinforce_loss(score_actions(LOGITS, TARGETS, MASK), reward, propensity, entropy_weight=eps)
+    assert loss.tolist() == pytest.approx(expected, rel=1e-5)
+    tiny = torch.full((2, 2, 3), 0.0)
+    tiny[1, 0] = torch.tensor([20.0, 20.0, 0.0])  # P of the second action about 1e-9: its c stays about 1e-7
+    loss = reinforce_loss(score_actions(tiny, TARGETS, MASK), reward, torch.tensor([0.5, 0.5]), entropy_weight=0.0)
+    p_now = math.exp(log_p([20, 20, 0], 2))
+    assert loss[1].item() == pytest.approx(-(p_now / 0.5) * -0.1 * log_p([20, 20, 0], 2), rel=1e-4)
 
 
-def test_reinforce_clamps_tiny_probabilities_and_passes_no_gradient_through_c():
+def test_reinforce_passes_no_gradient_through_c():
     logits = LOGITS.clone().requires_grad_(True)
-    reward, propensity = torch.tensor([-0.1, -0.1]), torch.tensor([0.0, 1e-9])  # unlogged-small p
-    parts = reinforce_loss(logits, TARGETS, MASK, reward, propensity, entropy_weight=0.0)
-    assert torch.isfinite(parts.total)
-    parts.total.backward()
-    # With c detached, d/dlogits = -c R / n * d(mean log p)/dlogits: recompute with c as a constant.
-    c = torch.tensor([max(math.exp(s), 1e-4) / 1e-4 for s in SUM_LP])
+    reward, propensity = torch.tensor([-0.1, -0.1]), torch.tensor([0.0, 1e-9])
+    loss = reinforce_loss(score_actions(logits, TARGETS, MASK), reward, propensity, entropy_weight=0.0)
+    assert torch.isfinite(loss).all()
+    loss.mean().backward()
+    c = torch.tensor([math.exp(s) / 0.01 for s in SUM_LP])  # both p floored at 0.01
     manual = LOGITS.clone().requires_grad_(True)
     scores = score_actions(manual, TARGETS, MASK)
-    (-(c * reward * scores.logprob_mean).mean()).backward()
+    (-(c * reward * scores.logprob / scores.length)).mean().backward()
     assert torch.allclose(logits.grad, manual.grad)
 
 
 def test_kto_by_hand():
-    reference = torch.tensor([-1.0, -0.5])
+    """r = log P - log max(p, 0.01) (summed, not length-normalised), weights lambda_d / lambda_u, e U on top."""
+    propensity = torch.tensor([0.3, 0.001])
     desirable = torch.tensor([True, False])
-    weight = torch.tensor([1.0, 0.1])
-    beta, lam_d, lam_u, ew = 0.5, 4.0, 1.0, 0.1
-    r = [MEAN_LP[0] - -1.0, MEAN_LP[1] - -0.5]
+    weight = torch.tensor([4.0, 1.0])
+    beta, eps = 0.5, 0.1
+    r = [SUM_LP[0] - math.log(0.3), SUM_LP[1] - math.log(0.01)]
     z = max(0.0, (r[0] + r[1]) / 2)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    losses = [lam_d - lam_d * sig(beta * (r[0] - z)), lam_u - lam_u * sig(beta * (z - r[1]))]
-    expected = (1.0 * losses[0] + 0.1 * losses[1]) / 1.1
-    parts = kto_loss(LOGITS, TARGETS, MASK, reference, desirable, weight, beta=beta, lambda_desirable=lam_d,
-                     lambda_undesirable=lam_u, entropy_weight=ew)
-    assert parts.objective.item() == pytest.approx(expected, rel=1e-5)
-    assert parts.total.item() == pytest.approx(expected - ew * ENTROPY, rel=1e-5)
+    kto = [4.0 * (1 - sig(beta * (r[0] - z))), 1.0 * (1 - sig(beta * (z - r[1])))]
+    expected = [(1 - eps) * kto[i] + eps * U[i] for i in range(2)]
+    loss = kto_loss(score_actions(LOGITS, TARGETS, MASK), propensity, desirable, weight, beta=beta,
+                    entropy_weight=eps)
+    assert loss.tolist() == pytest.approx(expected, rel=1e-5)
+    only_first = kto_loss(score_actions(LOGITS, TARGETS, MASK), propensity, desirable, weight, beta=beta,
+                          entropy_weight=eps, logged=torch.tensor([True, False]))  # z from the first action alone
+    assert only_first[0].item() == pytest.approx((1 - eps) * 4.0 * (1 - sig(beta * (r[0] - max(0.0, r[0]))))
+                                                 + eps * U[0], rel=1e-5)
 
 
 def test_a_few_steps_lower_each_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    for make in (lambda lg: fft_loss(lg, TARGETS, MASK),
-                 lambda lg: reinforce_loss(lg, TARGETS, MASK, torch.tensor([1.0, -0.1]), torch.tensor([0.5, 0.5])),
-                 lambda lg: kto_loss(lg, TARGETS, MASK, torch.tensor([-1.0, -1.0]), torch.tensor([True, False]),
-                                     torch.tensor([1.0, 0.1]))):
+    for make in (lambda s: cross_entropy_loss(s, label_smoothing=0.1),
+                 lambda s: reinforce_loss(s, torch.tensor([1.0, -0.1]), torch.tensor([0.5, 0.5]),
+                                          entropy_weight=0.01),
+                 lambda s: kto_loss(s, torch.tensor([0.5, 0.5]), torch.tensor([True, False]),
+                                    torch.tensor([1.0, 1.0]), beta=0.5, entropy_weight=0.1)):
         logits = torch.randn(2, 2, 3, requires_grad=True)
         optimizer = torch.optim.SGD([logits], lr=0.5)
-        first = make(logits).total.item()
+        first = make(score_actions(logits, TARGETS, MASK)).mean().item()
         for _ in range(20):
             optimizer.zero_grad()
-            make(logits).total.backward()
+            make(score_actions(logits, TARGETS, MASK)).mean().backward()
             optimizer.step()
-        assert make(logits).total.item() < first
+        assert make(score_actions(logits, TARGETS, MASK)).mean().item() < first

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from respect_hpc.multiref import image_of, parse_action
-from respect_hpc.policy_data import epoch_batches, image_order, policy_view, rename_action
+from respect_hpc.policy_data import Encoded, epoch_batches, image_order, policy_view, rename_action
 from respect_hpc.prompts import policy_template
 
 CONTEXT = [f"img-{i}.png" for i in range(10)]
@@ -137,3 +137,52 @@ def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(repli
     with pytest.raises(PolicyDataError, match=r"^image tokens do not match the pixels: the prompt has 640 <image> "
                                               r"tokens, the 10 images give 50 crops x 64 = 3200 \(check "):
         encoder.check(item)
+
+
+def test_micro_batches_never_mix_tasks_and_every_task_runs_each_epoch():
+    """D_0 is its own task (OFFICIAL-RECIPE.md (d)): no micro-batch holds D_0 and logged rows together."""
+    tasks = ["log"] * 30 + ["d0"] * 9
+    lengths = [(i * 37) % 101 for i in range(39)]
+    batches = epoch_batches(lengths, micro_batch=4, per_step=8, seed=1, epoch=0, tasks=tasks)
+    assert all(len({tasks[i] for i in b}) == 1 for b in batches)
+    assert all(len(b) == 4 for b in batches) and len(batches) % 2 == 0
+    assert {i for b in batches for i in b} == set(range(39))
+    assert len(batches) == len(epoch_batches(lengths, 4, 8, seed=1, epoch=5, tasks=tasks))  # one schedule a run
+
+
+def test_the_policy_generates_over_the_official_15_tokens_and_only_legal_actions_when_constrained(replica, images):
+    """A random-weight replica, IDEFICS2-8B's tokenizer: sampling over the legal tokens (the letters, select, des,
+    elect, </s>, <end_of_utterance>) and, constrained, every generated action is legal in its turn's state."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
+    from respect_hpc.multiref import action_prefix
+
+    encoder = encoder_for(replica, images)
+    view = policy_view(ROW, policy_template("respect-listener@1"))
+    legal = legal_token_ids(encoder, view)
+    pieces = encoder.tokenizer.convert_ids_to_tokens(legal)
+    assert sorted(pieces) == sorted([f"▁{x}" for x in "ABCDEFGHIJ"] + ["▁select", "▁des", "elect", "</s>",
+                                                                      "<end_of_utterance>"])
+    model = AutoModelForImageTextToText.from_pretrained(replica).eval()
+    prompt = encoder.prompt_ids(view)
+    batch = encoder.collate([Encoded(prompt, 1, view.images)] * 8)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "pixel_values": batch["pixel_values"], "pixel_attention_mask": batch["pixel_attention_mask"]}
+    ends = {encoder.end_id, encoder.tokenizer.eos_token_id}
+    state = GameState(10, frozenset({"C"}))  # img-2 is selected before this turn
+    for constrained in (False, True):
+        torch.manual_seed(0)
+        processor = ActionLogits(encoder.tokenizer, legal, ends, len(prompt), [state] * 8 if constrained else None)
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                             logits_processor=[processor], pad_token_id=encoder.tokenizer.pad_token_id,
+                             eos_token_id=sorted(ends))
+        generated = out[:, len(prompt):]
+        assert set(generated.flatten().tolist()) <= set(legal) | {encoder.tokenizer.pad_token_id}
+        texts = encoder.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        legal_actions = [action_prefix(t, 10, state.selected) == "complete" for t in texts]
+        if constrained:
+            assert all(legal_actions), texts
+        else:
+            assert not all(legal_actions), texts  # a random policy left alone says something illegal

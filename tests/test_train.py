@@ -55,6 +55,13 @@ def test_lora_placements(model):
     assert vision == {"out_proj", "fc1", "fc2"} and all("vision_model" in n for n in enhanced - paper)
 
 
+def steps_per_epoch(examples: pl.DataFrame, micro_batch: int, effective_batch: int) -> int:
+    """Optimizer steps an epoch: D_0 and the logged turns fill micro-batches of their own (one task each)."""
+    d0 = examples.filter(pl.col("source") != "log").height
+    micro_batches = -(-d0 // micro_batch) + -(-(examples.height - d0) // micro_batch)
+    return -(-micro_batches // (effective_batch // micro_batch))
+
+
 def _spec(manifest, variant, out, **changes):
     m = load_manifest(manifest)
     v = jobs.train.variant_of(m, variant)
@@ -76,9 +83,11 @@ def round_files(tmp_path_factory, model):
 @pytest.mark.parametrize("variant", ["b-fft", "t-rl", "b-kto"])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_path):
     jobs.train._distributed_env()
-    # RMSProp (KTO's optimizer) takes steps of about lr / sqrt(1 - alpha) at first: a smaller rate
+    # RMSProp (KTO's optimizer) takes steps of about lr / sqrt(1 - alpha) at first: a smaller rate. A random
+    # replica gives a 3-token action a probability near e^-31, far below the logged p: with the paper's beta (0.5)
+    # KTO's sigmoid is saturated and its gradient vanishes; a small beta keeps it in range.
     spec, prepared = _spec(round_files, variant, tmp_path, learning_rate=3e-4 if variant == "b-kto" else 3e-3,
-                           warmup_steps=0, micro_batch=8,
+                           warmup_steps=0, micro_batch=8, beta=0.01,
                            effective_batch=8, lora_dropout=0.0, entropy_weight=0.0)
     trainer = Trainer(spec, prepared.examples, prepared.validation)
     labels = prepared.examples["label"].to_list()
@@ -110,7 +119,7 @@ def test_task_trains_validates_and_saves_reloadable_adapters(round_files):
     steps = metrics.filter(pl.col("loss").is_not_null())
     epochs = metrics.filter(pl.col("val_exact_match").is_not_null())
     prepared = jobs.train.prepare(m, "b-fft", 1)
-    per_epoch = -(-prepared.examples.height // 8)
+    per_epoch = steps_per_epoch(prepared.examples, 4, 8)
     assert steps["step"].to_list() == list(range(1, 2 * per_epoch + 1))
     assert epochs["epoch"].to_list() == [1, 2] and epochs["step"].to_list() == [per_epoch, 2 * per_epoch]
     assert epochs["val_exact_match"].is_between(0, 1).all() and (epochs["val_loss"] > 0).all()
@@ -149,11 +158,11 @@ def test_bad_input_is_refused_before_training(round_files, tmp_path):
         accumulation_steps(8, 4, 3, "training.fft")
     previous = _with(round_files, "init: base", "init: previous")
     with pytest.raises(ManifestError, match=r"variants\[\d\].init: continues from round 0's selected policy, but "
-                                            r"'.*round-0/policies/b-kto' holds no adapter: run that round"):
+                                            r"'.*round-0/policies/sft' holds no adapter: run that round"):
         load_manifest(previous)  # known before any job is submitted
     m = load_manifest(previous, check_files=False)
     with pytest.raises(TrainingError, match=r"variant b-kto: continues from the previous round's adapter, but "
-                                            r"'.*round-0/policies/b-kto' holds none"):
+                                            r"'.*round-0/policies/sft' holds none"):
         jobs.train.prepare(m, "b-kto", 1)
     with pytest.raises(TrainingError, match="--variant b-xx: the manifest has no such variant"):
         jobs.train.prepare(m, "b-xx", 1)
@@ -272,7 +281,8 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
     trained = {n: p for n, p in reloaded.named_parameters() if "lora_B" in n}
     assert trained and any(p.abs().sum() > 0 for p in trained.values())
     metrics = pl.read_parquet(out / METRICS_FILE)
-    assert metrics.filter(pl.col("loss").is_not_null()).height == 2 * (-(-results[0]["examples"] // 8))
+    examples = jobs.train.prepare(m, "b-fft", 1).examples
+    assert metrics.filter(pl.col("loss").is_not_null()).height == 2 * steps_per_epoch(examples, 4, 8)
 
 
 def test_a_text_only_causal_lm_policy_trains(tmp_path):
@@ -345,3 +355,22 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path, model, capsys):
         assert f"'{checkpoint / name}' is " in printed and "training starts afresh" in printed, (name, printed)
         assert "resumed" not in printed
         assert (out / "epochs" / "epoch-001" / ADAPTER).read_bytes() == undisturbed, name
+
+
+def test_dataset_writes_the_exact_examples_of_a_task(round_files, tmp_path):
+    """`respect-hpc dataset`: one row per example the task trains on, with where it comes from."""
+    out = tmp_path / "t-rl.parquet"
+    done = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "dataset", str(round_files), "--variant", "t-rl",
+                           "--seed", "1", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = pl.read_parquet(out)
+    assert table.columns == ["source", "policy", "round", "game_turn_id", "label", "reward", "weight", "action",
+                             "prob_action"]
+    prepared = jobs.train.prepare(load_manifest(round_files), "t-rl", 1)
+    assert table["game_turn_id"].to_list() == prepared.examples["game_turn_id"].to_list()
+    assert set(table["source"]) == {"log", "d0", "augmented"}
+    logged = table.filter(pl.col("source") == "log")
+    assert 0 not in set(logged["label"]) and logged["prob_action"].is_not_null().all()
+    assert "examples" in done.stdout and "log" in done.stdout
+    for action in table["action"]:
+        assert action.startswith(("select ", "deselect ")), action
