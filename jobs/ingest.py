@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobs.propensity import check_deployed, recompute
 from respect_hpc.hashing import file_digest, spec_hash
 from respect_hpc.ingest import IngestResult, ingest
 from respect_hpc.manifest import Manifest
+from respect_hpc.models import model_fingerprint
 from respect_hpc.rundir import RunDir
 from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
@@ -23,15 +25,19 @@ def run(sources: list[str | Path], out_dir: str | Path, metadata: dict[str, str]
     ``quarantine=True`` refused rows go to quarantine.parquet.
     """
     result = ingest(sources, **options)
-    out_dir = Path(out_dir)
+    write(result, result.turns, Path(out_dir), metadata)
+    return result
+
+
+def write(result: IngestResult, turns, out_dir: Path, metadata: dict[str, str] | None) -> None:
+    """The tables of an ingest, turns.parquet last: the stage's marker."""
     atomic_write_parquet(result.interactions, out_dir / INTERACTIONS_FILE)
     quarantine = out_dir / QUARANTINE_FILE
     if result.quarantine.height:
         atomic_write_parquet(result.quarantine, quarantine)
     else:
         quarantine.unlink(missing_ok=True)
-    atomic_write_parquet(result.turns, out_dir / TURNS_FILE, metadata)  # written last: the stage's marker
-    return result
+    atomic_write_parquet(turns, out_dir / TURNS_FILE, metadata)
 
 
 def _options(manifest: Manifest) -> dict:
@@ -39,7 +45,12 @@ def _options(manifest: Manifest) -> dict:
 
 
 def stage_hash(manifest: Manifest) -> str:
-    return spec_hash({"sources": [file_digest(p) for p in manifest.data.interactions], **_options(manifest)})
+    recomputed = manifest.data.propensity == "recompute"  # p then depends on the deployed policies too
+    return spec_hash({"sources": [file_digest(p) for p in manifest.data.interactions], **_options(manifest),
+                      "deployed": {k: file_digest(v) for k, v in sorted(manifest.data.deployed.items())}
+                      if recomputed else None,
+                      "model": model_fingerprint(manifest.model, RunDir.of(manifest).root / "cache" /
+                                                 "fingerprints.json") if recomputed else None})
 
 
 def is_done(manifest: Manifest) -> bool:
@@ -48,7 +59,10 @@ def is_done(manifest: Manifest) -> bool:
 
 
 def stage(manifest: Manifest) -> str:
-    """The ingest stage of a round: the logs of every earlier round; returns the accounting line."""
-    result = run(manifest.data.interactions, RunDir.of(manifest).data, {SPEC_HASH_KEY: stage_hash(manifest)},
-                 **_options(manifest))
+    """The ingest stage of a round: the logs of every earlier round (p recomputed where they lack it and the
+    manifest asks); returns the accounting line."""
+    result = ingest(manifest.data.interactions, **_options(manifest))
+    check_deployed(manifest, result.turns)
+    turns = recompute(manifest, result.turns)
+    write(result, turns, RunDir.of(manifest).data, {SPEC_HASH_KEY: stage_hash(manifest)})
     return f"{result.accounting()}; {result.turns.height} turns"

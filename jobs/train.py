@@ -128,6 +128,7 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
                      out=task_dir(manifest, variant.name, seed, cell), adapter=adapter,
                      zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
                      validation=manifest.validation.model_copy(update={"constrained": constrained}), cell=cell,
+                     gradient_checkpointing=manifest.training.gradient_checkpointing,
                      spec_hash=spec_hash)
     return Prepared(spec, examples, validation, spec_hash)
 

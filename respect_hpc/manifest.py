@@ -82,6 +82,12 @@ class DataSection(Strict):
         "interaction logs of the rounds so far (Parquet or JSON lines, public layout; files or folders); none: "
         "the seed round (round 0), which trains the seed policy on D_0 alone"))
     seed_data: PlainPath | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
+    propensity: Literal["logged", "recompute"] = Field(
+        "logged", description="p, the probability the deployed policy gave each action: as logged, or "
+                              "recomputed where the logs lack it (the ingest stage; needs deployed)")
+    deployed: dict[SafeName, PlainPath] = Field(
+        default_factory=dict, description="the adapter of each deployed policy, by the name the logs give it "
+                                          "(policy_name): what p is recomputed under")
     validation: PlainPath | None = Field(None, description="human-human validation games for checkpoint selection")
     images: PlainPath | None = Field(None, description="folder of the tangram PNGs named in the logs")
     max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=26, description="turn limit of a game")
@@ -176,6 +182,8 @@ class TrainingSection(Strict):
                                                               "(no DeepSpeed)")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints besides each "
                                                        "epoch's end; 0: at epoch ends only")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass "
+                                                            "(less memory, about a third more compute)")
     d0_augmentation: Literal["official", "paper", "none"] = Field(
         "official", description="synthetic deselection turns added to D_0: official (two kinds, 'remove the "
                                 "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06), "
@@ -454,6 +462,8 @@ def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
         found.append((("decoder", "model", "path"), manifest.decoder.model.path, "any"))
     for kind, path in manifest.decoder.labels.items():
         found.append((("decoder", "labels", kind), path, "file"))
+    for name, path in manifest.data.deployed.items():
+        found.append((("data", "deployed", name), path, "folder"))
     for i, variant in enumerate(manifest.variants):
         if variant.previous_adapter is not None:
             found.append((("variants", i, "previous_adapter"), variant.previous_adapter, "folder"))
@@ -495,6 +505,9 @@ def _resolve(data: object, base: Path) -> object:
                     part[key] = [_join(base, v) if isinstance(v, str) else v for v in value]
     if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("model"), dict):
         data["decoder"] = {**data["decoder"], "model": _resolve({"model": data["decoder"]["model"]}, base)["model"]}
+    if isinstance(data.get("data"), dict) and isinstance(data["data"].get("deployed"), dict):
+        data["data"] = {**data["data"], "deployed": {k: _join(base, v) if isinstance(v, str) else v
+                                                     for k, v in data["data"]["deployed"].items()}}
     if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("labels"), dict):
         data["decoder"] = {**data["decoder"], "labels": {k: _join(base, v) if isinstance(v, str) else v
                                                          for k, v in data["decoder"]["labels"].items()}}

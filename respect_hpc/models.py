@@ -169,8 +169,13 @@ def load_processor(spec: ModelSection):
 
 
 def load_policy(spec: ModelSection, *, r: int, alpha: int, dropout: float, placement: str,
-                adapter: Path | None = None, seed: int = 0):
-    """The base model with LoRA adapters: new ones (seeded) or trainable copies of a saved ``adapter``."""
+                adapter: Path | None = None, seed: int = 0, gradient_checkpointing: bool = False):
+    """The base model with LoRA adapters: new ones (seeded) or trainable copies of a saved ``adapter``.
+
+    With ``gradient_checkpointing`` the base model recomputes its activations in the backward pass
+    (non-reentrant activation checkpointing, with gradients on the input embeddings as PEFT needs under
+    reentrant checkpointing; enabled before PEFT wraps the model).
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -180,6 +185,9 @@ def load_policy(spec: ModelSection, *, r: int, alpha: int, dropout: float, place
     model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if adapter is not None:
         if not (adapter / "adapter_config.json").is_file():
             raise ModelError(f"previous adapter: no adapter_config.json in '{adapter}'")

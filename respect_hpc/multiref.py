@@ -128,6 +128,16 @@ def action_prefix(text: str, n_images: int, selected: frozenset[str]) -> str | N
     return "open" if any(option.startswith(last) for option in options) else None
 
 
+def mismatched_click(action: str, selected: frozenset[str]) -> str:
+    """The single click KTO's reference point is measured on: the first image (letter A), or the second when
+    the action was exactly that click; deselect when the image is selected, else select."""
+    for letter in "AB":
+        click = f"{'deselect' if letter in selected else 'select'} {letter}"
+        if click != action:
+            return click
+    raise AssertionError("unreachable: two different clicks cannot both equal one action")
+
+
 def canonicalise(text: str, n_images: int = 10) -> str:
     """Parse and format: the canonical text of any valid action string."""
     return format_action(parse_action(text, n_images))

@@ -13,8 +13,10 @@ a batch's loss is their mean.
   c = exp(log P - log max(p, 0.01)), without gradient and without an upper clamp (p: the probability the
   deployed policy gave the action when it acted);
 - KTO: r = log P - log max(p, 0.01); desirable actions lose lambda_d (1 - sigmoid(beta (r - z))), undesirable
-  ones lambda_u (1 - sigmoid(beta (z - r))) (the weights come with the examples, datasets.py); the loss is (1 - e) KTO + e U, not length-normalised; z, the
-  reference point, is max(0, mean r) over the batch's logged actions, without gradient.
+  ones lambda_u (1 - sigmoid(beta (z - r))) (the weights come with the examples, datasets.py); the loss is
+  (1 - e) KTO + e U, not length-normalised; z, the reference point, is max(0, mean of log pi(a'|x) -
+  log pi_ref(a'|x)) over a mismatched single click a' of each logged action (the trainer measures it once
+  per optimizer step, before the update), without gradient.
 """
 
 from __future__ import annotations
@@ -62,14 +64,18 @@ def reinforce_loss(scores: ActionScores, reward: torch.Tensor, propensity: torch
     return (1 - entropy_weight) * objective + entropy_weight * reward.abs() * scores.uniform
 
 
+def reference_point(logprob_now: torch.Tensor, logprob_reference: torch.Tensor) -> torch.Tensor:
+    """KTO's z: max(0, mean of log pi(a'|x) - log pi_ref(a'|x)) over mismatched actions a', without gradient."""
+    if not logprob_now.numel():
+        return torch.zeros(())
+    return (logprob_now.detach() - logprob_reference.to(logprob_now.dtype)).mean().clamp(min=0)
+
+
 def kto_loss(scores: ActionScores, propensity: torch.Tensor, desirable: torch.Tensor, weight: torch.Tensor, *,
-             beta: float, entropy_weight: float, logged: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight``: lambda_d or lambda_u of each action; ``logged`` marks the actions z is estimated from
-    (default: all)."""
+             z: torch.Tensor, beta: float, entropy_weight: float) -> torch.Tensor:
+    """``weight``: lambda_d or lambda_u of each action; ``z``: the reference point (:func:`reference_point`)."""
     r = log_ratio(scores, propensity)
-    logged = torch.ones_like(desirable) if logged is None else logged
-    z = (r.detach() * logged).sum() / logged.sum().clamp(min=1)
-    z = z.clamp(min=0)
+    z = z.to(r.dtype)
     objective = weight.to(r.dtype) * torch.where(desirable, 1 - torch.sigmoid(beta * (r - z)),
                                                  1 - torch.sigmoid(beta * (z - r)))
     return (1 - entropy_weight) * objective + entropy_weight * scores.uniform

@@ -170,6 +170,16 @@ class PolicyEncoder:
         return {"pixel_values": values, "pixel_attention_mask": masks}
 
 
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits at the positions that predict each example's answer tokens (the last ``targets`` columns)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "pixel_values" in batch:
+        inputs["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+        inputs["pixel_attention_mask"] = batch["pixel_attention_mask"]
+    keep = batch["targets"].shape[1]
+    return model(**inputs, logits_to_keep=keep + 1).logits[:, :-1]
+
+
 def epoch_batches(lengths: list[int], micro_batch: int, per_step: int, seed: int, epoch: int,
                   group: int | None = 50, tasks: list[str] | None = None) -> list[list[int]]:
     """One epoch's micro-batches, a whole number of optimizer steps' worth, in a seeded order.

@@ -34,9 +34,10 @@ from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import Hyperparameters, ModelSection, ValidationSection
 from respect_hpc.models import load_policy, load_processor, load_tokenizer
 from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
-from respect_hpc.multiref import letters_of
+from respect_hpc.multiref import letters_of, mismatched_click
 from respect_hpc.objectives import cross_entropy_loss, kto_loss, reinforce_loss, score_actions
-from respect_hpc.policy_data import Encoded, PolicyEncoder, PolicyView, epoch_batches, image_order, policy_view
+from respect_hpc.policy_data import (Encoded, PolicyEncoder, PolicyView, answer_logits, epoch_batches, image_order,
+                                     policy_view)
 from respect_hpc.prompts import policy_template
 from respect_hpc.tables import atomic_copy_tree, atomic_write_parquet
 
@@ -45,6 +46,7 @@ METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "lo
                      "val_exact_match": pl.Float64, "val_loss": pl.Float64})
 METRICS_FILE = "metrics.parquet"
 DONE_FILE = "done.json"       # written by the task's entry point (jobs/train.py) when it finished
+MISMATCH_FILE = "mismatch_reference.parquet"  # KTO: log pi_ref(a'|x) of each logged example's mismatched click
 REHEARSAL = ("d0", "augmented")  # example sources trained with label-smoothed cross-entropy in every variant
 
 
@@ -77,6 +79,7 @@ class TrainSpec:
     zero_stage: int | None = 2
     checkpoint_every: int = 0
     validation: ValidationSection = ValidationSection(constrained=False)
+    gradient_checkpointing: bool = False
     cell: str = "default"
     spec_hash: str = ""             # of the task's settings and inputs: checkpoints resume only under it
 
@@ -98,7 +101,7 @@ def clear_task(out: Path) -> None:
     """Remove a task's checkpoints, epoch adapters, metrics and done marker."""
     for name in ("ckpt", "epochs"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (METRICS_FILE, DONE_FILE):
+    for name in (METRICS_FILE, MISMATCH_FILE, DONE_FILE):
         (out / name).unlink(missing_ok=True)
 
 
@@ -203,7 +206,8 @@ class Trainer:
         self.lengths = [len(e.input_ids) for e in encoded]
         self.model = load_policy(spec.model, r=self.hp.lora_r, alpha=self.hp.lora_alpha,
                                  dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
-                                 adapter=spec.adapter, seed=spec.seed)
+                                 adapter=spec.adapter, seed=spec.seed,
+                                 gradient_checkpointing=spec.gradient_checkpointing)
         self.model.to(self.accelerator.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.hp.optimizer == "adamw":
@@ -224,6 +228,7 @@ class Trainer:
             self.accelerator.register_load_state_pre_hook(self._load_adapter_hook)
         self.rows: list[dict] = []
         self.legal: list[int] | None = None  # the action tokens, found at the first validation
+        self.mismatch_reference = self._mismatch_reference() if spec.objective == "kto" else {}
 
     # -- data ---------------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -247,25 +252,60 @@ class Trainer:
         batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def _logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        if "pixel_values" in batch:
-            inputs["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-            inputs["pixel_attention_mask"] = batch["pixel_attention_mask"]
-        keep = batch["targets"].shape[1]
-        return model(**inputs, logits_to_keep=keep + 1).logits[:, :-1]
+    def _mismatch_logprobs(self, rows: list[dict], epoch: int | None) -> list[float]:
+        """log pi(a'|x) of each row's mismatched click under the model as it is (no gradient, no dropout);
+        images in the epoch's order (None: the logged order)."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        values = []
+        with torch.no_grad():
+            for start in range(0, len(rows), self.hp.micro_batch):
+                chunk = [{**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
+                                                                                      row["context"]))}
+                         for row in rows[start:start + self.hp.micro_batch]]
+                encoded = [self.encoder.encode(policy_view(row, self.template, None if epoch is None else image_order(
+                    row["context"], self.spec.seed, epoch, row["game_turn_id"]))) for row in chunk]
+                batch = {k: v.to(self.accelerator.device) for k, v in self.encoder.collate(encoded).items()}
+                values += score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"],
+                                        self.hp.temperature).logprob.tolist()
+        model.train(was_training)
+        return values
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> LossParts:
-        """D_0 rows by label-smoothed cross-entropy, logged rows by the variant's objective (objectives.py)."""
+    def _mismatch_reference(self) -> dict[str, float]:
+        """KTO's reference for the mismatched clicks: the starting policy (the adapter the variant continues from,
+        which deployed the newest round) scores each logged example's click once, in the logged image order."""
+        path = self.spec.out / MISMATCH_FILE
+        with self.accelerator.main_process_first():
+            if not path.is_file():
+                logged = [row for row in self.examples if row["source"] not in REHEARSAL]
+                atomic_write_parquet(pl.DataFrame({"game_turn_id": [r["game_turn_id"] for r in logged],
+                                                   "logprob": self._mismatch_logprobs(logged, None)},
+                                                  schema={"game_turn_id": pl.String, "logprob": pl.Float64}), path)
+        table = pl.read_parquet(path)
+        return dict(zip(table["game_turn_id"], table["logprob"]))
+
+    def _reference_point(self, micro_batches: list[list[int]], epoch: int) -> torch.Tensor:
+        """KTO's z for one optimizer step, before its update, over every process's logged examples of the step."""
+        rows = [self.examples[i] for indices in micro_batches for i in indices
+                if self.examples[i]["source"] not in REHEARSAL]
+        now = self._mismatch_logprobs(rows, epoch)
+        difference = sum(n - self.mismatch_reference[r["game_turn_id"]] for n, r in zip(now, rows))
+        total, count = self._reduce([difference, float(len(rows))], "sum")
+        return torch.tensor(max(0.0, total / count) if count else 0.0)
+
+    def _loss(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None) -> LossParts:
+        """D_0 rows by label-smoothed cross-entropy, logged rows by the variant's objective (objectives.py);
+        ``z``: KTO's reference point for this step."""
         hp = self.hp
-        scores = score_actions(self._logits(self.model, batch), batch["targets"], batch["target_mask"],
+        scores = score_actions(answer_logits(self.model, batch), batch["targets"], batch["target_mask"],
                                hp.temperature)
         rehearsal = batch["rehearsal"].to(scores.logprob.device)
         if self.spec.objective == "rl":
             per_action = reinforce_loss(scores, batch["reward"], batch["propensity"], entropy_weight=hp.entropy_weight)
         elif self.spec.objective == "kto":
-            per_action = kto_loss(scores, batch["propensity"], batch["desirable"], batch["weight"], beta=hp.beta,
-                                  entropy_weight=hp.entropy_weight, logged=~rehearsal)
+            per_action = kto_loss(scores, batch["propensity"], batch["desirable"], batch["weight"], z=z, beta=hp.beta,
+                                  entropy_weight=hp.entropy_weight)
         else:  # fft (the seed round's rows are all D_0)
             per_action = cross_entropy_loss(scores, label_smoothing=hp.entropy_weight)
         per_action = torch.where(rehearsal, cross_entropy_loss(scores, label_smoothing=hp.label_smoothing),
@@ -273,6 +313,22 @@ class Trainer:
         logged = per_action.detach()[~rehearsal]
         return LossParts(per_action.mean(), logged.mean() if logged.numel() else torch.zeros(()),
                          scores.uniform.detach().mean())
+
+    # -- the guard against silent non-training -------------------------------------------------------
+    def _lora_b(self) -> dict[str, torch.Tensor] | None:
+        """A copy of every LoRA B matrix (they start at zero and must move), or None where ZeRO-3 shards them."""
+        if self.spec.zero_stage == 3:
+            return None
+        return {n: p.detach().clone() for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
+                if "lora_B" in n}
+
+    def _check_moved(self, before: dict[str, torch.Tensor], step: int) -> None:
+        after = self._lora_b()
+        moved, = self._reduce([float(any(not torch.equal(before[n], after[n]) for n in before))], "max")
+        if not before or not moved:
+            raise TrainingError(f"step {step}: no LoRA B matrix moved ({len(before)} checked) although the learning "
+                                "rate is above zero: the adapter is not training (frozen LoRA parameters, or "
+                                "gradients that never reach them); stopped")
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _load_adapter_hook(self, models, folder: str) -> None:
@@ -341,15 +397,20 @@ class Trainer:
             progress(f"resumed at step {step} (epoch {first_epoch})")
         self.model.train()
         started = time.perf_counter()
+        unmoved = self._lora_b() if step == 0 else None  # checked after the first step that has a learning rate
         for epoch in range(first_epoch, hp.epochs):
             batches = self._epoch_batches(epoch)
             per_step = world * self.accum
             for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                 sums = [0.0, 0.0, 0.0]
+                step_lr = self.scheduler.get_last_lr()[0]  # what this step's update uses (0 in early warm-up)
+                first = epoch_step * per_step + rank * self.accum
+                mine = batches[first:first + self.accum]  # this process's micro-batches of the step
+                z = self._reference_point(mine, epoch) if self.spec.objective == "kto" else None
                 for a in range(self.accum):
-                    batch = self._batch(batches[epoch_step * per_step + rank * self.accum + a], epoch)
+                    batch = self._batch(mine[a], epoch)
                     with accelerator.accumulate(self.model):
-                        parts = self._loss(batch)
+                        parts = self._loss(batch, z)
                         bad, = self._reduce([float(not torch.isfinite(parts.total).item())], "max")
                         if bad:
                             raise TrainingError(
@@ -362,6 +423,9 @@ class Trainer:
                         self.optimizer.zero_grad()
                     sums = [s + float(v) / self.accum for s, v in
                             zip(sums, (parts.total.detach(), parts.objective, parts.entropy))]
+                if unmoved is not None and step_lr > 0:
+                    self._check_moved(unmoved, step + 1)
+                    unmoved = None
                 step += 1
                 loss, objective, entropy = self._reduce(sums, "mean")
                 lr = self.scheduler.get_last_lr()[0]
@@ -405,7 +469,7 @@ class Trainer:
                 views = [policy_view(row, self.template) for row in rows]
                 encoded = [self.encoder.encode(view) for view in views]
                 batch = {k: v.to(accelerator.device) for k, v in self.encoder.collate(encoded).items()}
-                scores = score_actions(self._logits(model, batch), batch["targets"], batch["target_mask"])
+                scores = score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"])
                 loss -= (scores.logprob / scores.length).sum().item()
                 states = [GameState(len(r["context"]), frozenset(letters_of(r["currently_selected"], r["context"])))
                           for r in rows]

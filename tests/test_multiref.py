@@ -137,3 +137,13 @@ def test_action_prefix_accepts_exactly_the_prefixes_of_legal_actions(n_images, d
     junk = data.draw(st.text(alphabet="adeAlsBcDt ", max_size=14))
     if junk.lstrip(" ") not in prefixes:
         assert action_prefix(junk, n_images, selected) is None, (junk, selected)
+
+
+def test_the_mismatched_click_is_a_or_b_by_the_current_selection():
+    from respect_hpc.multiref import mismatched_click
+
+    assert mismatched_click("select C", frozenset()) == "select A"
+    assert mismatched_click("select C", frozenset({"A"})) == "deselect A"
+    assert mismatched_click("select A", frozenset()) == "select B"  # exactly that click: the second image
+    assert mismatched_click("deselect A", frozenset({"A", "B"})) == "deselect B"
+    assert mismatched_click("deselect A select C", frozenset({"A"})) == "deselect A"  # not a single click

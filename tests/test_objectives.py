@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from respect_hpc.objectives import cross_entropy_loss, kto_loss, reinforce_loss, score_actions
+from respect_hpc.objectives import cross_entropy_loss, kto_loss, reference_point, reinforce_loss, score_actions
 
 # One vocabulary of 3 tokens; two sequences of up to 2 action tokens (the second has one).
 LOGITS = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
@@ -90,19 +90,23 @@ def test_kto_by_hand():
     propensity = torch.tensor([0.3, 0.001])
     desirable = torch.tensor([True, False])
     weight = torch.tensor([4.0, 1.0])
-    beta, eps = 0.5, 0.1
+    beta, eps, z = 0.5, 0.1, 0.7
     r = [SUM_LP[0] - math.log(0.3), SUM_LP[1] - math.log(0.01)]
-    z = max(0.0, (r[0] + r[1]) / 2)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     kto = [4.0 * (1 - sig(beta * (r[0] - z))), 1.0 * (1 - sig(beta * (z - r[1])))]
     expected = [(1 - eps) * kto[i] + eps * U[i] for i in range(2)]
-    loss = kto_loss(score_actions(LOGITS, TARGETS, MASK), propensity, desirable, weight, beta=beta,
-                    entropy_weight=eps)
+    loss = kto_loss(score_actions(LOGITS, TARGETS, MASK), propensity, desirable, weight, z=torch.tensor(z),
+                    beta=beta, entropy_weight=eps)
     assert loss.tolist() == pytest.approx(expected, rel=1e-5)
-    only_first = kto_loss(score_actions(LOGITS, TARGETS, MASK), propensity, desirable, weight, beta=beta,
-                          entropy_weight=eps, logged=torch.tensor([True, False]))  # z from the first action alone
-    assert only_first[0].item() == pytest.approx((1 - eps) * 4.0 * (1 - sig(beta * (r[0] - max(0.0, r[0]))))
-                                                 + eps * U[0], rel=1e-5)
+
+
+def test_kto_reference_point_is_the_clamped_mean_log_ratio_of_the_mismatched_clicks():
+    now = torch.tensor([-2.0, -1.0, -4.0], requires_grad=True)
+    reference = torch.tensor([-3.0, -1.5, -3.0])
+    z = reference_point(now, reference)
+    assert z.item() == pytest.approx((1.0 + 0.5 - 1.0) / 3) and not z.requires_grad
+    assert reference_point(torch.tensor([-5.0]), torch.tensor([-1.0])).item() == 0.0  # never below zero
+    assert reference_point(torch.tensor([]), torch.tensor([])).item() == 0.0
 
 
 def test_a_few_steps_lower_each_loss_on_a_fixed_batch():
@@ -111,7 +115,7 @@ def test_a_few_steps_lower_each_loss_on_a_fixed_batch():
                  lambda s: reinforce_loss(s, torch.tensor([1.0, -0.1]), torch.tensor([0.5, 0.5]),
                                           entropy_weight=0.01),
                  lambda s: kto_loss(s, torch.tensor([0.5, 0.5]), torch.tensor([True, False]),
-                                    torch.tensor([1.0, 1.0]), beta=0.5, entropy_weight=0.1)):
+                                    torch.tensor([1.0, 1.0]), z=torch.tensor(0.0), beta=0.5, entropy_weight=0.1)):
         logits = torch.randn(2, 2, 3, requires_grad=True)
         optimizer = torch.optim.SGD([logits], lr=0.5)
         first = make(score_actions(logits, TARGETS, MASK)).mean().item()
