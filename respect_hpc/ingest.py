@@ -184,6 +184,7 @@ def _split_turn_clicks(record: dict) -> None:
     clicks = record.pop("clicks")
     if clicks and all(isinstance(c, list) for c in clicks):
         record["_clicks_toggled"] = clicks[-1]
+        record["_clicks_toggles"] = clicks
     else:
         record["_clicks_after"] = clicks
 
@@ -193,7 +194,8 @@ def _turn_clicks(frame: pl.DataFrame) -> pl.DataFrame:
     if "clicks" not in frame.columns:
         return frame
     if frame.schema["clicks"] == pl.List(pl.List(pl.String)):
-        return frame.with_columns(_clicks_toggled=pl.col("clicks").list.last()).drop("clicks")
+        return frame.with_columns(_clicks_toggled=pl.col("clicks").list.last(),
+                                  _clicks_toggles=pl.col("clicks")).drop("clicks")
     return frame.rename({"clicks": "_clicks_after"})
 
 
@@ -320,12 +322,48 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
             pl.col("round").cast(pl.String).first().alias("_round"),
             pl.col("_row").min(),
             pl.len().cast(pl.Int64).alias("_rows"),
-            ((pl.col("turn_id").diff().drop_nulls() != 1).any() | pl.col("turn_id").is_null().any()).alias("_turn_gap"),
+            ((pl.col("turn_id").diff().drop_nulls() != 1).any() | pl.col("turn_id").is_null().any()
+             | (pl.col("turn_id").min() != 0)).alias("_turn_gap"),
             pl.col("turn_id").filter("_disagree").first().alias("_clicks_mismatch"),
             pl.col("_row").filter("_disagree").first().alias("_clicks_mismatch_row"),
             (_END.n_unique() > 1).alias("_end_disagree"),
+            pl.col("turn_id").alias("_turn_ids"),
+            pl.col("chats").last().alias("_chats"),
+            _optional(frame, "_clicks_toggles", pl.List(pl.List(pl.String))).last().alias("_toggles"),
         )
+        .pipe(_complete_partial_games)
     )
+
+
+def _complete_partial_games(games: pl.DataFrame) -> pl.DataFrame:
+    """Games of a turn-layout file that holds only some of their turns (a filtered set, as the official code
+    keeps the good ones): each turn row carries the game so far (its utterances and the images toggled in every
+    turn), so the game up to its last kept turn is rebuilt from that row, and every kept row must agree with
+    it. Turns the file leaves out stay history (p unknown); without the toggles the gap is a bad row."""
+    partial = games.filter(pl.col("_turn_gap") & pl.col("_toggles").is_not_null()
+                           & pl.col("_turn_ids").list.eval(pl.element().is_not_null().all()).list.first())
+    if partial.is_empty():
+        return games
+    rebuilt = []
+    for game in partial.iter_rows(named=True):
+        chats, toggles, kept = game["_chats"], game["_toggles"], game["_turn_ids"]
+        selection, after = set(), []
+        for toggled in toggles:
+            selection ^= set(toggled)
+            after.append(sorted(selection))
+        n = len(chats)
+        fits = len(toggles) == n == max(kept) + 1 and all(0 <= t < n for t in kept)
+        mismatch = next((t for t, utterance, clicks in zip(kept, game["chat"], game["clicks"])
+                         if not fits or chats[t] != utterance or after[t] != sorted(clicks)), None)
+        p = [None] * n
+        for t, value in zip(kept, game["prob_action"]):
+            if 0 <= t < n:
+                p[t] = value
+        rebuilt.append({**game, "chat": chats, "clicks": after, "prob_action": p, "num_turns": n, "_turn_gap": False,
+                        "_clicks_mismatch": mismatch if fits else kept[0],
+                        "_clicks_mismatch_row": game["_row"] if mismatch is not None or not fits else None})
+    done = pl.DataFrame(rebuilt, schema=games.schema)
+    return pl.concat([games.join(partial.select("game_id"), on="game_id", how="anti"), done])
 
 
 def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | None) -> pl.Expr:

@@ -57,8 +57,10 @@ def taught_decoder(tmp_path_factory):
     return folder, logs
 
 
-def round_inputs(root: Path, games: int, model: Path | None = None) -> dict[str, Path]:
-    """Synthetic logs (``games`` games), D_0 and validation games, the images and a tiny IDEFICS2-8B replica.
+def round_inputs(root: Path, games: int, model: Path | None = None,
+                 policies: dict[str, float] | None = None) -> dict[str, Path]:
+    """Synthetic logs (``games`` games of each of ``policies``, default the initial policy sft), D_0 and
+    validation games, the images and a tiny IDEFICS2-8B replica.
 
     Images are the real KiloGram tangrams when ../shared/data/kilogram is present, else procedural ones.
     """
@@ -70,24 +72,26 @@ def round_inputs(root: Path, games: int, model: Path | None = None) -> dict[str,
     if bank.source == "procedural":
         paths["images"] = root / "images"
         draw_procedural_images(bank, paths["images"])
-    for name, n, policies, seed in (("logs", games, {"sft": 0.5}, 3), ("d0", max(games // 3, 4), {"human": 0.9}, 5),
-                                    ("validation", max(games // 4, 3), {"human": 0.9}, 6)):
+    for name, n, who, seed in (("logs", games, policies or {"sft": 0.5}, 3),
+                               ("d0", max(games // 3, 4), {"human": 0.9}, 5),
+                               ("validation", max(games // 4, 3), {"human": 0.9}, 6)):
         paths[name] = root / f"{name}.parquet"
-        synthesize(n, seed=seed, policies=policies, rounds=[0], bank=bank).write_parquet(paths[name])
+        synthesize(n, seed=seed, policies=who, rounds=[0], bank=bank).write_parquet(paths[name])
     paths["model"] = model or replica_like("idefics2-8b", root / "model")
     return paths
 
 
 def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary, objective: fft}]",
                 training: str = "{epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
-                extra: str = "", model: Path | None = None, games: int = 24, model_options: str = "") -> Path:
+                extra: str = "", model: Path | None = None, games: int = 24, model_options: str = "",
+                policies: dict[str, float] | None = None) -> Path:
     """A round ready to train (:func:`round_inputs`, ingested), with decoded feedback written directly:
     heuristic labels standing in for the decode stage."""
     import jobs.ingest
     from respect_hpc.prompts import LABEL_VALUES
     from respect_hpc.synthetic import follow_up_label
 
-    inputs = round_inputs(root, games, model)
+    inputs = round_inputs(root, games, model, policies)
     logs, d0, validation, images, model = (inputs[k] for k in ("logs", "d0", "validation", "images", "model"))
     run = root / "runs" / "t"
     turns = jobs.ingest.run([logs], run / "data", policies=None).turns.filter("has_follow_up")

@@ -237,3 +237,33 @@ def test_folders_are_read_recursively(tmp_path):
     write_jsonl(tmp_path / "r0" / "a.jsonl", [game("a")])
     write_parquet(tmp_path / "b.parquet", [game("b")])
     assert sorted(ingest([tmp_path]).interactions["game_id"]) == ["a", "b"]
+
+
+def test_a_turn_layout_file_of_kept_turns_only_is_completed_from_their_history(tmp_path):
+    """The official D_0 and validation files hold only the good turns of each game; every row carries the game
+    so far (its utterances and the images toggled in each turn), which rebuilds the turns left out."""
+    from respect_hpc.datasets import is_good_action
+    from respect_hpc.ingest import selection_after
+
+    logs = synthesize(12, seed=5, policies={"human": 0.6}, rounds=[0])
+    full = ingest([write_parquet(tmp_path / "i.parquet", logs.to_dicts())]).turns
+    turn_layout = to_public_turn_layout(full)
+    good = set(full.filter(is_good_action())["game_turn_id"])
+    kept = turn_layout.filter(pl.col("game_turn_id").is_in(list(good)))
+    assert kept.height < turn_layout.height and kept.group_by("game_id").agg(
+        (pl.col("turn_id").diff().drop_nulls() != 1).any())["turn_id"].any()  # gaps inside games
+    for fmt in ("parquet", "jsonl"):
+        path = (write_parquet if fmt == "parquet" else write_jsonl)(tmp_path / f"kept.{fmt}", kept.to_dicts())
+        turns = ingest([path]).turns
+        columns = ["game_turn_id", "chats", "currently_selected", "selected", "deselected", "action"]
+        mine = turns.filter(pl.col("game_turn_id").is_in(list(good))).select(columns).sort("game_turn_id")
+        assert mine.equals(full.filter(pl.col("game_turn_id").is_in(list(good))).select(columns)
+                           .sort("game_turn_id")), fmt
+    after_form = kept.with_columns(clicks=selection_after())  # no toggles: the turns left out cannot be rebuilt
+    with pytest.raises(IngestError, match="turn_id: turn ids of the game are missing or not consecutive"):
+        ingest([write_parquet(tmp_path / "after.parquet", after_form.to_dicts())])
+    rows = kept.to_dicts()
+    victim = next(i for i, r in enumerate(rows) if r["turn_id"] > 0 and r["selected"])
+    rows[victim]["selected"], rows[victim]["deselected"] = rows[victim]["deselected"], rows[victim]["selected"]
+    with pytest.raises(IngestError, match=r"clicks: turn \d+: clicks disagree"):
+        ingest([write_parquet(tmp_path / "bad.parquet", rows)])

@@ -437,3 +437,31 @@ def test_a_kto_task_runs_whole_with_its_reference_point(round_files):
     reference = pl.read_parquet(out / MISMATCH_FILE)
     logged = jobs.train.prepare(m, "b-kto", 1).examples.filter(pl.col("source") == "log")
     assert sorted(reference["game_turn_id"]) == sorted(logged["game_turn_id"])
+
+
+def test_dataset_shows_each_variants_lineage_on_logs_of_several_policies(tmp_path, model):
+    """The issue's audit: each variant's own policies, D_0 good turns with both augmentations, KTO's lambda
+    weights, no neutral RL rows."""
+    variants = ("[{name: b-fft, feedback: binary, objective: fft, policies: [sft, bp]},"
+                " {name: t-rl, feedback: ternary, objective: rl, policies: [sft, ta]},"
+                " {name: b-kto, feedback: binary, objective: kto, init: base, policies: [sft, bk]}]")
+    manifest = write_round(tmp_path, variants=variants, model=model, games=12,
+                           policies={"sft": 0.5, "bp": 0.6, "ta": 0.6, "bk": 0.6})
+    tables = {}
+    for variant in ("b-fft", "t-rl", "b-kto"):
+        out = tmp_path / f"{variant}.parquet"
+        done = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "dataset", str(manifest), "--variant",
+                               variant, "--seed", "1", "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        tables[variant] = pl.read_parquet(out)
+    own = {"b-fft": "bp", "t-rl": "ta", "b-kto": "bk"}
+    for variant, table in tables.items():
+        logged = table.filter(pl.col("source") == "log")
+        assert set(logged["policy"]) == {"sft", own[variant]}, variant
+        d0 = table.filter(pl.col("source") != "log")
+        assert set(d0["policy"]) == {"human"} and set(d0["label"]) == {1}
+    augmented = tables["b-fft"].filter(pl.col("source") == "augmented")["game_turn_id"]
+    assert augmented.str.ends_with("_undo").any() and augmented.str.ends_with("_clear").any()
+    assert 0 not in set(tables["t-rl"]["label"])
+    kto = tables["b-kto"].filter(pl.col("source") == "log")
+    assert dict(kto.select("label", "weight").unique().iter_rows()) == {1: 4.0, -1: 1.0}
