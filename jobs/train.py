@@ -32,10 +32,10 @@ from respect_hpc.ingest import ingest
 from respect_hpc.manifest import Manifest, Variant
 from respect_hpc.models import is_multimodal, model_fingerprint
 from respect_hpc.rundir import RunDir
-from respect_hpc.tables import atomic_write_text
+from respect_hpc.tables import atomic_write_parquet, atomic_write_text
 from respect_hpc.select import rank
-from respect_hpc.train import (DONE_FILE, METRICS_FILE, TrainingError, TrainSpec, accumulation_steps, adapter_problem,
-                               clear_task, train)
+from respect_hpc.train import (DONE_FILE, METRICS_FILE, SOURCES_FILE, TrainingError, TrainSpec, accumulation_steps,
+                               adapter_problem, clear_task, train)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -236,6 +236,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         result = {"variant": self.variant, "cell": self.cell, "seed": self.seed, "spec_hash": prepared.spec_hash,
                   "examples": prepared.examples.height, "epochs": prepared.spec.hp.epochs, **best_epoch(out)}
         if main:
+            atomic_write_parquet(source_counts(prepared.examples), out / SOURCES_FILE)  # for reports
             atomic_write_text(json.dumps(result, indent=1), out / DONE_FILE)
         return result
 

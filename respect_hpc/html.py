@@ -26,6 +26,7 @@ SECTIONS = [
     ("Feedback decoder: quality against human labels", "decoder_quality", ["confusion_binary", "confusion_ternary"]),
     ("Feedback decoder: confusion counts", "decoder_confusion", []),
     ("Feedback decoder: agreement with the target heuristic", "heuristic_agreement", []),
+    ("Training: examples by source, policy and logged round", "training_data", []),
     ("Training: validation curves", "validation_curves", ["validation_curves"]),
     ("Training: sweep cells over seeds", "sweep", []),
     ("Selected checkpoints", "selection", []),

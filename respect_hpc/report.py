@@ -22,6 +22,9 @@ from respect_hpc.metrics import N_RESAMPLES, round_metrics
 from respect_hpc.tables import INTERACTIONS, SCHEMA_VERSION, TURNS
 from respect_hpc.turn_metrics import EMBEDDINGS, TURN_EVAL, missing_embeddings, turn_metrics
 
+TRAINING_DATA = pl.Schema({"round": pl.Int64, "variant": pl.String, "cell": pl.String, "seed": pl.Int64,
+                           "source": pl.String, "policy": pl.String, "logged_round": pl.Int64, "examples": pl.UInt32,
+                           "positive": pl.UInt32, "negative": pl.UInt32})
 TRAINING = pl.Schema({"round": pl.Int64, "variant": pl.String, "cell": pl.String, "seed": pl.Int64,
                       "epoch": pl.Int64, "val_exact_match": pl.Float64, "val_loss": pl.Float64})
 _LABEL_WORDS = {"positive": 1, "neutral": 0, "negative": -1, "1": 1, "0": 0, "-1": -1}
@@ -36,6 +39,7 @@ class Collected:
     labelled: list[pl.DataFrame] = field(default_factory=list)  # kind, game_turn_id, round, decoded, human
     evals: list[pl.DataFrame] = field(default_factory=list)
     training: list[pl.DataFrame] = field(default_factory=list)
+    training_data: list[pl.DataFrame] = field(default_factory=list)
     selection: list[pl.DataFrame] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
@@ -75,6 +79,13 @@ def _collect_run(root: Path, found: Collected) -> None:
             (pl.col("cell") if "cell" in frame.columns else pl.lit("default")).alias("cell"),
             pl.lit(int(path.parent.name.split("-")[1])).alias("seed"),
             "epoch", "val_exact_match", "val_loss").cast(dict(TRAINING)))
+    for path in sorted(root.glob("round-*/train/*/seed-*/sources.parquet")):
+        found.training_data.append(pl.read_parquet(path).rename({"round": "logged_round"}).select(
+            pl.lit(int(path.parents[3].name.split("-")[1])).alias("round"),
+            pl.lit(path.parents[1].name.split("@")[0]).alias("variant"),
+            pl.lit(path.parents[1].name.split("@")[1] if "@" in path.parents[1].name else "default").alias("cell"),
+            pl.lit(int(path.parent.name.split("-")[1])).alias("seed"),
+            "source", "policy", "logged_round", "examples", "positive", "negative").cast(dict(TRAINING_DATA)))
     evals = sorted(root.glob("round-*/turn_eval.parquet"))
     found.evals += [pl.read_parquet(p).select(TURN_EVAL.names()).cast(dict(TURN_EVAL)) for p in evals]
 
@@ -204,6 +215,10 @@ def build(sources: list[str | Path], embeddings: Path | None = None, *, seed: in
             pl.col("val_exact_match").std().alias("val_exact_match_std"),
             pl.col("val_exact_match").min().alias("val_exact_match_min"),
             pl.col("val_exact_match").max().alias("val_exact_match_max")).sort("round", "variant", "cell")
+    training_data = _concat(found.training_data, TRAINING_DATA)
+    if training_data.height:
+        tables["training_data"] = training_data.sort("round", "variant", "cell", "seed", "source", "policy",
+                                                     "logged_round")
     selection = _concat(found.selection, TRAINING)  # the columns of a selection row it shows
     if selection.height:
         tables["selection"] = selection.sort("round", "variant")

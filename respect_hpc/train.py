@@ -45,6 +45,7 @@ METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "lo
                      "objective": pl.Float64, "entropy": pl.Float64, "learning_rate": pl.Float64,
                      "val_exact_match": pl.Float64, "val_loss": pl.Float64})
 METRICS_FILE = "metrics.parquet"
+SOURCES_FILE = "sources.parquet"  # examples per (source, policy, round) of a finished task
 DONE_FILE = "done.json"       # written by the task's entry point (jobs/train.py) when it finished
 MISMATCH_FILE = "mismatch_reference.parquet"  # KTO: log pi_ref(a'|x) of each logged example's mismatched click
 REHEARSAL = ("d0", "augmented")  # example sources trained with label-smoothed cross-entropy in every variant
@@ -101,7 +102,7 @@ def clear_task(out: Path) -> None:
     """Remove a task's checkpoints, epoch adapters, metrics and done marker."""
     for name in ("ckpt", "epochs"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (METRICS_FILE, MISMATCH_FILE, DONE_FILE):
+    for name in (METRICS_FILE, MISMATCH_FILE, SOURCES_FILE, DONE_FILE):
         (out / name).unlink(missing_ok=True)
 
 

@@ -12,6 +12,7 @@ from conftest import game, write_jsonl
 from PIL import Image
 
 from respect_hpc.audit import confusion, decoder_quality, heuristic_agreement
+from respect_hpc.datasets import source_counts
 from respect_hpc.ingest import ingest
 from respect_hpc.report import build, write
 from respect_hpc.tables import atomic_write_parquet
@@ -108,6 +109,9 @@ def make_run(root: Path, logs: Path) -> Path:
         atomic_write_parquet(pl.DataFrame({"step": [10, 20, 30], "epoch": [1, 2, 3], "val_exact_match": curve,
                                            "val_loss": [1.0, 0.9, 0.8]}),
                              root / "round-1" / "train" / variant / f"seed-{seed}" / "metrics.parquet")
+    examples = pl.DataFrame({"source": ["log", "log", "log", "d0"], "policy": ["sft", "sft", "bp", "human"],
+                             "round": [0, 0, 1, 0], "label": [1, -1, 1, 1]})
+    atomic_write_parquet(source_counts(examples), root / "round-1" / "train" / "t-rl" / "seed-1" / "sources.parquet")
     atomic_write_parquet(pl.DataFrame({"round": [1, 1], "variant": ["b-fft", "t-rl"], "cell": ["default"] * 2,
                                        "seed": [2, 1], "epoch": [3, 1], "val_exact_match": [0.6, 0.3],
                                        "val_loss": [0.8, 1.0]}), root / "round-1" / "selection.parquet")
@@ -127,7 +131,12 @@ def test_report_tables_plots_and_html(tmp_path):
     report = build([run, tmp_path / "turn_eval.parquet", tmp_path / "feedback_decoder_binary.parquet"],
                    tmp_path / "embeddings.parquet", n_resamples=500)
     assert set(report.tables) == {"round_metrics", "turn_metrics", "decoder_confusion", "decoder_quality",
-                                  "validation_curves", "sweep", "selection"}
+                                  "validation_curves", "sweep", "selection", "training_data"}
+    data = report.tables["training_data"]
+    assert data.select("variant", "seed", "source", "policy", "logged_round", "examples", "positive",
+                       "negative").rows() == [("t-rl", 1, "d0", "human", 0, 1, 1, 0),
+                                              ("t-rl", 1, "log", "bp", 1, 1, 1, 0),
+                                              ("t-rl", 1, "log", "sft", 0, 2, 1, 1)]
     sweep = {r["variant"]: r for r in report.tables["sweep"].iter_rows(named=True)}
     assert sweep["b-fft"]["seeds"] == 2 and sweep["b-fft"]["val_exact_match_mean"] == pytest.approx(0.5)
     assert sweep["b-fft"]["val_exact_match_std"] == pytest.approx(np.std([0.4, 0.6], ddof=1))

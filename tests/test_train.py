@@ -132,6 +132,8 @@ def test_task_trains_validates_and_saves_reloadable_adapters(round_files):
     assert epochs["val_exact_match"].is_between(0, 1).all() and (epochs["val_loss"] > 0).all()
     assert steps["learning_rate"].max() == pytest.approx(1e-4) and steps["learning_rate"][-1] == 0
     assert result["best_epoch"] in (1, 2) and json.loads((out / "done.json").read_text())["spec_hash"]
+    sources = pl.read_parquet(out / "sources.parquet")  # where the examples came from, for reports
+    assert set(sources["source"]) == {"log", "d0", "augmented"} and sources["examples"].sum() == result["examples"]
     assert sorted(p.name for p in (out / "epochs").iterdir()) == ["epoch-001", "epoch-002"]
     assert len(list((out / "ckpt").glob("step-*"))) == 1  # older optimizer states are pruned
     base = AutoModelForImageTextToText.from_pretrained(m.model.path)
