@@ -69,6 +69,18 @@ class TaskStatus:
         return self.state.upper() in ACTIVE
 
 
+def _with_upstream_failures(rows: list[TaskStatus]) -> list[TaskStatus]:
+    """A task cancelled without a reason from the scheduler (sacct may not keep one) whose upstream stage has a
+    failed task was cancelled by its dependency: say so, naming the failure."""
+    failed = {r.stage: r for r in rows if r.state == "failed"}
+    for i, row in enumerate(rows):
+        cause = next((failed[s] for s in UPSTREAM[row.stage] if s in failed), None)
+        if row.state == "cancelled" and row.detail == "cancelled" and cause is not None:
+            rows[i] = TaskStatus(row.stage, row.key, "cancelled", f"an upstream task failed ({cause.stage} "
+                                 f"{cause.key}): its dependency was never satisfied", row.log)
+    return rows
+
+
 class Controller:
     def __init__(self, manifest: Manifest, executor: str | None = None, report=print):
         self.manifest, self.report = manifest, report
@@ -98,7 +110,7 @@ class Controller:
                 scheduler = (slurm.get(rec["job_id"], SchedulerState("UNKNOWN")) if rec["executor"] == "slurm"
                              else local_state(rec["job_id"]))
                 rows.append(self._row(stage.name, task.key, rec, scheduler))
-        return rows
+        return _with_upstream_failures(rows)
 
     def _row(self, stage: str, key: str, rec: dict, scheduler: SchedulerState) -> TaskStatus:
         log = str(log_path(rec["folder"], rec["job_id"]))

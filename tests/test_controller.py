@@ -203,3 +203,13 @@ def test_the_seed_round_trains_the_seed_policy_that_round_one_continues_from(tmp
                          "variants: [{name: b-kto, feedback: binary, objective: kto, policies: [sft]}]\n" + common)
     m1 = load_manifest(round_one)  # would be refused without round 0's policy
     assert jobs.train.previous_adapter(m1, m1.variants[0]) == run / "policies" / "sft"
+
+
+def test_a_task_cancelled_without_a_reason_names_the_failure_upstream():
+    from respect_hpc.controller import TaskStatus, _with_upstream_failures
+
+    rows = _with_upstream_failures([TaskStatus("train", "b-kto/seed-1", "failed", "holds none"),
+                                    TaskStatus("select", "select", "cancelled", "cancelled"),
+                                    TaskStatus("metrics", "metrics", "cancelled", "cancelled")])
+    assert rows[1].detail == ("an upstream task failed (train b-kto/seed-1): its dependency was never satisfied")
+    assert rows[2].detail == "cancelled"  # metrics reads ingest only: not the training failure's doing

@@ -65,11 +65,13 @@ def _kill_during(manifest: Path, run: Path, stage: str, timeout: float = 600) ->
     return process.stdout.read()
 
 
-def _truncate_newest(run: Path) -> Path:
+def _truncate_newest(run: Path) -> Path | None:
     """Cut the most recently written output of the round (not the job logs or the controller's records, tested
-    below) to half its size."""
+    below) to half its size; None when the kill came before the round wrote any."""
     files = [p for p in run.rglob("*") if p.is_file() and "logs" not in p.relative_to(run).parts
              and p.name not in ("jobs.json", "manifest.lock.json", "controller.lock")]
+    if not files:
+        return None
     newest = max(files, key=lambda p: p.stat().st_mtime_ns)
     with newest.open("r+b") as handle:
         handle.truncate(newest.stat().st_size // 2)
@@ -90,7 +92,8 @@ def test_a_round_killed_and_truncated_at_every_stage_ends_as_if_undisturbed(tmp_
     for stage in STAGES:
         ended = _kill_during(manifest, run, stage)
         assert ended is None, f"the run ended before {stage} (after truncating {truncated}): {ended}"
-        truncated.append(str(_truncate_newest(run).relative_to(run)))
+        damaged = _truncate_newest(run)
+        truncated.append(str(damaged.relative_to(run)) if damaged else "(nothing written yet)")
     final = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "run", str(manifest)], capture_output=True,
                            text=True)
     assert final.returncode == 0, final.stdout + final.stderr
