@@ -54,7 +54,7 @@ def recompute(manifest: Manifest, turns: pl.DataFrame, progress=print) -> pl.Dat
     found = []
     for policy, rows in history.group_by("policy", maintain_order=True):
         adapter = manifest.data.deployed[policy[0]]
-        model = load_policy(manifest.model, r=8, alpha=8, dropout=0.0, placement="paper", adapter=adapter).eval()
+        model = load_policy(manifest.model, adapter=adapter).eval()
         rows = rows.to_dicts()
         for start in range(0, len(rows), BATCH):
             chunk = rows[start:start + BATCH]

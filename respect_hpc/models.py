@@ -168,9 +168,10 @@ def load_processor(spec: ModelSection):
     return processor
 
 
-def load_policy(spec: ModelSection, *, r: int, alpha: int, dropout: float, placement: str,
+def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: float = 0.1, placement: str = "paper",
                 adapter: Path | None = None, seed: int = 0, gradient_checkpointing: bool = False):
-    """The base model with LoRA adapters: new ones (seeded) or trainable copies of a saved ``adapter``.
+    """The base model with LoRA adapters: new ones (seeded; ``r``, ``alpha``, ``dropout``, ``placement``, the
+    paper's by default) or trainable copies of a saved ``adapter`` (which brings its own settings).
 
     With ``gradient_checkpointing`` the base model recomputes its activations in the backward pass
     (non-reentrant activation checkpointing, with gradients on the input embeddings as PEFT needs under
