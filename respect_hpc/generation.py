@@ -50,15 +50,16 @@ class ActionLogits:
                 generated = input_ids[row, self.width:].tolist()
                 if self.ends & set(generated):
                     continue  # finished: generate pads it
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 for token in self.legal:
-                    if not self._keeps_legal(generated, token, state):
+                    if not self._keeps_legal(generated, text, token, state):
                         allowed[row, token] = float("-inf")
                 if torch.isinf(allowed[row]).all():  # no legal way on in these tokens: end the (empty) action
                     allowed[row, sorted(self.ends)] = 0
         return scores + allowed
 
-    def _keeps_legal(self, generated: list[int], token: int, state: GameState) -> bool:
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+    def _keeps_legal(self, generated: list[int], text: str, token: int, state: GameState) -> bool:
+        """Whether ``token`` after ``generated`` (decoded: ``text``) keeps the row on a legal action."""
         if token in self.ends:
             return action_prefix(text, state.n_images, state.selected) == "complete"
         after = self.tokenizer.decode([*generated, token], skip_special_tokens=True)

@@ -253,9 +253,9 @@ class Trainer:
         batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def _mismatch_logprobs(self, rows: list[dict], epoch: int | None) -> list[float]:
-        """log pi(a'|x) of each row's mismatched click under the model as it is (no gradient, no dropout);
-        images in the epoch's order (None: the logged order)."""
+    def _mismatch_logprobs(self, rows: list[dict]) -> list[float]:
+        """log pi(a'|x) of each row's mismatched click under the model as it is (no gradient, no dropout), in
+        the logged image order, as the reference was scored: z then measures the policy, not the shuffling."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -265,8 +265,7 @@ class Trainer:
                 chunk = [{**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
                                                                                       row["context"]))}
                          for row in rows[start:start + self.hp.micro_batch]]
-                encoded = [self.encoder.encode(policy_view(row, self.template, None if epoch is None else image_order(
-                    row["context"], self.spec.seed, epoch, row["game_turn_id"]))) for row in chunk]
+                encoded = [self.encoder.encode(policy_view(row, self.template)) for row in chunk]
                 batch = {k: v.to(self.accelerator.device) for k, v in self.encoder.collate(encoded).items()}
                 values += score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"],
                                         self.hp.temperature).logprob.tolist()
@@ -281,16 +280,16 @@ class Trainer:
             if not path.is_file():
                 logged = [row for row in self.examples if row["source"] not in REHEARSAL]
                 atomic_write_parquet(pl.DataFrame({"game_turn_id": [r["game_turn_id"] for r in logged],
-                                                   "logprob": self._mismatch_logprobs(logged, None)},
+                                                   "logprob": self._mismatch_logprobs(logged)},
                                                   schema={"game_turn_id": pl.String, "logprob": pl.Float64}), path)
         table = pl.read_parquet(path)
         return dict(zip(table["game_turn_id"], table["logprob"]))
 
-    def _reference_point(self, micro_batches: list[list[int]], epoch: int) -> torch.Tensor:
+    def _reference_point(self, micro_batches: list[list[int]]) -> torch.Tensor:
         """KTO's z for one optimizer step, before its update, over every process's logged examples of the step."""
         rows = [self.examples[i] for indices in micro_batches for i in indices
                 if self.examples[i]["source"] not in REHEARSAL]
-        now = self._mismatch_logprobs(rows, epoch)
+        now = self._mismatch_logprobs(rows)
         difference = sum(n - self.mismatch_reference[r["game_turn_id"]] for n, r in zip(now, rows))
         total, count = self._reduce([difference, float(len(rows))], "sum")
         return torch.tensor(max(0.0, total / count) if count else 0.0)
@@ -407,7 +406,7 @@ class Trainer:
                 step_lr = self.scheduler.get_last_lr()[0]  # what this step's update uses (0 in early warm-up)
                 first = epoch_step * per_step + rank * self.accum
                 mine = batches[first:first + self.accum]  # this process's micro-batches of the step
-                z = self._reference_point(mine, epoch) if self.spec.objective == "kto" else None
+                z = self._reference_point(mine) if self.spec.objective == "kto" else None
                 for a in range(self.accum):
                     batch = self._batch(mine[a], epoch)
                     with accelerator.accumulate(self.model):

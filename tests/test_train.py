@@ -5,6 +5,7 @@ Accelerate; the DeepSpeed and preemption tests run real subprocesses through
 submitit's local executor and send real signals.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -103,7 +104,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_p
         batch = trainer._batch(indices, epoch=0)
         losses = []
         for _ in range(6):
-            z = trainer._reference_point([indices], 0) if variant == "b-kto" else None
+            z = trainer._reference_point([indices]) if variant == "b-kto" else None
             parts = trainer._loss(batch, z)
             losses.append(parts.total.item())
             trainer.accelerator.backward(parts.total)
@@ -410,7 +411,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(round_files, t
     for checkpointing in (False, True):
         spec, prepared = _spec(round_files, "t-rl", tmp_path / str(checkpointing), micro_batch=4, effective_batch=4,
                                lora_dropout=0.0)
-        spec = spec.__class__(**{**spec.__dict__, "gradient_checkpointing": checkpointing})
+        spec = dataclasses.replace(spec, gradient_checkpointing=checkpointing)
         trainer = Trainer(spec, prepared.examples, prepared.validation)
         try:
             base = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
