@@ -79,7 +79,7 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "def
     return spec_hash({
         "variant": variant.model_dump(mode="json"), "seed": seed, "cell": cell,
         "hp": manifest.objective(variant, cell).model_dump(mode="json"),
-        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation"}),
+        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation", "packing"}),
         "validation": manifest.validation.model_dump(mode="json"),
         "policy_template": manifest.policy_template, "images": str(manifest.data.images),
         "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
@@ -121,6 +121,10 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
         _check_images(manifest, examples, "training examples")
         _check_images(manifest, validation, "data.validation")
     spec_hash = task_hash(manifest, variant.name, seed, cell)
+    run = RunDir.of(manifest)
+    vision_cache = (run.round(manifest.round) / "vision-cache"
+                    / model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json")[:16]
+                    if manifest.training.vision_cache else None)
     constrained = manifest.validation.constrained
     constrained = variant.objective == "kto" if constrained is None else constrained
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
@@ -129,7 +133,7 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
                      zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
                      validation=manifest.validation.model_copy(update={"constrained": constrained}), cell=cell,
                      gradient_checkpointing=manifest.training.gradient_checkpointing,
-                     spec_hash=spec_hash)
+                     packing=manifest.training.packing, vision_cache=vision_cache, spec_hash=spec_hash)
     return Prepared(spec, examples, validation, spec_hash)
 
 

@@ -34,7 +34,7 @@ REMOVE_LAST = ("Bad select", "Deselect the last one", "Remove what you just sele
 REMOVE_ALL = ("Clear all", "Remove all currently selected", "Deselect everything. Let's start over",
               "Remove everything that you have selected", "No, remove everything.")
 
-EXAMPLE_COLUMNS = ("game_turn_id", "source", "round", "policy", "context", "targets", "chats",
+EXAMPLE_COLUMNS = ("game_turn_id", "game_id", "turn_id", "source", "round", "policy", "context", "targets", "chats",
                    "previous_actions", "previous_selections", "currently_selected", "selected", "deselected",
                    "action", "prob_action", "label", "reward", "weight")
 

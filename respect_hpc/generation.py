@@ -29,8 +29,9 @@ def legal_token_ids(encoder: PolicyEncoder, view: PolicyView) -> list[int]:
     letters = " ".join(LETTERS[:len(view.images) or 10])
     every = PolicyView(view.messages, view.images, f"deselect {letters} select {letters}")
     encoded = encoder.encode(every)
+    (start, length), = encoded.answers
     ends = {encoder.end_id, encoder.tokenizer.eos_token_id} - {None}
-    return sorted(set(encoded.input_ids[-encoded.action_tokens:]) | ends)
+    return sorted(set(encoded.input_ids[start:start + length]) | ends)
 
 
 class ActionLogits:

@@ -136,7 +136,8 @@ class Hyperparameters(Strict):
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     effective_batch: int = Field(64, ge=1)
-    micro_batch: int = Field(4, ge=1, description="examples per device per forward pass")
+    micro_batch: int = Field(4, ge=1, description="trained actions per device per forward pass (with game "
+                                                 "packing: whole games' sequences holding up to this many)")
     entropy_weight: float = Field(0.01, ge=0, lt=1, description=(
         "e of the entropy term: loss (1 - e) objective + e |R| U, U the cross-entropy against the uniform "
         "distribution (the official code's structure); Table 1: 0.01 FFT and RL, 0.1 KTO (the official gin "
@@ -184,6 +185,14 @@ class TrainingSection(Strict):
                                                        "epoch's end; 0: at epoch ends only")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass "
                                                             "(less memory, about a third more compute)")
+    packing: Literal["game", "turn"] = Field(
+        "game", description="game: the trained turns of one game are one sequence (each turn's prompt and answer "
+                            "start the next turn's prompt; one image order per game and epoch); turn: one "
+                            "sequence per trained turn (its own image order), as the official code batches")
+    vision_cache: bool = Field(
+        True, description="compute the frozen vision model's output once per image and reuse it across epochs, "
+                          "seeds, variants and validation (on disk in the round folder); off by itself where the "
+                          "LoRA placement trains the vision model (enhanced)")
     d0_augmentation: Literal["official", "paper", "none"] = Field(
         "official", description="synthetic deselection turns added to D_0: official (two kinds, 'remove the "
                                 "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06), "

@@ -1,13 +1,17 @@
-"""Policy inputs: training examples and validation turns -> token ids, action masks and pixels.
+"""Policy inputs: training examples and validation turns -> token ids, answer spans and pixels.
 
 An example is one row of a training set (:data:`datasets.EXAMPLE_COLUMNS`) or of a
-turns table. Its images are shown in an order drawn per (seed, epoch, example)
-when shuffling is asked for (image order carries no meaning), and every letter in
-the context, the earlier actions and the target action is renamed to match.
-Texts are the official policy format through the model's chat template; the answer
-(action and end of utterance) is what the policy is trained on. Batches are
-left-padded so that all actions end at the last position: the model then
-computes logits for the action tokens only (``logits_to_keep``).
+turns table. Its images are shown in an order drawn per (seed, epoch, key) when
+shuffling is asked for (image order carries no meaning), and every letter in the
+context, the earlier actions and the target action is renamed to match. Texts are
+the official policy format through the model's chat template; the answer (action and
+end of utterance) is what the policy is trained on.
+
+A sequence holds one example, or several turns of one game (game packing): in the
+official format a turn's prompt and answer are the start of the next turn's prompt,
+so the last turn's sequence shows every earlier answer at its place, each attending
+only to what precedes it. Batches are left-padded; the model computes logits only at
+the positions that predict answer tokens (``logits_to_keep`` as a mask).
 """
 
 from __future__ import annotations
@@ -66,10 +70,11 @@ def policy_view(row: dict, template: PolicyTemplate, order: list[str] | None = N
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example as token ids; the last ``action_tokens`` ids are the answer (action and end of utterance)."""
+    """One sequence as token ids; ``answers`` are the (start, length) spans of the answers trained or scored
+    in it, in order (one example: its answer, the last ids)."""
 
     input_ids: list[int]
-    action_tokens: int
+    answers: tuple[tuple[int, int], ...]
     images: list[str]
 
 
@@ -102,13 +107,32 @@ class PolicyEncoder:
     def prompt_ids(self, view: PolicyView) -> list[int]:
         return self._ids([self.texts(view, with_action=False).prompt])[0]
 
-    def encode(self, view: PolicyView) -> Encoded:
+    def _prompt_and_full(self, view: PolicyView) -> tuple[list[int], list[int]]:
         text = self.texts(view)
         prompt, full = self._ids([text.prompt, text.prompt + text.target])
         if full[:len(prompt)] != prompt or len(full) == len(prompt):
             raise PolicyDataError(f"the tokens of the answer {text.target!r} do not continue the prompt's tokens; "
                                   "the answer's tokens cannot be told apart")
-        return Encoded(full, len(full) - len(prompt), view.images if self.multimodal else [])
+        return prompt, full
+
+    def encode(self, view: PolicyView) -> Encoded:
+        prompt, full = self._prompt_and_full(view)
+        return Encoded(full, ((len(prompt), len(full) - len(prompt)),), view.images if self.multimodal else [])
+
+    def encode_game(self, views: list[PolicyView]) -> Encoded:
+        """Turns of one game, in turn order and one image order, as one sequence: the last turn's, holding
+        every earlier turn's prompt and answer as its start (checked token by token)."""
+        spans, sequence = [], None
+        for view in reversed(views):
+            prompt, full = self._prompt_and_full(view)
+            if sequence is None:
+                sequence = full
+            elif sequence[:len(full)] != full:
+                raise PolicyDataError(
+                    "game packing: a turn's prompt and answer are not the start of a later turn's prompt under "
+                    "this model's chat template and tokenizer (set training.packing: turn)")
+            spans.append((len(prompt), len(full) - len(prompt)))
+        return Encoded(sequence, tuple(reversed(spans)), views[-1].images if self.multimodal else [])
 
     def pixels(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         """An image's crops (one, or five with splitting) and their pixel masks."""
@@ -137,32 +161,47 @@ class PolicyEncoder:
                 "model.image_splitting and the processor's image_seq_len)")
 
     def collate(self, items: list[Encoded], pad_to: int | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded ids (to the longest item, or to ``pad_to``); ``targets``/``target_mask`` cover the
-        action positions (the last ``max(action_tokens)``)."""
+        """Left-padded ids (to the longest item, or to ``pad_to``) and, per answer (all answers of all items,
+        in order): ``targets`` (A, T) and ``target_mask`` (A, T); ``answer_mask`` (B, L) marks the positions
+        that predict answer tokens, ``answer_index`` (A, T) where each target's logits are among them."""
         width = max(pad_to or 0, *(len(e.input_ids) for e in items))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in items])
         attention_mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in items])
-        keep = max(e.action_tokens for e in items)
-        lengths = torch.tensor([e.action_tokens for e in items])
+        spans = [(row, width - len(e.input_ids) + start, length)
+                 for row, e in enumerate(items) for start, length in e.answers]
+        keep = max(length for _, _, length in spans)
+        answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        targets = torch.full((len(spans), keep), pad)
+        answer_index = torch.zeros((len(spans), keep), dtype=torch.long)
+        target_mask = torch.zeros((len(spans), keep), dtype=torch.bool)
+        for a, (row, start, length) in enumerate(spans):
+            answer_mask[row, start - 1:start + length - 1] = True
+            targets[a, :length] = input_ids[row, start:start + length]
+            target_mask[a, :length] = True
+        flat = torch.zeros_like(input_ids)  # row-major rank of each kept position: the order the model returns
+        flat[answer_mask] = torch.arange(int(answer_mask.sum()))
+        for a, (row, start, length) in enumerate(spans):
+            answer_index[a, :length] = flat[row, start - 1:start + length - 1]
         batch = {
             "input_ids": input_ids, "attention_mask": attention_mask,
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-            "targets": input_ids[:, -keep:],
-            "target_mask": torch.arange(keep).unsqueeze(0) >= (keep - lengths).unsqueeze(1),
+            "answer_mask": answer_mask, "answer_index": answer_index,
+            "targets": targets, "target_mask": target_mask,
         }
         if self.multimodal:
-            batch.update(self._image_batch(items))
+            batch.update(self.image_batch([e.images for e in items]))
         return batch
 
-    def _image_batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
-        """Every example's crops in prompt order, zero-padded to the most crops (the model drops padding crops)."""
-        crops = [[(v, m) for name in e.images for v, m in zip(*self.pixels(name))] for e in items]
+    def image_batch(self, images: list[list[str]]) -> dict[str, torch.Tensor]:
+        """Every sequence's crops in prompt order, zero-padded to the most crops (the model drops padding
+        crops)."""
+        crops = [[(v, m) for name in names for v, m in zip(*self.pixels(name))] for names in images]
         n = max(len(c) for c in crops)
         height = max(v.shape[-2] for c in crops for v, _ in c)
         width = max(v.shape[-1] for c in crops for v, _ in c)
-        values = torch.zeros(len(items), n, 3, height, width)
-        masks = torch.zeros(len(items), n, height, width, dtype=torch.bool)
+        values = torch.zeros(len(images), n, 3, height, width)
+        masks = torch.zeros(len(images), n, height, width, dtype=torch.bool)
         for i, example in enumerate(crops):
             for j, (value, mask) in enumerate(example):
                 values[i, j, :, :value.shape[-2], :value.shape[-1]] = value
@@ -171,41 +210,9 @@ class PolicyEncoder:
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The logits at the positions that predict each example's answer tokens (the last ``targets`` columns)."""
+    """(A, T, V): the logits that predict each answer's tokens, computed at those positions only."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "pixel_values" in batch:
         inputs["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
         inputs["pixel_attention_mask"] = batch["pixel_attention_mask"]
-    keep = batch["targets"].shape[1]
-    return model(**inputs, logits_to_keep=keep + 1).logits[:, :-1]
-
-
-def epoch_batches(lengths: list[int], micro_batch: int, per_step: int, seed: int, epoch: int,
-                  group: int | None = 50, tasks: list[str] | None = None) -> list[list[int]]:
-    """One epoch's micro-batches, a whole number of optimizer steps' worth, in a seeded order.
-
-    With ``tasks`` (one name per example), a micro-batch holds examples of one task only, as the official
-    code batches D_0 apart from the logged turns; every task's micro-batches run once an epoch, randomly
-    interleaved. Each task's examples are shuffled and wrapped around to fill its last micro-batch; with
-    ``group``, they are cut into spans of ``group`` micro-batches and sorted by length inside each span (a
-    micro-batch's rows have similar lengths: little padding, while every epoch still differs). The shuffled
-    micro-batches are wrapped around to fill the last step (``per_step`` examples).
-    """
-    rng = random.Random(f"{seed}/{epoch}/batches")
-    tasks = tasks or [""] * len(lengths)
-    batches = []
-    for task in sorted(set(tasks)):
-        order = [i for i, t in enumerate(tasks) if t == task]
-        rng.shuffle(order)
-        filled = -(-len(order) // micro_batch) * micro_batch
-        order = (order * -(-filled // len(order)))[:filled]
-        span_size = len(order) if group is None else micro_batch * group
-        for start in range(0, len(order), span_size):
-            span = order[start:start + span_size]
-            if group is not None:
-                span.sort(key=lambda i: -lengths[i])
-            batches += [span[i:i + micro_batch] for i in range(0, len(span), micro_batch)]
-    rng.shuffle(batches)
-    per_step_batches = per_step // micro_batch
-    steps = -(-len(batches) // per_step_batches)
-    return (batches * -(-steps * per_step_batches // len(batches)))[:steps * per_step_batches]
+    return model(**inputs, logits_to_keep=batch["answer_mask"]).logits[batch["answer_index"]]

@@ -1,11 +1,14 @@
 """The training loop of one task (round, variant, seed): LoRA through PEFT, Accelerate, DeepSpeed ZeRO.
 
 :func:`train` runs in every process of a task's world (one per GPU; ``RANK`` and
-``WORLD_SIZE`` in the environment). Each optimizer step takes ``effective_batch``
-examples as micro-batches spread over the processes and accumulated; batches are
-length-grouped and left-padded, so logits are computed for the action tokens only.
-D_0 is a task of its own: its micro-batches never mix with the logged turns', and its
-rows are trained with label-smoothed cross-entropy whatever the variant's objective.
+``WORLD_SIZE`` in the environment). The trained turns of a game are one sequence
+(game packing, batching.py; or one sequence a turn); each optimizer step takes
+``effective_batch / micro_batch`` micro-batches of at most ``micro_batch`` answers,
+spread over the processes and accumulated, and its loss is the mean over the answers
+it holds. Batches are length-grouped and left-padded; logits are computed at the
+answer positions only. D_0 is a task of its own: its micro-batches never mix with the
+logged turns', and its rows are trained with label-smoothed cross-entropy whatever the
+variant's objective.
 
 Checkpoints (``ckpt/step-SSSSSS/``: the adapter as safetensors, optimizer,
 scheduler and RNG state, the position in the data) are written atomically at every
@@ -30,16 +33,17 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from respect_hpc.batching import UNPACKED_SOURCES, epoch_batches, sequences
 from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import Hyperparameters, ModelSection, ValidationSection
 from respect_hpc.models import load_policy, load_processor, load_tokenizer
 from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
 from respect_hpc.multiref import letters_of, mismatched_click
-from respect_hpc.objectives import cross_entropy_loss, kto_loss, reinforce_loss, score_actions
-from respect_hpc.policy_data import (Encoded, PolicyEncoder, PolicyView, answer_logits, epoch_batches, image_order,
-                                     policy_view)
+from respect_hpc.objectives import ActionScores, cross_entropy_loss, kto_loss, reinforce_loss, score_actions
+from respect_hpc.policy_data import Encoded, PolicyEncoder, PolicyView, answer_logits, image_order, policy_view
 from respect_hpc.prompts import policy_template
 from respect_hpc.tables import atomic_copy_tree, atomic_write_parquet
+from respect_hpc.vision_cache import cache_vision
 
 METRICS = pl.Schema({"cell": pl.String, "step": pl.Int64, "epoch": pl.Int64, "loss": pl.Float64,
                      "objective": pl.Float64, "entropy": pl.Float64, "learning_rate": pl.Float64,
@@ -53,8 +57,9 @@ REHEARSAL = ("d0", "augmented")  # example sources trained with label-smoothed c
 
 @dataclass(frozen=True)
 class LossParts:
-    """A micro-batch's loss, the mean loss of its logged actions (D_0 rows left out; 0 without any) and the
-    mean entropy term U, for the metrics table."""
+    """A micro-batch's loss (its share of the step's mean over answers, scaled for accumulation), the mean
+    loss of its logged actions (D_0 rows left out; 0 without any) and the mean entropy term U, for the
+    metrics table."""
 
     total: torch.Tensor
     objective: torch.Tensor
@@ -81,6 +86,8 @@ class TrainSpec:
     checkpoint_every: int = 0
     validation: ValidationSection = ValidationSection(constrained=False)
     gradient_checkpointing: bool = False
+    packing: str = "game"
+    vision_cache: Path | None = None  # where a frozen vision model's outputs are kept (vision_cache.py); None: off
     cell: str = "default"
     spec_hash: str = ""             # of the task's settings and inputs: checkpoints resume only under it
 
@@ -201,22 +208,26 @@ class Trainer:
         processor = load_processor(spec.model)
         self.tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec.model)
         self.encoder = PolicyEncoder(processor, self.tokenizer, spec.images, processor is not None)
-        encoded = [self.encoder.encode(policy_view(row, self.template)) for row in self.examples]
+        self.sequences = sequences(examples, packing=spec.packing, capacity=self.hp.micro_batch)
+        encoded = [self._sequence(rows, None) for rows in self.sequences]  # packing: each prefix checked here
         if encoded:  # image tokens against pixel crops, before any model is loaded
             self.encoder.check(encoded[0])
         self.lengths = [len(e.input_ids) for e in encoded]
+        self.sizes = [len(rows) for rows in self.sequences]
+        self.tasks = ["d0" if self.examples[rows[0]]["source"] in REHEARSAL else "log" for rows in self.sequences]
+        self.per_step = self.hp.effective_batch // self.hp.micro_batch  # micro-batches of a step, all processes
         self.model = load_policy(spec.model, r=self.hp.lora_r, alpha=self.hp.lora_alpha,
                                  dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
                                  adapter=spec.adapter, seed=spec.seed,
                                  gradient_checkpointing=spec.gradient_checkpointing)
+        self.vision_cache = cache_vision(self.model, spec.vision_cache) if spec.vision_cache else None
         self.model.to(self.accelerator.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
         else:
             optimizer = torch.optim.RMSprop(trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
-        self.tasks = ["d0" if r["source"] in REHEARSAL else "log" for r in self.examples]
-        self.steps_per_epoch = len(self._epoch_batches(0)) * self.hp.micro_batch // self.hp.effective_batch
+        self.steps_per_epoch = len(self._epoch_batches(0)) // self.per_step
         total = self.steps_per_epoch * self.hp.epochs
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -233,18 +244,29 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This epoch's micro-batches: D_0 and the logged turns as separate tasks, a whole number of steps."""
+        """This epoch's micro-batches of sequences: D_0 and the logged turns as separate tasks, a whole number
+        of steps."""
         return epoch_batches(self.lengths, self.hp.micro_batch, self.hp.effective_batch, self.spec.seed, epoch,
-                             tasks=self.tasks)
+                             tasks=self.tasks, sizes=self.sizes)
 
-    def _batch(self, indices: list[int], epoch: int, shuffle: bool = True,
-               pad_to: int | None = None) -> dict[str, torch.Tensor]:
-        rows = [self.examples[i] for i in indices]
-        encoded = [self.encoder.encode(policy_view(
-            row, self.template,
-            image_order(row["context"], self.spec.seed, epoch, row["game_turn_id"]) if shuffle else None))
-            for row in rows]
-        batch = self.encoder.collate(encoded, pad_to)
+    def _sequence(self, rows: list[int], epoch: int | None) -> Encoded:
+        """Examples ``rows`` (one, or turns of one game) as one sequence, images in the epoch's order (one per
+        game and epoch when packing; None: the logged order)."""
+        examples = [self.examples[i] for i in rows]
+        first = examples[0]
+        packed = self.spec.packing == "game" and first["source"] not in UNPACKED_SOURCES
+        order = None if epoch is None else image_order(first["context"], self.spec.seed, epoch,
+                                                       first["game_id"] if packed else first["game_turn_id"])
+        return self.encoder.encode_game([policy_view(row, self.template, order) for row in examples])
+
+    def _answers(self, micro_batches: list[list[int]]) -> int:
+        return sum(self.sizes[s] for batch in micro_batches for s in batch)
+
+    def _batch(self, indices: list[int], epoch: int | None, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Sequences ``indices`` as model inputs (images in ``epoch``'s order; None: the logged order), with each
+        answer's reward, p, weight and kind."""
+        rows = [self.examples[i] for s in indices for i in self.sequences[s]]
+        batch = self.encoder.collate([self._sequence(self.sequences[s], epoch) for s in indices], pad_to)
         batch["reward"] = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
         batch["propensity"] = torch.tensor([r["prob_action"] if r["prob_action"] is not None else 1.0
                                             for r in rows], dtype=torch.float32)  # datasets.py: only D_0 lacks p
@@ -287,16 +309,17 @@ class Trainer:
 
     def _reference_point(self, micro_batches: list[list[int]]) -> torch.Tensor:
         """KTO's z for one optimizer step, before its update, over every process's logged examples of the step."""
-        rows = [self.examples[i] for indices in micro_batches for i in indices
+        rows = [self.examples[i] for batch in micro_batches for s in batch for i in self.sequences[s]
                 if self.examples[i]["source"] not in REHEARSAL]
         now = self._mismatch_logprobs(rows)
         difference = sum(n - self.mismatch_reference[r["game_turn_id"]] for n, r in zip(now, rows))
         total, count = self._reduce([difference, float(len(rows))], "sum")
         return torch.tensor(max(0.0, total / count) if count else 0.0)
 
-    def _loss(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None) -> LossParts:
-        """D_0 rows by label-smoothed cross-entropy, logged rows by the variant's objective (objectives.py);
-        ``z``: KTO's reference point for this step."""
+    def _action_losses(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, ActionScores]:
+        """Each answer's loss: D_0 rows by label-smoothed cross-entropy, logged rows by the variant's objective
+        (objectives.py); ``z``: KTO's reference point for this step."""
         hp = self.hp
         scores = score_actions(answer_logits(self.model, batch), batch["targets"], batch["target_mask"],
                                hp.temperature)
@@ -308,10 +331,15 @@ class Trainer:
                                   entropy_weight=hp.entropy_weight)
         else:  # fft (the seed round's rows are all D_0)
             per_action = cross_entropy_loss(scores, label_smoothing=hp.entropy_weight)
-        per_action = torch.where(rehearsal, cross_entropy_loss(scores, label_smoothing=hp.label_smoothing),
-                                 per_action)
-        logged = per_action.detach()[~rehearsal]
-        return LossParts(per_action.mean(), logged.mean() if logged.numel() else torch.zeros(()),
+        return torch.where(rehearsal, cross_entropy_loss(scores, label_smoothing=hp.label_smoothing),
+                           per_action), scores
+
+    def _loss(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None, scale: float = 1.0) -> LossParts:
+        """The micro-batch's answers' summed loss times ``scale`` (the step's micro-batches over its answers:
+        the step's gradient is then its mean over answers)."""
+        per_action, scores = self._action_losses(batch, z)
+        logged = per_action.detach()[~batch["rehearsal"].to(per_action.device)]
+        return LossParts(per_action.sum() * scale, logged.mean() if logged.numel() else torch.zeros(()),
                          scores.uniform.detach().mean())
 
     # -- the guard against silent non-training -------------------------------------------------------
@@ -390,27 +418,30 @@ class Trainer:
         accelerator, hp = self.accelerator, self.hp
         world, rank = accelerator.num_processes, accelerator.process_index
         engine = f"DeepSpeed ZeRO-{self.spec.zero_stage}" if self.deepspeed else "Accelerate"
-        progress(f"{engine}, {world} process(es) on {accelerator.device}, {self.accum} micro-batch(es) of "
-                 f"{hp.micro_batch} accumulated per step, {self.steps_per_epoch} steps per epoch")
+        progress(f"{engine}, {world} process(es) on {accelerator.device}, {self.accum} micro-batch(es) of at most "
+                 f"{hp.micro_batch} answers accumulated per step, {self.steps_per_epoch} steps per epoch, "
+                 f"{len(self.sequences)} sequences ({self.spec.packing} packing) of {len(self.examples)} examples"
+                 + (f"; vision features cached in {self.spec.vision_cache}" if self.vision_cache else ""))
         step, first_epoch = self._resume()
         if step:
             progress(f"resumed at step {step} (epoch {first_epoch})")
         self.model.train()
         started = time.perf_counter()
         unmoved = self._lora_b() if step == 0 else None  # checked after the first step that has a learning rate
+        answered = 0
         for epoch in range(first_epoch, hp.epochs):
             batches = self._epoch_batches(epoch)
-            per_step = world * self.accum
             for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                 sums = [0.0, 0.0, 0.0]
                 step_lr = self.scheduler.get_last_lr()[0]  # what this step's update uses (0 in early warm-up)
-                first = epoch_step * per_step + rank * self.accum
+                answers = self._answers(batches[epoch_step * self.per_step:(epoch_step + 1) * self.per_step])
+                first = epoch_step * self.per_step + rank * self.accum
                 mine = batches[first:first + self.accum]  # this process's micro-batches of the step
                 z = self._reference_point(mine) if self.spec.objective == "kto" else None
                 for a in range(self.accum):
                     batch = self._batch(mine[a], epoch)
                     with accelerator.accumulate(self.model):
-                        parts = self._loss(batch, z)
+                        parts = self._loss(batch, z, scale=self.per_step / answers)
                         bad, = self._reduce([float(not torch.isfinite(parts.total).item())], "max")
                         if bad:
                             raise TrainingError(
@@ -427,13 +458,14 @@ class Trainer:
                     self._check_moved(unmoved, step + 1)
                     unmoved = None
                 step += 1
+                answered += answers
                 loss, objective, entropy = self._reduce(sums, "mean")
                 lr = self.scheduler.get_last_lr()[0]
                 self.rows.append((self.spec.cell, step, epoch + 1, loss, objective, entropy, lr, None, None))
                 if step % 10 == 0 or epoch_step == self.steps_per_epoch - 1:
-                    rate = (step - (first_epoch * self.steps_per_epoch)) / (time.perf_counter() - started)
+                    rate = answered / (time.perf_counter() - started)
                     progress(f"epoch {epoch + 1}/{hp.epochs} step {step}/{self.steps_per_epoch * hp.epochs} "
-                             f"loss {loss:.4f} lr {lr:.2e} ({rate * hp.effective_batch:.1f} examples/s)")
+                             f"loss {loss:.4f} lr {lr:.2e} ({rate:.1f} trained actions/s)")
                 last_of_epoch = epoch_step == self.steps_per_epoch - 1
                 stop, = self._reduce([float(should_stop())], "max")
                 if stop and not last_of_epoch:
@@ -489,7 +521,7 @@ class Trainer:
         inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
                   "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
         if self.encoder.multimodal:
-            images = self.encoder.collate([Encoded(p, 1, v.images) for p, v in zip(prompts, views)])
+            images = self.encoder.image_batch([v.images for v in views])
             inputs["pixel_values"] = images["pixel_values"].to(next(model.parameters()).dtype)
             inputs["pixel_attention_mask"] = images["pixel_attention_mask"]
         inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}

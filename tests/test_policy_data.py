@@ -1,11 +1,9 @@
 """Policy inputs: image-order shuffling renames every letter consistently; batches and padding."""
 
-from collections import Counter
-
 import pytest
 
 from respect_hpc.multiref import image_of, parse_action
-from respect_hpc.policy_data import Encoded, epoch_batches, image_order, policy_view, rename_action
+from respect_hpc.policy_data import answer_logits, image_order, policy_view, rename_action
 from respect_hpc.prompts import policy_template
 
 CONTEXT = [f"img-{i}.png" for i in range(10)]
@@ -43,28 +41,6 @@ def test_policy_view_renames_context_history_and_target_together():
         rename_action(a, CONTEXT, order) for a in ROW["previous_actions"]]
 
 
-@pytest.mark.parametrize("group", [None, 50])
-def test_epoch_batches_fill_whole_steps_and_cover_every_example(group):
-    lengths = [(i * 37) % 101 for i in range(45)]
-    batches = epoch_batches(lengths, micro_batch=4, per_step=16, seed=1, epoch=0, group=group)
-    assert all(len(b) == 4 for b in batches) and len(batches) * 4 == 48
-    counts = Counter(i for b in batches for i in b)
-    assert set(counts) == set(range(45)) and sum(counts.values()) == 48
-    assert batches == epoch_batches(lengths, micro_batch=4, per_step=16, seed=1, epoch=0, group=group)
-    assert batches != epoch_batches(lengths, micro_batch=4, per_step=16, seed=1, epoch=1, group=group)
-
-
-def test_length_grouping_cuts_padding():
-    lengths = [(i * 37) % 101 + 20 for i in range(400)]
-
-    def padding(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    grouped = epoch_batches(lengths, 8, 64, seed=0, epoch=0, group=50)
-    plain = epoch_batches(lengths, 8, 64, seed=0, epoch=0, group=None)
-    assert padding(grouped) * 5 < padding(plain)
-
-
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
     from respect_hpc.replica import replica_like
@@ -94,9 +70,7 @@ def images(tmp_path_factory):
 def forward(replica, batch):
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(replica)
-    inputs = {k: v for k, v in batch.items() if k not in ("targets", "target_mask")}
-    return model(**inputs, logits_to_keep=batch["targets"].shape[1] + 1).logits
+    return answer_logits(AutoModelForImageTextToText.from_pretrained(replica), batch)
 
 
 def test_the_stock_processor_config_is_overridden_with_the_official_image_settings(replica, images):
@@ -109,13 +83,15 @@ def test_the_stock_processor_config_is_overridden_with_the_official_image_settin
     item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
     tokenizer = encoder.tokenizer
     assert item.input_ids[0] == tokenizer.bos_token_id and item.input_ids[1] != tokenizer.bos_token_id
-    assert tokenizer.convert_ids_to_tokens(item.input_ids[-item.action_tokens:]) == [
+    (start, length), = item.answers
+    assert start + length == len(item.input_ids)
+    assert tokenizer.convert_ids_to_tokens(item.input_ids[start:]) == [
         "▁select", "▁E", "<end_of_utterance>"]
     assert item.input_ids.count(encoder.image_token_id) == 10 * 64
     encoder.check(item)
     batch = encoder.collate([item, item])
     assert tuple(batch["pixel_values"].shape) == (2, 10, 3, 224, 224)
-    assert forward(replica, batch).shape == (2, 4, 32003)  # the answer and the position before it
+    assert forward(replica, batch).shape == (2, 3, 32003)  # the positions that predict the answer
 
 
 def test_image_splitting_when_a_manifest_asks_for_it(replica, images):
@@ -125,7 +101,7 @@ def test_image_splitting_when_a_manifest_asks_for_it(replica, images):
     encoder.check(item)
     batch = encoder.collate([item])
     assert batch["pixel_values"].shape[1] == 50  # five crops an image, in prompt order
-    assert forward(replica, batch).shape == (1, 4, 32003)
+    assert forward(replica, batch).shape == (1, 3, 32003)
 
 
 def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(replica, images):
@@ -137,17 +113,6 @@ def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(repli
     with pytest.raises(PolicyDataError, match=r"^image tokens do not match the pixels: the prompt has 640 <image> "
                                               r"tokens, the 10 images give 50 crops x 64 = 3200 \(check "):
         encoder.check(item)
-
-
-def test_micro_batches_never_mix_tasks_and_every_task_runs_each_epoch():
-    """D_0 is its own task (OFFICIAL-RECIPE.md (d)): no micro-batch holds D_0 and logged rows together."""
-    tasks = ["log"] * 30 + ["d0"] * 9
-    lengths = [(i * 37) % 101 for i in range(39)]
-    batches = epoch_batches(lengths, micro_batch=4, per_step=8, seed=1, epoch=0, tasks=tasks)
-    assert all(len({tasks[i] for i in b}) == 1 for b in batches)
-    assert all(len(b) == 4 for b in batches) and len(batches) % 2 == 0
-    assert {i for b in batches for i in b} == set(range(39))
-    assert len(batches) == len(epoch_batches(lengths, 4, 8, seed=1, epoch=5, tasks=tasks))  # one schedule a run
 
 
 def test_the_policy_generates_over_the_official_15_tokens_and_only_legal_actions_when_constrained(replica, images):
@@ -167,9 +132,9 @@ def test_the_policy_generates_over_the_official_15_tokens_and_only_legal_actions
                                                                       "<end_of_utterance>"])
     model = AutoModelForImageTextToText.from_pretrained(replica).eval()
     prompt = encoder.prompt_ids(view)
-    batch = encoder.collate([Encoded(prompt, 1, view.images)] * 8)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "pixel_values": batch["pixel_values"], "pixel_attention_mask": batch["pixel_attention_mask"]}
+    images = encoder.image_batch([view.images] * 8)
+    inputs = {"input_ids": torch.tensor([prompt] * 8), "attention_mask": torch.ones(8, len(prompt), dtype=torch.long),
+              "pixel_values": images["pixel_values"], "pixel_attention_mask": images["pixel_attention_mask"]}
     ends = {encoder.end_id, encoder.tokenizer.eos_token_id}
     state = GameState(10, frozenset({"C"}))  # img-2 is selected before this turn
     for constrained in (False, True):

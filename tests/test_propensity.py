@@ -56,7 +56,7 @@ def test_p_is_recomputed_under_the_deployed_adapter_where_the_logs_lack_it(tmp_p
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"]).logits
-    n = item.action_tokens
+    (_, n), = item.answers
     probs = torch.softmax(logits[0, -n - 1:-1], -1).gather(-1, torch.tensor(item.input_ids[-n:]).unsqueeze(-1))
     assert row["prob_action"] == pytest.approx(probs.prod().item(), rel=1e-4)
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import jobs.train
 from respect_hpc import launch
+from respect_hpc.batching import epoch_batches, sequences
 from respect_hpc.datasets import DatasetError
 from respect_hpc.manifest import ModelSection, load_manifest
 from respect_hpc.models import load_policy
@@ -56,20 +57,23 @@ def test_lora_placements(model):
     assert vision == {"out_proj", "fc1", "fc2"} and all("vision_model" in n for n in enhanced - paper)
 
 
-def steps_per_epoch(examples: pl.DataFrame, micro_batch: int, effective_batch: int) -> int:
-    """Optimizer steps an epoch: D_0 and the logged turns fill micro-batches of their own (one task each)."""
-    d0 = examples.filter(pl.col("source") != "log").height
-    micro_batches = -(-d0 // micro_batch) + -(-(examples.height - d0) // micro_batch)
-    return -(-micro_batches // (effective_batch // micro_batch))
+def steps_per_epoch(examples: pl.DataFrame, micro_batch: int, effective_batch: int, packing: str = "game") -> int:
+    """Optimizer steps an epoch: sequences (batching.py, tested in test_batching.py) of D_0 and the logged turns
+    fill micro-batches of their own (one task each)."""
+    rows = sequences(examples, packing=packing, capacity=micro_batch)
+    tasks = [examples["source"][r[0]] == "log" for r in rows]
+    batches = epoch_batches([0] * len(rows), micro_batch, effective_batch, 1, 0, tasks=tasks,
+                            sizes=[len(r) for r in rows])
+    return len(batches) // (effective_batch // micro_batch)
 
 
-def _spec(manifest, variant, out, **changes):
+def _spec(manifest, variant, out, packing="game", **changes):
     m = load_manifest(manifest)
     v = jobs.train.variant_of(m, variant)
     prepared = jobs.train.prepare(m, variant, 1)
     hp = m.objective(v).model_copy(update=changes)
     spec = TrainSpec(objective=v.objective, hp=hp, seed=1, model=m.model, policy_template=m.policy_template,
-                     images=m.data.images, out=out, zero_stage=None)
+                     images=m.data.images, out=out, zero_stage=None, packing=packing)
     return spec, prepared
 
 
@@ -87,7 +91,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_p
     # RMSProp (KTO's optimizer) takes steps of about lr / sqrt(1 - alpha) at first: a smaller rate. A random
     # replica gives a 3-token action a probability near e^-31, far below the logged p: with the paper's beta (0.5)
     # KTO's sigmoid is saturated and its gradient vanishes; a small beta keeps it in range.
-    spec, prepared = _spec(round_files, variant, tmp_path, learning_rate=1e-3 if variant == "b-kto" else 3e-3,
+    spec, prepared = _spec(round_files, variant, tmp_path, packing="turn",
+                           learning_rate=1e-3 if variant == "b-kto" else 3e-3,
                            warmup_steps=0, micro_batch=8, beta=0.01,
                            effective_batch=8, lora_dropout=0.0, entropy_weight=0.0)
     trainer = Trainer(spec, prepared.examples, prepared.validation)
@@ -284,7 +289,7 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
     assert len(results) == 2 and results[0]["best_epoch"] in (1, 2)
     out = jobs.train.task_dir(m, "b-fft", 1)
     log = job.task(0).stderr()
-    assert "DeepSpeed ZeRO-2, 2 process(es) on cpu, 1 micro-batch(es) of 4 accumulated per step" in log
+    assert "DeepSpeed ZeRO-2, 2 process(es) on cpu, 1 micro-batch(es) of at most 4 answers accumulated per step" in log
     state = next((out / "ckpt").glob("step-*")) / "state"
     assert (state / "latest").is_file()  # a DeepSpeed engine checkpoint, frozen base weights excluded
     assert sum(f.stat().st_size for f in state.rglob("*") if f.is_file()) < 5_000_000
