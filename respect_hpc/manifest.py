@@ -135,9 +135,10 @@ class Hyperparameters(Strict):
     epochs: int = Field(20, ge=1)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    effective_batch: int = Field(64, ge=1)
-    micro_batch: int = Field(4, ge=1, description="trained actions per device per forward pass (with game "
-                                                 "packing: whole games' sequences holding up to this many)")
+    effective_batch: int = Field(64, ge=1, description="trained actions per optimizer step (with game packing: "
+                                                        "about, a game's sequence holding several)")
+    micro_batch: int = Field(4, ge=1, description="sequences per device per forward pass: one turn each, or with "
+                                                 "game packing one game each (no longer than its last turn's)")
     entropy_weight: float = Field(0.01, ge=0, lt=1, description=(
         "e of the entropy term: loss (1 - e) objective + e |R| U, U the cross-entropy against the uniform "
         "distribution (the official code's structure); Table 1: 0.01 FFT and RL, 0.1 KTO (the official gin "

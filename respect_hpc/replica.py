@@ -126,6 +126,13 @@ def text_size(hidden_size: int = 64, layers: int = 2) -> dict:
             "num_hidden_layers": layers}
 
 
+def vision_size(hidden_size: int = 32, layers: int = 2) -> dict:
+    """The vision model's widths and depths of a replica (SigLIP's MLP is about 4x its width)."""
+    return {**VISION_SIZE, "hidden_size": hidden_size, "intermediate_size": 4 * hidden_size if hidden_size > 32
+            else VISION_SIZE["intermediate_size"], "num_hidden_layers": layers,
+            "num_attention_heads": max(2, hidden_size // 64)}
+
+
 def _scaled(section: dict, sizes: dict) -> dict:
     out = {**section, **{k: v for k, v in sizes.items() if k in section}}
     if "head_dim" in out:
@@ -133,13 +140,13 @@ def _scaled(section: dict, sizes: dict) -> dict:
     return out
 
 
-def scaled_config(config: dict, text_sizes: dict = TEXT_SIZE) -> dict:
+def scaled_config(config: dict, text_sizes: dict = TEXT_SIZE, vision_sizes: dict = VISION_SIZE) -> dict:
     """A checkpoint's config.json with the replica's widths and depths."""
     if "text_config" in config:
         text = _scaled(config["text_config"], text_sizes)
         out = {**config, "text_config": text}
         if "vision_config" in config:
-            out["vision_config"] = _scaled(config["vision_config"], VISION_SIZE)
+            out["vision_config"] = _scaled(config["vision_config"], vision_sizes)
         if "perceiver_config" in config:
             out["perceiver_config"] = {**_scaled(config["perceiver_config"], PERCEIVER_SIZE),
                                        "hidden_size": text["hidden_size"]}
@@ -150,9 +157,10 @@ def scaled_config(config: dict, text_sizes: dict = TEXT_SIZE) -> dict:
 
 
 def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidden_size: int = 64,
-                 layers: int = 2) -> Path:
+                 layers: int = 2, vision: tuple[int, int] = (32, 2)) -> Path:
     """A tiny random-weight copy of the checkpoint in ``source``: same interface files, scaled-down config
-    (``hidden_size`` and ``layers`` size its text model; the benchmarks use a larger one)."""
+    (``hidden_size`` and ``layers`` size its text model, ``vision`` (width, depth) its vision model; the
+    benchmarks use larger ones)."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig)
 
     source, folder = Path(source), Path(folder)
@@ -160,7 +168,8 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
         raise ReplicaError(f"--from: '{source}' has no config.json (not a transformers checkpoint folder)")
     if source.resolve() == folder.resolve():
         raise ReplicaError(f"the replica folder '{folder}' is the source folder")
-    config = scaled_config(json.loads((source / "config.json").read_text()), text_size(hidden_size, layers))
+    config = scaled_config(json.loads((source / "config.json").read_text()), text_size(hidden_size, layers),
+                           vision_size(*vision))
     folder.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file() and not path.name.endswith(_WEIGHTS) and not path.name.endswith(".index.json") \
@@ -178,7 +187,9 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
     return folder
 
 
-def replica_like(like: str, folder: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+def replica_like(like: str, folder: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+                 vision: tuple[int, int] = (32, 2)) -> Path:
     """A tiny random-weight model with the interface of ``like`` (see :data:`INTERFACES`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        return replica_from(write_interface(like, tmp), folder, seed=seed, hidden_size=hidden_size, layers=layers)
+        return replica_from(write_interface(like, tmp), folder, seed=seed, hidden_size=hidden_size, layers=layers,
+                            vision=vision)

@@ -2,10 +2,10 @@
 
 :func:`train` runs in every process of a task's world (one per GPU; ``RANK`` and
 ``WORLD_SIZE`` in the environment). The trained turns of a game are one sequence
-(game packing, batching.py; or one sequence a turn); each optimizer step takes
-``effective_batch / micro_batch`` micro-batches of at most ``micro_batch`` answers,
-spread over the processes and accumulated, and its loss is the mean over the answers
-it holds. Batches are length-grouped and left-padded; logits are computed at the
+(game packing, batching.py; or one sequence a turn); a micro-batch holds
+``micro_batch`` sequences, and each optimizer step accumulates as many micro-batches
+(spread over the processes) as make about ``effective_batch`` trained actions; its loss
+is the mean over the actions it holds. Batches are length-grouped and left-padded; logits are computed at the
 answer positions only. D_0 is a task of its own: its micro-batches never mix with the
 logged turns', and its rows are trained with label-smoothed cross-entropy whatever the
 variant's objective.
@@ -92,12 +92,15 @@ class TrainSpec:
     spec_hash: str = ""             # of the task's settings and inputs: checkpoints resume only under it
 
 
-def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int, where: str = "training") -> int:
-    """Micro-batches each process accumulates per optimizer step; refuses a batch the world cannot divide."""
+def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int, where: str = "training",
+                       answers: float = 1.0) -> int:
+    """Micro-batches each process accumulates per optimizer step, so that a step covers ``effective_batch``
+    trained actions (about, where a sequence holds ``answers`` of them on average: packed games); refuses a
+    batch the world cannot divide."""
     if effective_batch % (micro_batch * world_size):
         raise TrainingError(f"{where}.effective_batch {effective_batch} is not a multiple of micro_batch "
                             f"{micro_batch} x {world_size} processes")
-    return effective_batch // (micro_batch * world_size)
+    return max(1, round(effective_batch / (micro_batch * world_size * answers)))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -184,8 +187,11 @@ class Trainer:
         self.spec, self.hp = spec, spec.hp
         self.examples, self.validation = _rows(examples), _rows(validation)
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.sequences = sequences(examples, packing=spec.packing)
+        self.sizes = [len(rows) for rows in self.sequences]
         self.accum = accumulation_steps(self.hp.effective_batch, self.hp.micro_batch, world,
-                                        f"training.{spec.objective}")
+                                        f"training.{spec.objective}", sum(self.sizes) / max(len(self.sizes), 1))
+        self.per_step = world * self.accum  # micro-batches of a step, all processes
         cuda = torch.cuda.is_available()
         bf16 = spec.model.dtype == "bf16" and cuda
         plugin = None
@@ -193,7 +199,8 @@ class Trainer:
             plugin = DeepSpeedPlugin(hf_ds_config={
                 "zero_optimization": {"stage": spec.zero_stage},
                 "train_micro_batch_size_per_gpu": self.hp.micro_batch,
-                "gradient_accumulation_steps": self.accum, "train_batch_size": self.hp.effective_batch,
+                "gradient_accumulation_steps": self.accum,
+                "train_batch_size": self.hp.micro_batch * self.accum * world,
                 "gradient_clipping": 1.0, "bf16": {"enabled": spec.model.dtype == "bf16"},
             })
         self.accelerator = Accelerator(
@@ -208,14 +215,11 @@ class Trainer:
         processor = load_processor(spec.model)
         self.tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec.model)
         self.encoder = PolicyEncoder(processor, self.tokenizer, spec.images, processor is not None)
-        self.sequences = sequences(examples, packing=spec.packing, capacity=self.hp.micro_batch)
         encoded = [self._sequence(rows, None) for rows in self.sequences]  # packing: each prefix checked here
         if encoded:  # image tokens against pixel crops, before any model is loaded
             self.encoder.check(encoded[0])
         self.lengths = [len(e.input_ids) for e in encoded]
-        self.sizes = [len(rows) for rows in self.sequences]
         self.tasks = ["d0" if self.examples[rows[0]]["source"] in REHEARSAL else "log" for rows in self.sequences]
-        self.per_step = self.hp.effective_batch // self.hp.micro_batch  # micro-batches of a step, all processes
         self.model = load_policy(spec.model, r=self.hp.lora_r, alpha=self.hp.lora_alpha,
                                  dropout=self.hp.lora_dropout, placement=self.hp.lora_placement,
                                  adapter=spec.adapter, seed=spec.seed,
@@ -246,8 +250,7 @@ class Trainer:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This epoch's micro-batches of sequences: D_0 and the logged turns as separate tasks, a whole number
         of steps."""
-        return epoch_batches(self.lengths, self.hp.micro_batch, self.hp.effective_batch, self.spec.seed, epoch,
-                             tasks=self.tasks, sizes=self.sizes)
+        return epoch_batches(self.lengths, self.hp.micro_batch, self.per_step, self.spec.seed, epoch, tasks=self.tasks)
 
     def _sequence(self, rows: list[int], epoch: int | None) -> Encoded:
         """Examples ``rows`` (one, or turns of one game) as one sequence, images in the epoch's order (one per
@@ -418,9 +421,10 @@ class Trainer:
         accelerator, hp = self.accelerator, self.hp
         world, rank = accelerator.num_processes, accelerator.process_index
         engine = f"DeepSpeed ZeRO-{self.spec.zero_stage}" if self.deepspeed else "Accelerate"
-        progress(f"{engine}, {world} process(es) on {accelerator.device}, {self.accum} micro-batch(es) of at most "
-                 f"{hp.micro_batch} answers accumulated per step, {self.steps_per_epoch} steps per epoch, "
-                 f"{len(self.sequences)} sequences ({self.spec.packing} packing) of {len(self.examples)} examples"
+        progress(f"{engine}, {world} process(es) on {accelerator.device}, {self.accum} micro-batch(es) of "
+                 f"{hp.micro_batch} sequences accumulated per step, {self.steps_per_epoch} steps per epoch; "
+                 f"{len(self.examples)} trained actions in {len(self.sequences)} sequences ({self.spec.packing} "
+                 f"packing), about {len(self.examples) / self.steps_per_epoch:.1f} a step"
                  + (f"; vision features cached in {self.spec.vision_cache}" if self.vision_cache else ""))
         step, first_epoch = self._resume()
         if step:

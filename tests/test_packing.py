@@ -99,8 +99,9 @@ def test_a_few_optimizer_steps_over_the_same_actions_give_the_same_adapter(round
             seen = []
             for _ in range(3):
                 z = trainer._reference_point([chosen]) if variant == "b-kto" else None
-                parts = trainer._loss(batch, z, scale=1 / len(actions))
-                seen.append(parts.total.item())
+                # as Trainer.run scales it: Accelerate divides each micro-batch's loss by the accumulation steps
+                parts = trainer._loss(batch, z, scale=trainer.per_step / len(actions))
+                seen.append(parts.total.item() / trainer.per_step)  # the mean over the actions, as reported
                 trainer.accelerator.backward(parts.total)
                 trainer.optimizer.step()
                 trainer.optimizer.zero_grad()
@@ -117,3 +118,13 @@ def test_a_few_optimizer_steps_over_the_same_actions_give_the_same_adapter(round
     # adapters agree to a thousandth of how far the steps moved them.
     difference = max((packed[n] - single[n]).abs().max() for n in single)
     assert difference < 1e-3 * moved, (difference, moved)
+
+
+def test_the_manifest_chooses_the_packing_and_a_change_is_a_new_task(round_files, tmp_path):
+    m = load_manifest(round_files)
+    assert jobs.train.prepare(m, "b-fft", 1).spec.packing == "game"  # the default
+    per_turn = tmp_path / "turn.yaml"
+    per_turn.write_text(round_files.read_text().replace("  zero_stage: null", "  zero_stage: null\n  packing: turn"))
+    turn = load_manifest(per_turn)
+    assert jobs.train.prepare(turn, "b-fft", 1).spec.packing == "turn"
+    assert jobs.train.task_hash(turn, "b-fft", 1) != jobs.train.task_hash(m, "b-fft", 1)

@@ -28,7 +28,8 @@ from respect_hpc.batching import epoch_batches, sequences
 from respect_hpc.datasets import DatasetError
 from respect_hpc.manifest import ModelSection, load_manifest
 from respect_hpc.models import load_policy
-from respect_hpc.train import METRICS_FILE, MISMATCH_FILE, Trainer, TrainingError, TrainSpec, _release
+from respect_hpc.train import (METRICS_FILE, MISMATCH_FILE, Trainer, TrainingError, TrainSpec, _release,
+                               accumulation_steps)
 
 ADAPTER = "adapter_model.safetensors"
 
@@ -57,14 +58,13 @@ def test_lora_placements(model):
     assert vision == {"out_proj", "fc1", "fc2"} and all("vision_model" in n for n in enhanced - paper)
 
 
-def steps_per_epoch(examples: pl.DataFrame, micro_batch: int, effective_batch: int, packing: str = "game") -> int:
+def steps_per_epoch(examples: pl.DataFrame, micro_batch: int, effective_batch: int, world: int = 1) -> int:
     """Optimizer steps an epoch: sequences (batching.py, tested in test_batching.py) of D_0 and the logged turns
-    fill micro-batches of their own (one task each)."""
-    rows = sequences(examples, packing=packing, capacity=micro_batch)
+    fill micro-batches of their own (one task each), as many a step as make about effective_batch actions."""
+    rows = sequences(examples, packing="game")
     tasks = [examples["source"][r[0]] == "log" for r in rows]
-    batches = epoch_batches([0] * len(rows), micro_batch, effective_batch, 1, 0, tasks=tasks,
-                            sizes=[len(r) for r in rows])
-    return len(batches) // (effective_batch // micro_batch)
+    per_step = world * accumulation_steps(effective_batch, micro_batch, world, answers=examples.height / len(rows))
+    return len(epoch_batches([0] * len(rows), micro_batch, per_step, 1, 0, tasks=tasks)) // per_step
 
 
 def _spec(manifest, variant, out, packing="game", **changes):
@@ -164,7 +164,6 @@ def _with(manifest: Path, old: str, new: str) -> Path:
 
 def test_bad_input_is_refused_before_training(round_files, tmp_path):
     from respect_hpc.manifest import ManifestError
-    from respect_hpc.train import accumulation_steps
 
     with pytest.raises(ManifestError, match=r"training.fft: effective_batch 10 is not a multiple of micro_batch 4"):
         load_manifest(_with(round_files, "fft: {epochs: 2, effective_batch: 8", "fft: {epochs: 2, effective_batch: 10"))
@@ -289,7 +288,7 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
     assert len(results) == 2 and results[0]["best_epoch"] in (1, 2)
     out = jobs.train.task_dir(m, "b-fft", 1)
     log = job.task(0).stderr()
-    assert "DeepSpeed ZeRO-2, 2 process(es) on cpu, 1 micro-batch(es) of at most 4 answers accumulated per step" in log
+    assert "DeepSpeed ZeRO-2, 2 process(es) on cpu, 1 micro-batch(es) of 4 sequences accumulated per step" in log
     state = next((out / "ckpt").glob("step-*")) / "state"
     assert (state / "latest").is_file()  # a DeepSpeed engine checkpoint, frozen base weights excluded
     assert sum(f.stat().st_size for f in state.rglob("*") if f.is_file()) < 5_000_000
@@ -299,7 +298,7 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
     assert trained and any(p.abs().sum() > 0 for p in trained.values())
     metrics = pl.read_parquet(out / METRICS_FILE)
     examples = jobs.train.prepare(m, "b-fft", 1).examples
-    assert metrics.filter(pl.col("loss").is_not_null()).height == 2 * steps_per_epoch(examples, 4, 8)
+    assert metrics.filter(pl.col("loss").is_not_null()).height == 2 * steps_per_epoch(examples, 4, 8, world=2)
 
 
 def test_a_text_only_causal_lm_policy_trains(tmp_path):
