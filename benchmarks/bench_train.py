@@ -8,7 +8,7 @@
 Model: the IDEFICS2-8B replica (its tokenizer, chat template and processor) with random weights, text model
 hidden 256 x 4 layers, vision model sized so that encoding an image costs about as many text tokens' work as
 SigLIP-so400m's 256 patches do in IDEFICS2-8B; LoRA with the paper's placement, fp32 on this CPU. Data:
-synthetic games shaped like the public round-6 log (about 6.7 turns a game) on the real KiloGram tangrams (10
+synthetic games shaped like the public round-6 log (about 7 turns a game; that log: 6.5) on the real KiloGram tangrams (10
 images at 224 px a prompt), labelled by the synthetic follow-ups; the FFT and RL training sets the recipe builds.
 Timed per micro-batch (4 sequences: turns, or games): building it (tokens and pixels), forward, backward and the
 optimizer step. The four ways alternate slice by slice so that load from elsewhere slows them alike; the cache
