@@ -65,3 +65,45 @@ class ActionLogits:
             return action_prefix(text, state.n_images, state.selected) == "complete"
         after = self.tokenizer.decode([*generated, token], skip_special_tokens=True)
         return action_prefix(after, state.n_images, state.selected) is not None
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A generated action and p, the probability the policy gave it as it sampled (over the legal tokens)."""
+
+    text: str
+    probability: float
+
+
+def generate_actions(model, encoder: PolicyEncoder, views: list[PolicyView], states: list[GameState], *,
+                     legal: list[int], decoding: str = "sample", constrained: bool = True,
+                     max_new_tokens: int = 10) -> list[Generated]:
+    """Each view's action as the policy generates it: the legal tokens only (and with ``constrained``, only
+    legal actions of each state), sampled at temperature 1 or greedy; p is the product of the generated
+    tokens' probabilities under that distribution, through the end token."""
+    tokenizer = encoder.tokenizer
+    prompts = [encoder.prompt_ids(view) for view in views]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
+              "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
+    if encoder.multimodal:
+        images = encoder.image_batch([view.images for view in views])
+        inputs["pixel_values"] = images["pixel_values"].to(next(model.parameters()).dtype)
+        inputs["pixel_attention_mask"] = images["pixel_attention_mask"]
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    ends = {encoder.end_id, tokenizer.eos_token_id} - {None}
+    processor = ActionLogits(tokenizer, legal, ends, width, states if constrained else None)
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None} \
+        if decoding == "sample" else {"do_sample": False}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(ends),
+                         logits_processor=[processor], output_scores=True, return_dict_in_generate=True,
+                         **sampling)
+    tokens = out.sequences[:, width:]
+    logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ended = torch.isin(tokens, torch.tensor(sorted(ends), device=tokens.device))
+    live = (ended.cumsum(1) - ended.long()) == 0  # every token through the first end token
+    probabilities = (logprobs.nan_to_num(neginf=-1e4) * live).sum(1).exp().tolist()
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return [Generated(text, p) for text, p in zip(texts, probabilities)]

@@ -27,7 +27,7 @@ from respect_hpc.prompts import DECODER_TEMPLATES, DEFAULT_DECODER_TEMPLATE, DEF
 
 Objective = Literal["fft", "rl", "kto", "seed"]  # seed: the seed round's policy, on D_0 alone
 FeedbackKind = Literal["binary", "ternary"]
-Stage = Literal["ingest", "decode", "merge", "train", "select", "metrics"]
+Stage = Literal["ingest", "decode", "merge", "train", "select", "deploy", "collect", "metrics"]
 
 _SAFE = "letters, digits, '_', '.', '-'"
 _SAFE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -245,6 +245,29 @@ PAPER_VARIANTS = [Variant(name=f"{f[0]}-{o}", feedback=f, objective=o, policies=
                   for o, code in (("fft", "p"), ("rl", "a"), ("kto", "k")) for f in ("binary", "ternary")]
 
 
+class SimulationSection(Strict):
+    """A simulated deployment after selection (simulator.py): the round's selected policies play games with
+    a simulated speaker on the KiloGram tangrams, logged as the public interaction layout with p."""
+
+    kilogram: PlainPath = Field(description="the KiloGram folder: dense.json (about 50 human descriptions of 74 "
+                                            "tangrams) and tangram_pngs/ (data.images must name it)")
+    games: int = Field(100, ge=1, le=1_000_000, description="simulated games each deployed policy plays")
+    shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks the games are split into")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="games (images, targets, speaker) and sampling")
+    control: bool = Field(True, description="also deploy the seed policy, never retrained, as policy 'control'")
+    implicit: float = Field(0.3, ge=0, le=1, description="reactions without an approval or rejection word")
+    misleading: float = Field(0.05, ge=0, le=1, description="reactions that say the opposite of the truth")
+    silent: float = Field(0.05, ge=0, le=1, description="reactions that say nothing useful")
+    undo: float = Field(0.35, ge=0, le=1, description="after a wrong selection, asks to undo it")
+    pool: Literal["seed", "deploy", "all"] = Field(
+        "deploy", description="each tangram's descriptions used: seed (even-numbered), deploy (odd-numbered, "
+                              "held out from the seed half), all")
+    max_turns: int = Field(10, ge=1, le=50)
+    constrained: bool = Field(True, description="generate only legal actions of each state (else: any sequence "
+                                                "of the legal tokens; an illegal action does nothing)")
+    batch: int = Field(8, ge=1, description="games generated at once")
+
+
 class StageResources(Strict):
     gpus: int = Field(0, ge=0, description="GPUs per task")
     cpus: int = Field(1, ge=1, description="CPUs per process of a task (sbatch --cpus-per-task)")
@@ -296,6 +319,8 @@ class Manifest(Strict):
                                           "{learning_rate: [1e-4, 3e-4], lora_r: [8, 16]}; every cell trains "
                                           "every variant and seed")
     cluster: ClusterSection = ClusterSection()
+    simulation: SimulationSection | None = Field(
+        None, description="deploy the selected policies to a simulated speaker after selection (the deploy stage)")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,8 +1,10 @@
 """A round as a plan: stages in order, each an array of tasks, each task done or not.
 
-    ingest -> decode (one task per shard) -> merge -> train (variant x cell x seed) -> select -> metrics
+    ingest -> decode (one task per shard) -> merge -> train (variant x cell x seed) -> select
+    [-> deploy (one task per shard of simulated games) -> collect] -> metrics
 
-The seed round (no logs) is train (the seed policy x cell x seed) -> select.
+The seed round (no logs) is train (the seed policy x cell x seed) -> select [-> deploy -> collect]; the
+bracketed stages run where the manifest has a ``simulation`` section.
 
 A task is done when its output records the hash of its current spec (see hashing.py).
 Done-ness is known only where a stage's inputs exist: before ingest has run, the
@@ -17,17 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jobs.decode
+import jobs.deploy
 import jobs.ingest
 import jobs.metrics
 import jobs.select
 import jobs.train
 from respect_hpc.manifest import Manifest
 
-STAGES = ("ingest", "decode", "merge", "train", "select", "metrics")
+STAGES = ("ingest", "decode", "merge", "train", "select", "deploy", "collect", "metrics")
 # What each stage reads the outputs of (directly or through another stage).
 UPSTREAM = {"ingest": (), "decode": ("ingest",), "merge": ("ingest", "decode"),
             "train": ("ingest", "decode", "merge"), "select": ("ingest", "decode", "merge", "train"),
-            "metrics": ("ingest",)}
+            "deploy": ("ingest", "decode", "merge", "train", "select"),
+            "collect": ("ingest", "decode", "merge", "train", "select", "deploy"), "metrics": ("ingest",)}
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,14 @@ def build(manifest: Manifest, stages: tuple[str, ...] = STAGES) -> list[Stage]:
         "select": [Task("select", jobs.select.run, (manifest,))],
         "metrics": [Task("metrics", jobs.metrics.stage, (manifest,))],
     }
+    if manifest.simulation is not None:
+        games = manifest.simulation.shards
+        tasks["deploy"] = [Task(shard_key(s, games), jobs.deploy.run_shard, (manifest, s, games)) for s in range(games)]
+        tasks["collect"] = [Task("collect", jobs.deploy.collect, (manifest, games))]
+    else:
+        stages = tuple(s for s in stages if s not in ("deploy", "collect"))
     if manifest.seed_round:  # no logs: nothing to ingest, decode or measure
-        stages = tuple(s for s in stages if s in ("train", "select"))
+        stages = tuple(s for s in stages if s in ("train", "select", "deploy", "collect"))
     return [Stage(name, tasks[name]) for name in stages]
 
 
@@ -100,6 +110,11 @@ def _mark(manifest: Manifest, stage: Stage, ingested: bool, plans, merged: bool)
                                                        jobs.train.task_hash(manifest, v, s, c))}
     elif stage.name == "select":
         stage.done = {"select"} if jobs.select.is_done(manifest) else set()
+    elif stage.name == "deploy":
+        games = manifest.simulation.shards
+        stage.done = {shard_key(s, games) for s in jobs.deploy.done_shards(manifest, games)}
+    elif stage.name == "collect":
+        stage.done = {"collect"} if jobs.deploy.is_collected(manifest, manifest.simulation.shards) else set()
     elif stage.name == "metrics":
         stage.done = {"metrics"} if ingested and jobs.metrics.is_done(manifest) else set()
 

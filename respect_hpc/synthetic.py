@@ -55,9 +55,10 @@ def _strip_article(description: str) -> str:
     return " ".join(words[1:] if words[:1] in (["a"], ["an"], ["the"]) else words)
 
 
-def load_image_bank(kilogram: Path | None = DEFAULT_KILOGRAM) -> ImageBank:
-    """The annotated KiloGram tangrams, or procedural ones when the folder is absent."""
-    dense = kilogram / "dense10.json" if kilogram else None
+def load_image_bank(kilogram: Path | None = DEFAULT_KILOGRAM, dense: str = "dense10.json") -> ImageBank:
+    """The annotated KiloGram tangrams (``dense``: 10 descriptions each, or dense.json's about 50), or
+    procedural ones when the folder is absent."""
+    dense = kilogram / dense if kilogram else None
     if dense and dense.is_file():
         data = json.loads(dense.read_text())
         return ImageBank({f"{name}.png": [_strip_article(a["whole"]["wholeAnnotation"])

@@ -37,7 +37,7 @@ from respect_hpc.batching import UNPACKED_SOURCES, epoch_batches, sequences
 from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import Hyperparameters, ModelSection, ValidationSection
 from respect_hpc.models import load_policy, load_processor, load_tokenizer
-from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
+from respect_hpc.generation import GameState, generate_actions, legal_token_ids
 from respect_hpc.multiref import letters_of, mismatched_click
 from respect_hpc.objectives import ActionScores, cross_entropy_loss, kto_loss, reinforce_loss, score_actions
 from respect_hpc.policy_data import Encoded, PolicyEncoder, PolicyView, answer_logits, image_order, policy_view
@@ -519,25 +519,11 @@ class Trainer:
     def _generate(self, model, views: list[PolicyView], states: list[GameState]) -> list[str]:
         """Each view's action as the policy generates it (generation.py), its settings from ``validation``."""
         settings = self.spec.validation
-        prompts = [self.encoder.prompt_ids(view) for view in views]
-        width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id
-        inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
-                  "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
-        if self.encoder.multimodal:
-            images = self.encoder.image_batch([v.images for v in views])
-            inputs["pixel_values"] = images["pixel_values"].to(next(model.parameters()).dtype)
-            inputs["pixel_attention_mask"] = images["pixel_attention_mask"]
-        inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
         if self.legal is None:
             self.legal = legal_token_ids(self.encoder, views[0])
-        ends = {self.encoder.end_id, self.tokenizer.eos_token_id} - {None}
-        processor = ActionLogits(self.tokenizer, self.legal, ends, width, states if settings.constrained else None)
-        sampling = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None} \
-            if settings.decoding == "sample" else {"do_sample": False}
-        out = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, pad_token_id=pad,
-                             eos_token_id=sorted(ends), logits_processor=[processor], **sampling)
-        return self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        return [g.text for g in generate_actions(model, self.encoder, views, states, legal=self.legal,
+                                                 decoding=settings.decoding, constrained=settings.constrained,
+                                                 max_new_tokens=settings.max_new_tokens)]
 
 
 def train(spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame,

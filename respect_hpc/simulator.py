@@ -1,0 +1,133 @@
+"""A simulated MultiRef speaker on real stimuli, for deployments without people (pure, seeded).
+
+A game shows 10 tangrams, 3 to 5 of them targets. The speaker asks for one remaining target at a time with
+a human description of it (KiloGram's, from the description pool the settings name), then reacts to each
+action of the listener the way people do in the MultiRef logs: an action that selected only targets (or
+deselected only wrong images) is confirmed and the next target asked for; a wrong selection is corrected
+("no, not the bird"), asked to be undone or met with "try again"; an action that did nothing is asked
+again. Some reactions carry no explicit approval or rejection (``implicit``: just the next request, or a
+correction without a "no"), some say the opposite of the truth (``misleading``) and some say nothing
+useful (``silent``). The game ends on success (exactly the targets selected) or at the turn limit. Each
+turn keeps the truth (was the action good), against which decoded feedback is measured.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from respect_hpc.multiref import DEFAULT_MAX_TURNS, Action, images_of, is_success
+
+APPROVALS = ("yes", "good", "correct", "great", "perfect", "nice", "yes!", "good job")
+NEXT = ("now", "next", "and", "now pick", "next one is", "also")
+CORRECTIONS = ("no, not the {wrong}", "no, that's not it, I meant the {target}", "not that one, the {target}",
+               "no", "don't pick the {wrong}")
+IMPLICIT_CORRECTIONS = ("the {target}", "I meant the {target}", "the other one")
+UNDO = ("wrong one, undo that", "remove the {wrong}", "deselect the {wrong}", "no, undo that")
+TRY_AGAIN = ("try again", "try one more time", "no, try again, the {target}")
+SILENT = ("", "hmm", "ok let me see", "wait")
+POOLS = ("seed", "deploy", "all")
+
+
+@dataclass(frozen=True)
+class SpeakerSettings:
+    """The simulator's knobs; defaults are close to what the MultiRef logs show."""
+
+    implicit: float = 0.3     # reactions without an approval or rejection word
+    misleading: float = 0.05  # reactions that say the opposite of the truth
+    silent: float = 0.05      # reactions that say nothing useful
+    undo: float = 0.35        # after a wrong selection: ask to undo it (else correct it, or "try again")
+    pool: str = "deploy"      # descriptions: "seed" (even-numbered), "deploy" (odd-numbered, held out), "all"
+    max_turns: int = DEFAULT_MAX_TURNS
+
+    def __post_init__(self) -> None:
+        for name in ("implicit", "misleading", "silent", "undo"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"simulation.{name}: a probability in [0, 1], got {getattr(self, name)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"simulation.pool: one of {', '.join(POOLS)}, got {self.pool!r}")
+
+
+def description_pool(descriptions: dict[str, list[str]], pool: str) -> dict[str, list[str]]:
+    """Each image's descriptions in ``pool``: the seed half, the held-out deployment half, or all."""
+    if pool == "all":
+        return descriptions
+    start = 0 if pool == "seed" else 1
+    return {image: texts[start::2] or texts for image, texts in descriptions.items()}
+
+
+@dataclass
+class SimulatedGame:
+    """One game in progress: the speaker's state and what was said and done so far."""
+
+    context: list[str]
+    targets: frozenset[str]
+    descriptions: dict[str, list[str]]
+    settings: SpeakerSettings
+    rng: random.Random
+    selection: frozenset[str] = frozenset()
+    chat: list[str] = field(default_factory=list)
+    truths: list[int] = field(default_factory=list)  # per acted turn: 1 good, -1 bad, 0 nothing done
+    asked: str | None = None  # the target the speaker asked for last
+
+    @classmethod
+    def new(cls, rng: random.Random, descriptions: dict[str, list[str]], settings: SpeakerSettings
+            ) -> SimulatedGame:
+        context = rng.sample(sorted(descriptions), 10)
+        game = cls(context, frozenset(rng.sample(context, rng.randint(3, 5))), descriptions, settings, rng)
+        game.chat.append(game._request(""))
+        return game
+
+    @property
+    def over(self) -> bool:
+        return is_success(self.selection, self.targets) or len(self.truths) >= self.settings.max_turns
+
+    def _describe(self, image: str) -> str:
+        return self.rng.choice(self.descriptions[image])
+
+    def _request(self, prefix: str) -> str:
+        remaining = sorted(self.targets - self.selection)
+        self.asked = self.rng.choice(remaining) if remaining else None
+        request = f"the {self._describe(self.asked)}" if self.asked else "that's all"
+        return f"{prefix} {request}".strip()
+
+    def _fill(self, template: str, wrong: str | None) -> str:
+        return template.format(wrong=self._describe(wrong) if wrong else "last one",
+                               target=self._describe(self.asked) if self.asked else "other one")
+
+    def act(self, deselect: frozenset[str], select: frozenset[str]) -> str | None:
+        """The listener's action (images); returns the speaker's reaction, or None when the game is over."""
+        valid = not (select & self.selection) and deselect <= self.selection
+        done = (select or deselect) and valid
+        good = done and select <= self.targets and not (deselect & self.targets)
+        if done:
+            self.selection = (self.selection - deselect) | select
+        self.truths.append(1 if good else -1 if done else 0)
+        if self.over:
+            return None
+        rng, s = self.rng, self.settings
+        if rng.random() < s.silent:
+            reaction = rng.choice(SILENT)
+        else:
+            approve = bool(good) != (rng.random() < s.misleading)
+            reaction = self._approval(rng, s) if approve else self._rejection(rng, s, select - self.targets)
+        self.chat.append(reaction)
+        return reaction
+
+    def _approval(self, rng: random.Random, s: SpeakerSettings) -> str:
+        explicit = rng.random() >= s.implicit
+        prefix = f"{rng.choice(APPROVALS)}, {rng.choice(NEXT)}" if explicit else rng.choice(NEXT)
+        return self._request(prefix)
+
+    def _rejection(self, rng: random.Random, s: SpeakerSettings, wrong_selected: frozenset[str]) -> str:
+        wrong = rng.choice(sorted(wrong_selected)) if wrong_selected else None
+        if rng.random() < s.implicit:
+            return self._fill(rng.choice(IMPLICIT_CORRECTIONS), wrong)
+        if wrong and rng.random() < s.undo:
+            return self._fill(rng.choice(UNDO), wrong)
+        return self._fill(rng.choice(TRY_AGAIN if rng.random() < 0.3 else CORRECTIONS), wrong)
+
+
+def action_images(action: Action, context: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """An action in listener letters as (deselected, selected) images."""
+    return frozenset(images_of(action.deselect, context)), frozenset(images_of(action.select, context))

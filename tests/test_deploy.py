@@ -1,0 +1,120 @@
+"""The deploy stage: a selected policy (IDEFICS2-8B replica + a saved LoRA adapter) plays simulated games on the
+real KiloGram tangrams; the logs ingest as the public interaction layout, p is the probability the policy gave
+each action as it sampled, the shards are seeded and resumable, and the plan runs deploy and collect after
+select."""
+
+import polars as pl
+import pytest
+import torch
+from conftest import KILOGRAM, round_inputs
+
+import jobs.deploy
+from respect_hpc.ingest import ingest
+from respect_hpc.manifest import load_manifest
+from respect_hpc.models import load_policy
+from respect_hpc.plan import build
+from respect_hpc.rundir import RunDir
+
+
+def seed_round(root, kilogram, simulation):
+    inputs = round_inputs(root, 4)
+    manifest = root / "seed.yaml"
+    manifest.write_text(f"""experiment: sim
+round: 0
+workdir: {root / 'runs'}
+data: {{seed_data: {inputs['d0']}, validation: {inputs['validation']}, images: {kilogram / 'tangram_pngs'}}}
+model: {{path: {inputs['model']}, dtype: fp32}}
+seeds: [1]
+training: {{zero_stage: null}}
+simulation: {{kilogram: {kilogram}, {simulation}}}
+""")
+    m = load_manifest(manifest)
+    policy = RunDir.of(m).policy(0, "sft")  # what the select stage exports: a LoRA adapter
+    load_policy(m.model, seed=3).save_pretrained(policy)
+    return m
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    if not (KILOGRAM / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
+    root = tmp_path_factory.mktemp("deploy")
+    m = seed_round(root, KILOGRAM, "games: 6, shards: 2, batch: 4, max_turns: 4")
+    for shard in range(2):
+        assert jobs.deploy.run_shard(m, shard, 2) == {"sft": 3}
+    return m, jobs.deploy.collect(m, 2)
+
+
+def test_deployed_games_ingest_as_the_public_layout_with_p(deployed):
+    m, games = deployed
+    folder = RunDir.of(m).round(0)
+    turns = ingest([folder / jobs.deploy.DEPLOYED_FILE]).turns
+    assert games.height == 6 and set(games["policy_name"]) == {"sft"} and set(games["round"]) == {0}
+    assert turns.height == games["turn"].sum() and turns["game_id"].n_unique() == 6
+    p = turns["prob_action"]
+    assert p.is_not_null().all() and ((p > 0) & (p <= 1)).all()
+    truth = pl.read_parquet(folder / jobs.deploy.TRUTH_FILE)
+    assert truth.height == turns.height and set(truth["truth"]) <= {-1, 0, 1}
+    # constrained generation: every action is legal in its state, so every turn clicked something
+    assert (turns["action"] != "").all() and (truth["truth"] != 0).all()
+    assert jobs.deploy.is_collected(m, 2) and jobs.deploy.done_shards(m, 2) == {0, 1}
+
+
+def test_shards_are_seeded_and_a_current_part_is_skipped(deployed, tmp_path):
+    m, games = deployed
+    part = jobs.deploy.part_path(m, 1, 2)
+    before = part.stat().st_mtime_ns
+    assert jobs.deploy.run_shard(m, 1, 2) == {}  # current: skipped
+    assert part.stat().st_mtime_ns == before
+    part.unlink()
+    assert jobs.deploy.run_shard(m, 1, 2) == {"sft": 3}
+    assert jobs.deploy.collect(m, 2).equals(games)  # the same games again
+
+
+def test_p_is_the_probability_the_policy_gave_the_action_as_it_sampled(deployed):
+    """p equals a teacher-forced pass over the generated tokens with generation's processor applied at each
+    step (legal tokens only, constrained to the legal actions of the state), ending with either end token;
+    batched generation pads prompts on the left, hence the tolerance."""
+    from respect_hpc.datasets import with_history
+    from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
+    from respect_hpc.models import load_processor
+    from respect_hpc.multiref import letters_of
+    from respect_hpc.policy_data import PolicyEncoder, policy_view
+    from respect_hpc.prompts import policy_template
+
+    m, _ = deployed
+    turns = with_history(ingest([RunDir.of(m).round(0) / jobs.deploy.DEPLOYED_FILE]).turns).to_dicts()
+    processor = load_processor(m.model)
+    encoder = PolicyEncoder(processor, processor.tokenizer, m.data.images, True)
+    template = policy_template(m.policy_template)
+    model = load_policy(m.model, adapter=RunDir.of(m).policy(0, "sft")).eval()
+    legal = legal_token_ids(encoder, policy_view(turns[0], template))
+    ends = sorted({encoder.end_id, encoder.tokenizer.eos_token_id})
+    # the logs keep the action as its clicks give it (letters sorted): one click has one token order
+    single = [row for row in turns if len(row["action"].split()) == 2]
+    assert len(single) >= 3
+    for row in single[:10]:
+        view = policy_view(row, template)
+        prompt = encoder.prompt_ids(view)
+        state = GameState(10, frozenset(letters_of(row["currently_selected"], row["context"])))
+        action = encoder.tokenizer(" " + row["action"], add_special_tokens=False)["input_ids"]
+        images = encoder.image_batch([view.images])
+        found = []
+        for end in ends:
+            ids = torch.tensor([prompt + action + [end]])
+            with torch.no_grad():
+                logits = model(input_ids=ids, pixel_values=images["pixel_values"],
+                               pixel_attention_mask=images["pixel_attention_mask"]).logits[0]
+            steps = ActionLogits(encoder.tokenizer, legal, set(ends), len(prompt), [state])
+            logp = sum(steps(ids[:, :len(prompt) + k], logits[len(prompt) + k - 1:len(prompt) + k])
+                       .log_softmax(-1)[0, token].item() for k, token in enumerate(action + [end]))
+            found.append(float(torch.tensor(logp).exp()))
+        assert any(row["prob_action"] == pytest.approx(p, rel=1e-4) for p in found), (row["action"], found)
+
+
+def test_the_plan_deploys_after_selection_only_with_a_simulation_section(deployed, tmp_path):
+    m, _ = deployed
+    assert [s.name for s in build(m)] == ["train", "select", "deploy", "collect"]
+    assert [t.key for t in build(m)[2].tasks] == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    plain = m.model_copy(update={"simulation": None})
+    assert [s.name for s in build(plain)] == ["train", "select"]

@@ -1,0 +1,85 @@
+"""The simulated speaker: seeded games on the KiloGram descriptions, reactions that follow the truth of each
+action (approve good ones, reject bad ones) up to the misleading rate, success and the turn limit end a game."""
+
+import random
+
+import pytest
+
+from respect_hpc.simulator import (APPROVALS, SimulatedGame, SpeakerSettings, action_images, description_pool)
+from respect_hpc.multiref import parse_action
+from respect_hpc.synthetic import load_image_bank
+
+
+@pytest.fixture(scope="module")
+def descriptions():
+    bank = load_image_bank()
+    if bank.source != "kilogram":
+        pytest.skip("../shared/data/kilogram is absent: the simulator is tested on the real descriptions")
+    return bank.descriptions
+
+
+def play(descriptions, seed, settings, listener):
+    rng = random.Random(seed)
+    game = SimulatedGame.new(rng, description_pool(descriptions, settings.pool), settings)
+    while not game.over:
+        game.act(*listener(game, rng))
+    return game
+
+
+def oracle(game, rng):
+    """Selects the target the speaker asked for."""
+    return frozenset(), frozenset({game.asked})
+
+
+def wrong(game, rng):
+    """Selects a non-target not yet selected; once none is left, selects one again (which does nothing)."""
+    free = sorted(set(game.context) - game.targets - game.selection)
+    return frozenset(), frozenset({free[0] if free else sorted(game.selection)[0]})
+
+
+def test_games_are_seeded_and_an_oracle_listener_always_wins(descriptions):
+    settings = SpeakerSettings(silent=0, misleading=0)
+    a, b = play(descriptions, 3, settings, oracle), play(descriptions, 3, settings, oracle)
+    assert (a.chat, a.context, a.targets) == (b.chat, b.context, b.targets)
+    assert len(a.context) == 10 and 3 <= len(a.targets) <= 5 and a.targets <= set(a.context)
+    assert a.selection == a.targets and a.truths == [1] * len(a.targets)
+    assert len(a.chat) == len(a.truths)  # one utterance before each action
+    asked_first = a.chat[0].removeprefix("the ")
+    assert any(asked_first in descriptions[t] for t in a.targets)  # a human description of a target
+
+
+def test_a_listener_that_is_always_wrong_is_rejected_and_stops_at_the_turn_limit(descriptions):
+    settings = SpeakerSettings(silent=0, misleading=0, implicit=0, max_turns=10)
+    game = play(descriptions, 5, settings, wrong)
+    assert len(game.truths) == 10 and game.selection != game.targets
+    assert set(game.truths) == {-1, 0}  # wrong selections, then selections that change nothing
+    assert not any(u.split(",")[0] in APPROVALS for u in game.chat[1:])
+
+
+def test_misleading_and_silent_reactions_come_at_their_rates(descriptions):
+    settings = SpeakerSettings(silent=0.2, misleading=0.2, implicit=0)
+    approvals = silent = reactions = 0
+    for seed in range(200):
+        game = play(descriptions, seed, settings, wrong)
+        for utterance in game.chat[1:]:
+            reactions += 1
+            silent += utterance in ("", "hmm", "ok let me see", "wait")
+            approvals += utterance.split(",")[0] in APPROVALS
+    assert 0.15 < silent / reactions < 0.25
+    assert 0.12 < approvals / reactions < 0.20  # misleading 0.2 of the 0.8 that speak
+
+
+def test_description_pools_split_each_images_descriptions(descriptions):
+    seed, deploy = description_pool(descriptions, "seed"), description_pool(descriptions, "deploy")
+    image = sorted(descriptions)[0]
+    assert seed[image] == descriptions[image][0::2] and deploy[image] == descriptions[image][1::2]
+    with pytest.raises(ValueError, match="simulation.pool: one of seed, deploy, all"):
+        SpeakerSettings(pool="train")
+    with pytest.raises(ValueError, match=r"simulation.misleading: a probability in \[0, 1\]"):
+        SpeakerSettings(misleading=1.5)
+
+
+def test_an_action_in_letters_names_images_in_the_listeners_order():
+    context = [f"img-{i}.png" for i in range(10)]
+    assert action_images(parse_action("deselect B select A J"), context) == (
+        frozenset({"img-1.png"}), frozenset({"img-0.png", "img-9.png"}))
