@@ -23,7 +23,7 @@ from rich.console import Console
 
 from respect_hpc.generation import GameState, generate_actions, legal_token_ids
 from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.manifest import SEED_POLICY, Manifest
+from respect_hpc.manifest import CONTROL_POLICY, SEED_POLICY, Manifest
 from respect_hpc.models import load_policy, load_processor, load_tokenizer, model_fingerprint
 from respect_hpc.multiref import Action, ActionError, format_action, letters_of, parse_action
 from respect_hpc.policy_data import PolicyEncoder, policy_view
@@ -37,7 +37,6 @@ console = Console(stderr=True)
 DEPLOY_FOLDER = "deploy"
 DEPLOYED_FILE = "deployed.parquet"
 TRUTH_FILE = "deployed_truth.parquet"
-CONTROL = "control"  # the seed policy, deployed every round without training
 
 
 class DeployError(RuntimeError):
@@ -49,7 +48,7 @@ def deployed_policies(manifest: Manifest) -> dict[str, Path]:
     run = RunDir.of(manifest)
     policies = {v.name: run.policy(manifest.round, v.name) for v in manifest.variants}
     if manifest.simulation.control and not manifest.seed_round:
-        policies[CONTROL] = run.policy(0, SEED_POLICY)
+        policies[CONTROL_POLICY] = run.policy(0, SEED_POLICY)
     return policies
 
 

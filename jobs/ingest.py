@@ -6,8 +6,8 @@ from pathlib import Path
 
 from jobs.propensity import check_deployed, recompute
 from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.ingest import IngestResult, ingest
-from respect_hpc.manifest import Manifest
+from respect_hpc.ingest import PUBLIC_POLICIES, IngestResult, ingest
+from respect_hpc.manifest import CONTROL_POLICY, Manifest
 from respect_hpc.models import model_fingerprint
 from respect_hpc.rundir import RunDir
 from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
@@ -41,7 +41,13 @@ def write(result: IngestResult, turns, out_dir: Path, metadata: dict[str, str] |
 
 
 def _options(manifest: Manifest) -> dict:
-    return {"quarantine": True, "max_turns": manifest.data.max_turns, "max_round": manifest.round - 1}
+    """The public policy names, and every name the manifest gives a policy (variants, their lineages, the
+    simulated deployment's control) are accepted."""
+    named = {*(v.name for v in manifest.variants), *(p for v in manifest.variants for p in v.policies or ())}
+    if manifest.simulation is not None:
+        named.add(CONTROL_POLICY)
+    return {"quarantine": True, "max_turns": manifest.data.max_turns, "max_round": manifest.round - 1,
+            "policies": sorted({*PUBLIC_POLICIES, *named})}
 
 
 def stage_hash(manifest: Manifest) -> str:

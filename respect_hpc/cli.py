@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import jobs.decode
+import jobs.deploy
 import jobs.ingest
 import jobs.metrics
 import jobs.select
@@ -38,7 +39,7 @@ from respect_hpc.prompt_table import prompt_rows
 from respect_hpc.replica import INTERFACES, ReplicaError, replica_from, replica_like, write_interface
 from respect_hpc.rundir import RunDir
 from respect_hpc.state import LockError, RunLock
-from respect_hpc.tables import atomic_write_parquet
+from respect_hpc.tables import atomic_write_parquet, atomic_write_text
 from respect_hpc.train import TrainingError
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
@@ -462,6 +463,99 @@ def round_summary(m) -> None:
     metrics = run_dir.metrics(m.round) / jobs.metrics.METRICS_FILE
     if metrics.is_file():
         print_metrics(pl.read_parquet(metrics), title=f"round metrics ({metrics})")
+
+
+def _variants_file(path: Path | None) -> list[dict] | None:
+    """A YAML list of variants (as a manifest's ``variants``), checked; None without a file."""
+    if path is None:
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    from respect_hpc.manifest import Variant
+
+    try:
+        data = yaml.safe_load(path.read_text())
+        TypeAdapter(list[Variant]).validate_python(data)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        _fail(f"{path}: not a readable YAML file ({exc})")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    return data
+
+
+def write_next_round(manifest: Path, logs: list[Path], variants: list[dict] | None) -> Path:
+    """Write the next round's manifest beside ``manifest`` (chain.py), checked; returns its path."""
+    from respect_hpc.chain import next_path, next_round
+
+    m = _manifest(manifest)
+    missing = [str(p) for p in logs if not p.is_file()]
+    if missing:
+        _fail(f"--logs: no file {missing[0]}")
+    raw = yaml.safe_load(manifest.read_text())
+    out = next_path(manifest, m.round + 1)
+    text = yaml.safe_dump(next_round(raw, [p.absolute() for p in logs], variants), sort_keys=False)
+    atomic_write_text(f"# round {m.round + 1}, written by respect-hpc next-round from {manifest.name}\n{text}", out)
+    _manifest(out)
+    return out
+
+
+@app.command("next-round")
+def next_round_command(
+        manifest: Annotated[Path, typer.Argument(help="This round's manifest (YAML).")],
+        logs: Annotated[list[Path], typer.Option("--logs", help="Logs of this round's deployment (public "
+                                                                "interaction or turn layout; repeatable).")],
+        variants: Annotated[Path | None, typer.Option(
+            "--variants", help="YAML list of the variants to train from now on (default: this manifest's; "
+                               "from the seed round, the paper's six).")] = None) -> None:
+    """Write the next round's manifest beside this one (<name>-round<R+1>.yaml): round + 1, the logs added to
+    data.interactions and to each variant's lineage (under the variant's own name, the policy name its
+    deployment logs), KTO continuing from this round's selected policies. Everything else stays as written."""
+    out = write_next_round(manifest, logs, _variants_file(variants))
+    console.print(f"round {_manifest(out).round}: {out}")
+
+
+@app.command()
+def loop(manifest: Annotated[Path, typer.Argument(help="Manifest of the first round to run (usually the seed "
+                                                       "round) with a simulation section.")],
+         rounds: Annotated[int, typer.Option("--rounds", min=0, help="Run up to this round (0: the seed round "
+                                                                     "alone).")],
+         variants: Annotated[Path | None, typer.Option(
+             "--variants", help="YAML list of the variants of the rounds after the seed round (default: the "
+                                "paper's six).")] = None,
+         executor: Executor = None) -> None:
+    """Run rounds back to back with a simulated deployment: each round runs every stage (its selected policies
+    and the control play simulated games), then the next round's manifest is written from those games
+    (next-round) and run, up to round R; ends with success and turns per round and policy. A rerun resumes:
+    done tasks are skipped and the manifests are written again the same."""
+    chosen = _variants_file(variants)
+    path = manifest
+    while True:
+        controller = _controller(path, executor, None)
+        m = controller.manifest
+        if m.simulation is None:
+            _fail(f"{path}: loop deploys every round to a simulated speaker: the manifest needs a simulation section")
+        if m.round > rounds:
+            _fail(f"{path}: round {m.round} is past --rounds {rounds}")
+        err.print(f"round {m.round}: {path}", highlight=False)
+        try:
+            with RunLock(controller.run_dir.root, report=controller.report):
+                controller.run()
+        except (ControllerError, LockError, TrainingError, ModelError, IngestError) as exc:
+            _fail(str(exc))
+        if m.round == rounds:
+            break
+        path = write_next_round(path, [RunDir.of(m).round(m.round) / jobs.deploy.DEPLOYED_FILE],
+                                chosen if m.seed_round else None)
+    print_metrics(learning_curve(m), title=f"simulated deployments of {m.experiment}, rounds 0 to {m.round}")
+
+
+def learning_curve(m) -> pl.DataFrame:
+    """Round metrics (success and turns with intervals) of every round's simulated deployment so far."""
+    run_dir = RunDir.of(m)
+    games = [run_dir.round(r) / jobs.deploy.DEPLOYED_FILE for r in range(m.round + 1)]
+    result = ingest([p for p in games if p.is_file()], policies=None)
+    return round_metrics(result.interactions, result.turns)
 
 
 @app.command()

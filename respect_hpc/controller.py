@@ -72,7 +72,10 @@ class TaskStatus:
 def _with_upstream_failures(rows: list[TaskStatus]) -> list[TaskStatus]:
     """A task cancelled without a reason from the scheduler (sacct may not keep one) whose upstream stage has a
     failed task was cancelled by its dependency: say so, naming the failure."""
-    failed = {r.stage: r for r in rows if r.state == "failed"}
+    failed: dict[str, TaskStatus] = {}
+    for r in sorted(rows, key=lambda r: r.key):  # the first failed task of each stage, whatever the row order
+        if r.state == "failed":
+            failed.setdefault(r.stage, r)
     for i, row in enumerate(rows):
         cause = next((failed[s] for s in UPSTREAM[row.stage] if s in failed), None)
         if row.state == "cancelled" and row.detail == "cancelled" and cause is not None:

@@ -237,6 +237,7 @@ class Variant(Strict):
 
 # Round 0, the seed round: the initial policy, trained on D_0 alone and named as the public logs name it.
 SEED_POLICY = "sft"
+CONTROL_POLICY = "control"  # the seed policy as a simulated deployment deploys it every round, never retrained
 SEED_VARIANT = Variant(name=SEED_POLICY, feedback="binary", objective="seed", init="base")
 
 # The paper's six systems, each retrained on the round-0 policy's games and its own deployments, with the

@@ -3,6 +3,11 @@ real KiloGram tangrams; the logs ingest as the public interaction layout, p is t
 each action as it sampled, the shards are seeded and resumable, and the plan runs deploy and collect after
 select."""
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import polars as pl
 import pytest
 import torch
@@ -118,3 +123,64 @@ def test_the_plan_deploys_after_selection_only_with_a_simulation_section(deploye
     assert [t.key for t in build(m)[2].tasks] == ["shard-00000-of-00002", "shard-00001-of-00002"]
     plain = m.model_copy(update={"simulation": None})
     assert [s.name for s in build(plain)] == ["train", "select"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "respect_hpc.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=1200)
+
+
+def test_next_round_writes_a_manifest_that_continues_the_lineage(deployed, tmp_path):
+    m, _ = deployed
+    seed = tmp_path / "seed.yaml"
+    seed.write_text((Path(m.data.seed_data).parent / "seed.yaml").read_text())
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("[{name: b-fft, feedback: binary, objective: fft, policies: [sft]},\n"
+                        " {name: b-kto, feedback: binary, objective: kto, previous_adapter: /nowhere}]\n")
+    logs = RunDir.of(m).round(0) / jobs.deploy.DEPLOYED_FILE
+    done = cli("next-round", seed, "--logs", logs, "--variants", variants)
+    assert done.returncode == 0, done.stderr
+    one = load_manifest(tmp_path / "seed-round1.yaml")
+    assert one.round == 1 and one.data.interactions == [logs]
+    assert [(v.name, v.policies, v.previous_adapter) for v in one.variants] == [
+        ("b-fft", ["sft", "b-fft"], None), ("b-kto", None, None)]
+    load_policy(m.model, seed=4).save_pretrained(RunDir.of(m).policy(1, "b-kto"))  # as round 1 selects it
+    again = cli("next-round", tmp_path / "seed-round1.yaml", "--logs", logs)
+    assert again.returncode == 0, again.stderr
+    two = load_manifest(tmp_path / "seed-round2.yaml")
+    assert two.round == 2 and two.data.interactions == [logs, logs]
+    assert [v.policies for v in two.variants] == [["sft", "b-fft"], None]
+    bad = cli("next-round", seed, "--logs", tmp_path / "none.parquet")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(f"--logs: no file {tmp_path / 'none.parquet'}")
+    variants.write_text("[{name: b-fft, feedback: binary, objective: fast}]")
+    bad = cli("next-round", seed, "--logs", logs, "--variants", variants)
+    assert bad.returncode == 2 and "variants.yaml: 0.objective: Input should be" in bad.stderr
+
+
+def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
+    if not (KILOGRAM / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
+    from respect_hpc.models import teach_label_words
+
+    m = seed_round(tmp_path, KILOGRAM, "games: 4, max_turns: 3")
+    teach_label_words(m.model.path, ingest([m.data.seed_data]).turns)  # the decoder answers with label words
+    manifest = tmp_path / "seed.yaml"
+    manifest.write_text(manifest.read_text().replace("training: {zero_stage: null}", """training:
+  zero_stage: null
+  seed: {epochs: 1, effective_batch: 8, micro_batch: 4}
+  fft: {epochs: 1, effective_batch: 8, micro_batch: 4}"""))
+    shutil.rmtree(tmp_path / "runs")  # nothing selected yet: the loop trains the seed policy itself
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("[{name: b-fft, feedback: binary, objective: fft, policies: [sft]}]\n")
+    done = cli("loop", manifest, "--rounds", 1, "--variants", variants)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() + line.split("│")[2].strip() for line in table] == [
+        "b-fft1", "control1", "sft0"]
+    run = tmp_path / "runs" / "sim"
+    assert (run / "round-1" / jobs.deploy.DEPLOYED_FILE).is_file() and (tmp_path / "seed-round1.yaml").is_file()
+    turns = pl.read_parquet(run / "data" / "turns.parquet")
+    assert set(turns["policy"]) == {"sft"}  # round 1 trained on round 0's deployment
+    again = cli("loop", manifest, "--rounds", 1, "--variants", variants)  # everything done: nothing runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert " tasks submitted" not in again.stderr and again.stdout.splitlines()[-8:] == done.stdout.splitlines()[-8:]
