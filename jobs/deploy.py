@@ -29,7 +29,8 @@ from respect_hpc.multiref import Action, ActionError, format_action, letters_of,
 from respect_hpc.policy_data import PolicyEncoder, policy_view
 from respect_hpc.prompts import policy_template
 from respect_hpc.rundir import RunDir
-from respect_hpc.simulator import SimulatedGame, SpeakerSettings, action_images, description_pool
+from respect_hpc.simulator import (SimulatedGame, SpeakerSettings, action_images, description_pool,
+                                   interaction_row)
 from respect_hpc.synthetic import load_image_bank
 from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
@@ -91,19 +92,11 @@ def _descriptions(manifest: Manifest) -> dict[str, list[str]]:
     return description_pool(bank.descriptions, sim.pool)
 
 
-def _game_row(game: SimulatedGame, record: dict, game_id: str, policy: str, round_: int) -> dict:
-    return {"game_id": game_id, "turn": len(game.chat), "end": "successful" if game.selection == game.targets
-            else "unsuccessful", "speaker": "simulator", "len": len(game.chat), "context": game.context,
-            "targets": sorted(game.targets), "chat": list(game.chat), "clicks": record["clicks"],
-            "prob_action": record["probs"], "dataset_alias": "simulated-kilogram", "policy_name": policy,
-            "date": f"round-{round_}", "round": round_, "truth": list(game.truths)}
-
-
-def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *, constrained: bool,
-         legal: list[int] | None = None) -> list[dict]:
+def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *, constrained: bool) -> list[dict]:
     """Play ``games`` to their end with the policy, all at once turn by turn; per game, the selection after
     each turn (sorted images) and p of each action."""
     records = [{"clicks": [], "probs": [], "actions": [], "before": []} for _ in games]
+    legal = None  # the action tokens, found at the first turn
     while live := [i for i, g in enumerate(games) if not g.over]:
         views, states = [], []
         for i in live:
@@ -164,7 +157,7 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
                 records = play(model, encoder, template, games, constrained=sim.constrained)
             for i, game, record in zip(chunk, games, records):
                 game_id = f"sim-r{manifest.round}-{name}-{sim.seed}-{i:06d}"
-                rows.append(_game_row(game, record, game_id, name, manifest.round))
+                rows.append(interaction_row(game, game_id, name, manifest.round, record["clicks"], record["probs"]))
             console.print(f"{name}: {min(start + sim.batch, len(numbers))}/{len(numbers)} games of shard {shard}")
         played[name] = len(numbers)
         del model

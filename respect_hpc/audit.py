@@ -48,3 +48,12 @@ def heuristic_agreement(feedback: pl.DataFrame, turns: pl.DataFrame) -> pl.DataF
                  (pl.col("heuristic") == 1).mean().alias("heuristic_positive_rate"),
                  (pl.col("label") >= 0).mean().alias("decoded_positive_rate"))
             .sort("kind", "round", "policy"))
+
+
+def simulated_truth_pairs(feedback: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
+    """Decoded labels (a feedback table) against a simulated deployment's truth of each turn (game_id,
+    turn_id, truth: 1 good, -1 bad, 0 nothing done, which counts as bad), as (kind, round, human, decoded)."""
+    known = truth.select(game_turn_id=pl.format("{}_{}", "game_id", "turn_id"),
+                         human=pl.when(pl.col("truth") == 1).then(1).otherwise(-1).cast(pl.Int8))
+    return feedback.join(known, on="game_turn_id").select("kind", "round", "human",
+                                                          decoded=pl.col("label").cast(pl.Int8))

@@ -44,6 +44,7 @@ from respect_hpc.train import TrainingError
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
+LEARNING_CURVE_FILE = "learning_curve.parquet"  # loop: round metrics of every round's simulated deployment
 
 app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
                        "on this machine or a SLURM cluster.", no_args_is_help=True,
@@ -529,6 +530,10 @@ def loop(manifest: Annotated[Path, typer.Argument(help="Manifest of the first ro
     (next-round) and run, up to round R; ends with success and turns per round and policy. A rerun resumes:
     done tasks are skipped and the manifests are written again the same."""
     chosen = _variants_file(variants)
+    try:
+        simulation_inputs(load_manifest(manifest, check_files=False))
+    except ManifestError as exc:
+        _fail(exc.problems[0])
     path = manifest
     while True:
         controller = _controller(path, executor, None)
@@ -547,7 +552,65 @@ def loop(manifest: Annotated[Path, typer.Argument(help="Manifest of the first ro
             break
         path = write_next_round(path, [RunDir.of(m).round(m.round) / jobs.deploy.DEPLOYED_FILE],
                                 chosen if m.seed_round else None)
-    print_metrics(learning_curve(m), title=f"simulated deployments of {m.experiment}, rounds 0 to {m.round}")
+    curve = learning_curve(m)
+    atomic_write_parquet(curve, RunDir.of(m).root / LEARNING_CURVE_FILE)
+    print_metrics(curve, title=f"simulated deployments of {m.experiment}, rounds 0 to {m.round} "
+                               f"(-> {RunDir.of(m).root / LEARNING_CURVE_FILE})")
+    print_decoder_truth(m)
+
+
+def simulation_inputs(m) -> None:
+    """Write what a simulated experiment's manifest names and lacks: D_0 (the successful games of
+    ``simulation.games`` simulated human-human games) and validation games (a quarter as many), spoken from
+    the seed half of each tangram's descriptions, and the tiny IDEFICS2-8B replica taught the decoder's
+    answers."""
+    from respect_hpc.simulator import SpeakerSettings, description_pool, human_games
+
+    if m.simulation is None:
+        return
+    bank = load_image_bank(m.simulation.kilogram, dense="dense.json")
+    if bank.source != "kilogram":
+        _fail(f"simulation.kilogram: no dense.json in '{m.simulation.kilogram}'")
+    settings = SpeakerSettings(pool="seed", max_turns=m.simulation.max_turns)
+    descriptions = description_pool(bank.descriptions, "seed")
+    made = {m.data.seed_data: (m.simulation.games, 1), m.data.validation: (max(m.simulation.games // 4, 4), 2)}
+    for path, (n, seed) in made.items():
+        if path is not None and not path.exists():
+            frame = pl.DataFrame(human_games(n, descriptions, settings, seed=seed)).drop("truth")
+            if path == m.data.seed_data:
+                frame = frame.filter(pl.col("end") == "successful")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_parquet(frame, path)
+            console.print(f"{frame.height} simulated human-human games -> {path}")
+    if not m.model.path.exists():
+        with err.status("building a tiny IDEFICS2-8B replica offline and teaching it the decoder's answers"):
+            replica_like("idefics2-8b", m.model.path)
+            teach_label_words(m.model.path, ingest([m.data.seed_data], policies=None).turns)
+        console.print(f"tiny IDEFICS2-8B replica (random weights, taught to answer decoder prompts) -> {m.model.path}")
+
+
+def print_decoder_truth(m) -> None:
+    """Each round's decoded labels against the simulator's truth of the turns they label."""
+    from respect_hpc.audit import decoder_quality, simulated_truth_pairs
+
+    run_dir = RunDir.of(m)
+    truth = [run_dir.round(r) / jobs.deploy.TRUTH_FILE for r in range(m.round + 1)]
+    truth = pl.concat([pl.read_parquet(p) for p in truth if p.is_file()])
+    rows = []
+    for r in range(1, m.round + 1):
+        feedback = run_dir.round(r) / jobs.decode.FEEDBACK_FILE
+        if feedback.is_file():
+            quality = decoder_quality(simulated_truth_pairs(pl.read_parquet(feedback), truth))
+            rows.append(quality.filter(pl.col("round") == r - 1).with_columns(decoded_in=pl.lit(r)))
+    if not rows:
+        return
+    table = Table(title="decoded feedback against the simulator's truth (neutral counts as positive)")
+    for name in ("kind", "logged round", "windows", "precision", "false positive rate", "accuracy"):
+        table.add_column(name, justify="left" if name == "kind" else "right")
+    for row in pl.concat(rows).iter_rows(named=True):
+        table.add_row(row["kind"], str(row["round"]), str(row["windows"]), f"{row['precision_positive']:.3f}",
+                      f"{row['false_positive_rate']:.3f}", f"{row['accuracy']:.3f}")
+    console.print(table)
 
 
 def learning_curve(m) -> pl.DataFrame:

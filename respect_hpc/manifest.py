@@ -503,6 +503,8 @@ def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
     for i, variant in enumerate(manifest.variants):
         if variant.previous_adapter is not None:
             found.append((("variants", i, "previous_adapter"), variant.previous_adapter, "folder"))
+    if manifest.simulation is not None:
+        found.append((("simulation", "kilogram"), manifest.simulation.kilogram / "dense.json", "file"))
     return found
 
 
@@ -551,6 +553,8 @@ def _resolve(data: object, base: Path) -> object:
         data["variants"] = [{**v, "previous_adapter": _join(base, v["previous_adapter"])}
                             if isinstance(v, dict) and isinstance(v.get("previous_adapter"), str) else v
                             for v in data["variants"]]
+    if isinstance(data.get("simulation"), dict) and isinstance(data["simulation"].get("kilogram"), str):
+        data["simulation"] = {**data["simulation"], "kilogram": _join(base, data["simulation"]["kilogram"])}
     if isinstance(data.get("workdir", "runs"), str):
         data["workdir"] = _join(base, data.get("workdir", "runs"))
     return data

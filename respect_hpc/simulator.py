@@ -128,6 +128,43 @@ class SimulatedGame:
         return self._fill(rng.choice(TRY_AGAIN if rng.random() < 0.3 else CORRECTIONS), wrong)
 
 
+def human_action(game: SimulatedGame, rng: random.Random, skill: float) -> tuple[frozenset[str], frozenset[str]]:
+    """A person in the listener's seat: after a wrong selection, undoes it (with probability ``skill``);
+    otherwise selects the target asked for with probability ``skill``, another image otherwise."""
+    wrong = game.selection - game.targets
+    if wrong and game.truths and game.truths[-1] == -1 and rng.random() < skill:
+        return frozenset(wrong), frozenset()
+    free = sorted(set(game.context) - game.selection)
+    if game.asked in free and rng.random() < skill:
+        return frozenset(), frozenset({game.asked})
+    return frozenset(), frozenset({rng.choice(free)})
+
+
+def interaction_row(game: SimulatedGame, game_id: str, policy: str, round_: int, clicks: list[list[str]],
+                    probabilities: list[float | None]) -> dict:
+    """A finished game in the public interaction layout, with the simulator's truth of each turn."""
+    return {"game_id": game_id, "turn": len(game.chat), "end": "successful" if game.selection == game.targets
+            else "unsuccessful", "speaker": "simulator", "len": len(game.chat), "context": game.context,
+            "targets": sorted(game.targets), "chat": list(game.chat), "clicks": clicks,
+            "prob_action": probabilities, "dataset_alias": "simulated-kilogram", "policy_name": policy,
+            "date": f"round-{round_}", "round": round_, "truth": list(game.truths)}
+
+
+def human_games(n: int, descriptions: dict[str, list[str]], settings: SpeakerSettings, *, seed: int,
+                skill: float = 0.9) -> list[dict]:
+    """``n`` human-human games (listener ``human``, p not logged), for D_0 and validation."""
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"human/{seed}/{i}")
+        game = SimulatedGame.new(rng, descriptions, settings)
+        clicks = []
+        while not game.over:
+            game.act(*human_action(game, rng, skill))
+            clicks.append(sorted(game.selection))
+        rows.append(interaction_row(game, f"sim-human-{seed}-{i:06d}", "human", 0, clicks, [None] * len(clicks)))
+    return rows
+
+
 def action_images(action: Action, context: list[str]) -> tuple[frozenset[str], frozenset[str]]:
     """An action in listener letters as (deselected, selected) images."""
     return frozenset(images_of(action.deselect, context)), frozenset(images_of(action.select, context))

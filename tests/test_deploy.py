@@ -174,10 +174,11 @@ def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
     variants.write_text("[{name: b-fft, feedback: binary, objective: fft, policies: [sft]}]\n")
     done = cli("loop", manifest, "--rounds", 1, "--variants", variants)
     assert done.returncode == 0, done.stderr[-3000:]
-    table = [line for line in done.stdout.splitlines() if line.startswith("│")]
-    assert [line.split("│")[1].strip() + line.split("│")[2].strip() for line in table] == [
-        "b-fft1", "control1", "sft0"]
     run = tmp_path / "runs" / "sim"
+    curve = pl.read_parquet(run / "learning_curve.parquet")  # also printed, with intervals
+    assert curve.select("policy", "round", "games").rows() == [("b-fft", 1, 4), ("control", 1, 4), ("sft", 0, 4)]
+    assert curve["success_ci_low"].le(curve["success_rate"]).all()
+    assert "decoded feedback against the simulator's truth" in done.stdout
     assert (run / "round-1" / jobs.deploy.DEPLOYED_FILE).is_file() and (tmp_path / "seed-round1.yaml").is_file()
     turns = pl.read_parquet(run / "data" / "turns.parquet")
     assert set(turns["policy"]) == {"sft"}  # round 1 trained on round 0's deployment

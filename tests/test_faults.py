@@ -1,6 +1,7 @@
 """Faults at every stage of a round: the controller and its jobs are SIGKILLed while a stage runs, the newest file
-the round wrote is truncated, and `respect-hpc run` is started again; after a kill at each of the six stages the
-round ends with the same tables and the same selected adapter as a run that was never disturbed."""
+the round wrote is truncated, and `respect-hpc run` is started again; after a kill at each of the eight stages
+(a simulated deployment included) the round ends with the same tables, the same selected adapter and the same
+simulated games as a run that was never disturbed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import KILOGRAM
 from test_controller import write_logged_round
 
 from respect_hpc.controller import Controller
@@ -23,7 +25,7 @@ from respect_hpc.plan import STAGES
 
 TABLES = ("data/interactions.parquet", "data/turns.parquet", "round-1/feedback.parquet", "round-1/selection.parquet",
           "round-1/metrics/round_metrics.parquet", "round-1/train/b-fft/seed-1/metrics.parquet",
-          "round-1/train/b-fft/seed-2/metrics.parquet")
+          "round-1/train/b-fft/seed-2/metrics.parquet", "round-1/deployed.parquet", "round-1/deployed_truth.parquet")
 POLICY = "round-1/policies/b-fft/adapter_model.safetensors"
 TIMINGS = ("seconds", "wall", "time", "elapsed")  # measured durations: the only columns a rerun may change
 
@@ -80,7 +82,11 @@ def _truncate_newest(run: Path) -> Path | None:
 
 @pytest.mark.slow
 def test_a_round_killed_and_truncated_at_every_stage_ends_as_if_undisturbed(tmp_path, taught_decoder):
+    if not (KILOGRAM / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulated deployment speaks its descriptions")
     manifest = write_logged_round(tmp_path, taught_decoder[0])
+    manifest.write_text(manifest.read_text() + f"simulation: {{kilogram: {KILOGRAM}, games: 4, max_turns: 3, "
+                                               "control: false}\n")
     run = tmp_path / "runs" / "tiny"
     done = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "run", str(manifest)], capture_output=True,
                           text=True)

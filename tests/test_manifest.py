@@ -196,6 +196,9 @@ def test_shipped_manifests_validate():
     for name in ("paper-seed-round0.yaml", "demo-round0.yaml"):
         seed_round = load_manifest(MANIFESTS / name, check_files=False)
         assert seed_round.seed_round and [v.name for v in seed_round.variants] == ["sft"]
+    sim = load_manifest(MANIFESTS / "sim.yaml", check_files=False)
+    assert sim.seed_round and sim.simulation.games == 40 and sim.simulation.kilogram.name == "kilogram"
+    assert sim.data.images == sim.simulation.kilogram / "tangram_pngs"
 
 
 def test_json_schema_describes_the_sections():

@@ -83,3 +83,19 @@ def test_an_action_in_letters_names_images_in_the_listeners_order():
     context = [f"img-{i}.png" for i in range(10)]
     assert action_images(parse_action("deselect B select A J"), context) == (
         frozenset({"img-1.png"}), frozenset({"img-0.png", "img-9.png"}))
+
+
+def test_human_games_mostly_succeed_and_ingest_as_human_human_games(descriptions, tmp_path):
+    import polars as pl
+
+    from respect_hpc.ingest import ingest
+    from respect_hpc.simulator import human_games
+
+    rows = human_games(40, description_pool(descriptions, "seed"), SpeakerSettings(), seed=1)
+    assert rows == human_games(40, description_pool(descriptions, "seed"), SpeakerSettings(), seed=1)
+    path = tmp_path / "human.parquet"
+    pl.DataFrame(rows).drop("truth").write_parquet(path)
+    result = ingest([path])
+    assert set(result.interactions["policy"]) == {"human"} and result.turns["prob_action"].is_null().all()
+    success = result.interactions["success"].mean()
+    assert success >= 0.8  # skilled people: most games end with exactly the targets selected

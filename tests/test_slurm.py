@@ -173,3 +173,25 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
     assert controller.run(retry=True) == {"train": 2, "select": 1}
     assert (round_dir / "policies" / "b-kto" / "adapter_config.json").is_file()
     assert controller.run() == {}  # everything done: nothing submitted
+
+
+def test_the_simulated_setting_plans_on_slurm(slurm, tmp_path):
+    """manifests/sim.yaml (its paths made absolute, its inputs written) plans as Slurm arrays, deployment
+    included."""
+    from respect_hpc.cli import simulation_inputs
+    from respect_hpc.manifest import load_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    kilogram = repo.parent / "shared" / "data" / "kilogram"
+    if not (kilogram / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {kilogram}")
+    manifest = tmp_path / "sim.yaml"
+    manifest.write_text((repo / "manifests" / "sim.yaml").read_text()
+                        .replace("../../shared/data/kilogram", str(kilogram)).replace("../runs", str(tmp_path / "runs")))
+    simulation_inputs(load_manifest(manifest, check_files=False))
+    shown = subprocess.run([sys.executable, "-m", "respect_hpc.cli", "plan", str(manifest), "--executor", "slurm"],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    for stage in ("train", "select", "deploy", "collect"):
+        assert f"{stage}: sbatch script of its array" in shown.stdout, stage
+    assert shown.stdout.count("#SBATCH --array") >= 4
