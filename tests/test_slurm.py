@@ -126,7 +126,9 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
     adapter.mkdir()
     manifest = write_logged_round(tmp_path, taught_decoder[0], executor="slurm", extra_variants=(
         f"  - {{name: b-kto, feedback: binary, objective: kto, previous_adapter: {adapter}}}\n"))
-    manifest.write_text(manifest.read_text().replace("fft: {epochs: 1,", "fft: {epochs: 3,")
+    # one game a step: epochs of many steps, so that the preemption lands inside one
+    manifest.write_text(manifest.read_text().replace("fft: {epochs: 1, effective_batch: 8, micro_batch: 4,",
+                                                     "fft: {epochs: 3, effective_batch: 2, micro_batch: 1,")
                         + "  partition: debug\n")
     m = load_manifest(manifest)
     controller = Controller(m)
