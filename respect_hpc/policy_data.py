@@ -160,11 +160,11 @@ class PolicyEncoder:
                 f"{len(item.images)} images give {crops} crops x {per_crop} = {crops * per_crop} (check "
                 "model.image_splitting and the processor's image_seq_len)")
 
-    def collate(self, items: list[Encoded], pad_to: int | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded ids (to the longest item, or to ``pad_to``) and, per answer (all answers of all items,
+    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Left-padded ids (to the longest item) and, per answer (all answers of all items,
         in order): ``targets`` (A, T) and ``target_mask`` (A, T); ``answer_mask`` (B, L) marks the positions
         that predict answer tokens, ``answer_index`` (A, T) where each target's logits are among them."""
-        width = max(pad_to or 0, *(len(e.input_ids) for e in items))
+        width = max(len(e.input_ids) for e in items)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in items])
         attention_mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in items])

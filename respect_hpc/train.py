@@ -5,10 +5,10 @@
 (game packing, batching.py; or one sequence a turn); a micro-batch holds
 ``micro_batch`` sequences, and each optimizer step accumulates as many micro-batches
 (spread over the processes) as make about ``effective_batch`` trained actions; its loss
-is the mean over the actions it holds. Batches are length-grouped and left-padded; logits are computed at the
-answer positions only. D_0 is a task of its own: its micro-batches never mix with the
-logged turns', and its rows are trained with label-smoothed cross-entropy whatever the
-variant's objective.
+is the mean over the actions it holds. Batches are length-grouped and left-padded;
+logits are computed at the answer positions only. D_0 is a task of its own: its
+micro-batches never mix with the logged turns', and its rows are trained with
+label-smoothed cross-entropy whatever the variant's objective.
 
 Checkpoints (``ckpt/step-SSSSSS/``: the adapter as safetensors, optimizer,
 scheduler and RNG state, the position in the data) are written atomically at every
@@ -265,11 +265,11 @@ class Trainer:
     def _answers(self, micro_batches: list[list[int]]) -> int:
         return sum(self.sizes[s] for batch in micro_batches for s in batch)
 
-    def _batch(self, indices: list[int], epoch: int | None, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    def _batch(self, indices: list[int], epoch: int | None) -> dict[str, torch.Tensor]:
         """Sequences ``indices`` as model inputs (images in ``epoch``'s order; None: the logged order), with each
         answer's reward, p, weight and kind."""
         rows = [self.examples[i] for s in indices for i in self.sequences[s]]
-        batch = self.encoder.collate([self._sequence(self.sequences[s], epoch) for s in indices], pad_to)
+        batch = self.encoder.collate([self._sequence(self.sequences[s], epoch) for s in indices])
         batch["reward"] = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
         batch["propensity"] = torch.tensor([r["prob_action"] if r["prob_action"] is not None else 1.0
                                             for r in rows], dtype=torch.float32)  # datasets.py: only D_0 lacks p
