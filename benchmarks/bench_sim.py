@@ -51,6 +51,21 @@ select, each deploying B-FFT, B-RL and the control on {curve['games'].max()} sim
 {decoder}
 ```
 
-The policy of the quick setting is the tiny IDEFICS2-8B replica with random weights (text hidden 64): it
-does not learn the tangrams in these epochs, so its success stays at the floor in every round; the
-numbers measure the machinery and its cost, not the method."""
+{verdict(curve)}"""
+
+
+def verdict(curve: pl.DataFrame) -> str:
+    """Whether B-FFT's last round beats round 0 with non-overlapping 95% intervals and the control stays
+    within round 0's interval."""
+    def row(policy: str, round_: int) -> dict:
+        return curve.filter((pl.col("policy") == policy) & (pl.col("round") == round_)).row(0, named=True)
+
+    first, fft = row("sft", 0), row("b-fft", ROUNDS)
+    control = curve.filter(pl.col("policy") == "control")
+    beats = fft["success_ci_low"] > first["success_ci_high"]
+    steady = control["success_rate"].is_between(first["success_ci_low"], first["success_ci_high"]).all()
+    return (f"B-FFT after round {ROUNDS}: {100 * fft['success_rate']:.1f}% "
+            f"[{100 * fft['success_ci_low']:.1f}, {100 * fft['success_ci_high']:.1f}] against round 0's "
+            f"{100 * first['success_rate']:.1f}% [{100 * first['success_ci_low']:.1f}, "
+            f"{100 * first['success_ci_high']:.1f}]: intervals {'apart' if beats else 'overlapping'}; the control "
+            f"{'stays within' if steady else 'leaves'} round 0's interval in every round.")

@@ -89,7 +89,7 @@ def _descriptions(manifest: Manifest) -> dict[str, list[str]]:
     if missing:
         raise DeployError(f"data.images: '{manifest.data.images}' lacks {len(missing)} KiloGram tangrams, e.g. "
                           f"{missing[0]} (name the KiloGram tangram_pngs folder)")
-    return description_pool(bank.descriptions, sim.pool)
+    return description_pool(bank.descriptions, sim.pool, sim.tangrams, sim.descriptions)
 
 
 def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *, constrained: bool) -> list[dict]:
@@ -137,7 +137,7 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
         return {}
     descriptions = _descriptions(manifest)
     settings = SpeakerSettings(**sim.model_dump(include={"implicit", "misleading", "silent", "undo", "pool",
-                                                         "max_turns"}))
+                                                         "max_turns", "order"}))
     processor = load_processor(manifest.model)
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(manifest.model)
     encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)
@@ -178,6 +178,12 @@ def is_collected(manifest: Manifest, n_shards: int) -> bool:
             and _current(folder / TRUTH_FILE, collected_spec(manifest, n_shards)))
 
 
+def truth_table(games: pl.DataFrame) -> pl.DataFrame:
+    """(game_id, turn_id, truth) of simulated games with the simulator's ``truth`` list."""
+    return (games.select("game_id", "truth").with_columns(turn_id=pl.int_ranges(pl.col("truth").list.len()))
+            .explode("truth", "turn_id").select("game_id", "turn_id", "truth"))
+
+
 def collect(manifest: Manifest, n_shards: int) -> pl.DataFrame:
     """Check every part and write round-R/deployed.parquet and round-R/deployed_truth.parquet."""
     parts = []
@@ -188,8 +194,7 @@ def collect(manifest: Manifest, n_shards: int) -> pl.DataFrame:
         parts.append(pl.read_parquet(path))
     games = pl.concat(parts).sort("policy_name", "game_id")
     folder = RunDir.of(manifest).round(manifest.round)
-    truth = (games.select("game_id", "truth").with_columns(turn_id=pl.int_ranges(pl.col("truth").list.len()))
-             .explode("truth", "turn_id").select("game_id", "turn_id", "truth"))
+    truth = truth_table(games)
     stamp = {SPEC_HASH_KEY: collected_spec(manifest, n_shards)}
     atomic_write_parquet(truth, folder / TRUTH_FILE, stamp)
     atomic_write_parquet(games.drop("truth"), folder / DEPLOYED_FILE, stamp)

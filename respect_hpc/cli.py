@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,7 @@ from respect_hpc import launch
 from respect_hpc.controller import MANIFEST_FILE, Controller, ControllerError, sbatch_script
 from respect_hpc.decode import DecoderError
 from respect_hpc.feedback import MergeError
-from respect_hpc.models import ModelError, is_multimodal, teach_label_words
+from respect_hpc.models import ModelError, is_multimodal
 from respect_hpc.ingest import PUBLIC_POLICIES, IngestError, ingest
 from respect_hpc.manifest import ManifestError, load_manifest, manifest_json_schema
 from respect_hpc.metrics import N_RESAMPLES, round_metrics
@@ -40,11 +41,14 @@ from respect_hpc.replica import INTERFACES, ReplicaError, replica_from, replica_
 from respect_hpc.rundir import RunDir
 from respect_hpc.state import LockError, RunLock
 from respect_hpc.tables import atomic_write_parquet, atomic_write_text
+from respect_hpc.teaching import teach_label_words
 from respect_hpc.train import TrainingError
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
 LEARNING_CURVE_FILE = "learning_curve.parquet"  # loop: round metrics of every round's simulated deployment
+DECODER_LESSON_SKILL = 0.5  # loop's decoder learns the truth on games where half the actions are wrong
+SIMULATED_IMAGE_TOKENS = 4  # loop's policy base: tokens an image (IDEFICS2-8B: 64), so that it trains on a CPU
 
 app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
                        "on this machine or a SLURM cluster.", no_args_is_help=True,
@@ -562,18 +566,26 @@ def loop(manifest: Annotated[Path, typer.Argument(help="Manifest of the first ro
 def simulation_inputs(m) -> None:
     """Write what a simulated experiment's manifest names and lacks: D_0 (the successful games of
     ``simulation.games`` simulated human-human games) and validation games (a quarter as many), spoken from
-    the seed half of each tangram's descriptions, and the tiny IDEFICS2-8B replica taught the decoder's
-    answers."""
+    the seed half of each tangram's descriptions; the decoder, a tiny IDEFICS2-8B replica taught to answer
+    decoder prompts with the simulator's truth on the games of a less skilled person (``DECODER_LESSON_SKILL``);
+    the policy base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image,
+    taught the listener's first turn for ``simulation.teach_steps`` steps (the same replica taught both where
+    the manifest names no decoder model)."""
     from respect_hpc.simulator import SpeakerSettings, description_pool, human_games
+    from respect_hpc.teaching import teach_listener
 
-    if m.simulation is None:
+    sim = m.simulation
+    if sim is None:
         return
-    bank = load_image_bank(m.simulation.kilogram, dense="dense.json")
+    bank = load_image_bank(sim.kilogram, dense="dense.json")
     if bank.source != "kilogram":
-        _fail(f"simulation.kilogram: no dense.json in '{m.simulation.kilogram}'")
-    settings = SpeakerSettings(pool="seed", max_turns=m.simulation.max_turns)
-    descriptions = description_pool(bank.descriptions, "seed")
-    made = {m.data.seed_data: (m.simulation.games, 1), m.data.validation: (max(m.simulation.games // 4, 4), 2)}
+        _fail(f"simulation.kilogram: no dense.json in '{sim.kilogram}'")
+    settings = SpeakerSettings(pool="seed", max_turns=sim.max_turns, order=sim.order)
+    try:
+        descriptions = description_pool(bank.descriptions, "seed", sim.tangrams, sim.descriptions)
+    except ValueError as e:
+        _fail(str(e))
+    made = {m.data.seed_data: (sim.games, 1), m.data.validation: (max(sim.games // 4, 4), 2)}
     for path, (n, seed) in made.items():
         if path is not None and not path.exists():
             frame = pl.DataFrame(human_games(n, descriptions, settings, seed=seed)).drop("truth")
@@ -582,11 +594,30 @@ def simulation_inputs(m) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_parquet(frame, path)
             console.print(f"{frame.height} simulated human-human games -> {path}")
+    decoder = (m.decoder.model or m.model).path
+
+    def teach_decoder(folder: Path) -> None:
+        with err.status("teaching the replica the decoder's answers"), tempfile.TemporaryDirectory() as tmp:
+            games = pl.DataFrame(human_games(sim.games, descriptions, settings, seed=3, skill=DECODER_LESSON_SKILL))
+            games.drop("truth").write_parquet(Path(tmp) / "lessons.parquet")
+            turns = ingest([Path(tmp) / "lessons.parquet"], policies=None).turns
+            teach_label_words(folder, turns, truth=jobs.deploy.truth_table(games))
+
     if not m.model.path.exists():
-        with err.status("building a tiny IDEFICS2-8B replica offline and teaching it the decoder's answers"):
-            replica_like("idefics2-8b", m.model.path)
-            teach_label_words(m.model.path, ingest([m.data.seed_data], policies=None).turns)
-        console.print(f"tiny IDEFICS2-8B replica (random weights, taught to answer decoder prompts) -> {m.model.path}")
+        replica_like("idefics2-8b", m.model.path, image_tokens=SIMULATED_IMAGE_TOKENS)
+        if sim.teach_steps:
+            losses = teach_listener(m.model.path, m.data.images, descriptions, settings,
+                                    template=m.policy_template, image_size=m.model.image_size,
+                                    steps=sim.teach_steps)
+            console.print(f"policy base taught the listener in {sim.teach_steps} steps (loss "
+                          f"{sum(losses[:20]) / len(losses[:20]):.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f})")
+        if decoder == m.model.path:
+            teach_decoder(decoder)
+        console.print(f"tiny IDEFICS2-8B replica, policy base -> {m.model.path}")
+    if not decoder.exists():
+        replica_like("idefics2-8b", decoder)
+        teach_decoder(decoder)
+        console.print(f"tiny IDEFICS2-8B replica taught to answer decoder prompts -> {decoder}")
 
 
 def print_decoder_truth(m) -> None:

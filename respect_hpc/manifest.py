@@ -264,6 +264,16 @@ class SimulationSection(Strict):
         "deploy", description="each tangram's descriptions used: seed (even-numbered), deploy (odd-numbered, "
                               "held out from the seed half), all")
     max_turns: int = Field(10, ge=1, le=50)
+    tangrams: int = Field(74, ge=10, description="the first N tangrams by name are in play (a game shows 10)")
+    descriptions: int | None = Field(None, ge=2, description="each tangram's first N human descriptions are "
+                                                             "spoken, split into the two halves (default: all, "
+                                                             "about 50)")
+    order: Literal["shuffled", "fixed"] = Field(
+        "shuffled", description="the listener's image order: drawn per game, or fixed (the tangrams' name order; "
+                                "with 10 tangrams in play a letter then always names the same tangram)")
+    teach_steps: int = Field(0, ge=0, description="steps of full fine-tuning that teach a policy base built by "
+                                                   "`loop` the listener's task on the seed half of the "
+                                                   "descriptions (0: the base keeps random weights)")
     constrained: bool = Field(True, description="generate only legal actions of each state (else: any sequence "
                                                 "of the legal tokens; an illegal action does nothing)")
     batch: int = Field(8, ge=1, description="games generated at once")

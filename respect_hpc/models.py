@@ -1,4 +1,4 @@
-"""Load models from local folders, fingerprint them, and teach tiny ones the decoder's answers.
+"""Load models from local folders (base, processor, LoRA policy) and fingerprint them.
 
 A model is a transformers checkpoint folder (a causal LM, or an Idefics2-style
 image-text-to-text model) or a GGUF file in a folder. Nothing is fetched from a
@@ -15,7 +15,6 @@ import torch
 
 from respect_hpc.hashing import bytes_digest
 from respect_hpc.manifest import ModelSection
-from respect_hpc.prompts import DECODER_TEMPLATES
 from respect_hpc.tables import atomic_write_text
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -91,49 +90,6 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     if memo and len(cache) > known:
         atomic_write_text(json.dumps(cache, indent=1), memo)
     return digest.hexdigest()
-
-
-def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> None:
-    """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts as IDEFICS2-8B answers them.
-
-    A random-weight model answers decoder prompts with random tokens and labels a round all
-    one way; the demo and the tests teach it the label of each synthetic follow-up
-    (:func:`synthetic.follow_up_label`) on ``turns`` (a turns table), written as the official
-    decoder's answers (`` Positive.``, `` Neutral``, `` Negative.``) and its end of utterance.
-    """
-    from respect_hpc.chat import decoder_text, token_ids
-    from respect_hpc.synthetic import follow_up_label
-
-    spec = ModelSection(path=folder, dtype="fp32")
-    tokenizer, model = load_tokenizer(spec), load_text_model(spec)
-    end = model.generation_config.eos_token_id
-    end = end[-1] if isinstance(end, list) else end
-    rows = []
-    for template in DECODER_TEMPLATES.values():
-        for t in turns.filter("has_follow_up").iter_rows(named=True):
-            prompt = decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"],
-                                  t["follow_up"])
-            answer = template.label_answers[template.labels.index(follow_up_label(t["follow_up"], template.labels))]
-            ids = token_ids(tokenizer, [prompt + answer])[0] + [end]
-            rows.append((ids, len(token_ids(tokenizer, [prompt])[0])))
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):  # left-padded, so that the answers end together and only they get logits
-        batch = [rows[i] for i in torch.randint(len(rows), (16,), generator=generator)]
-        width = max(len(ids) for ids, _ in batch)
-        keep = max(len(ids) - n for ids, n in batch)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids, _ in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
-        labels = torch.tensor([[-100] * (keep - len(ids) + n) + ids[n:] for ids, n in batch])
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=keep + 1).logits[:, :-1]
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(folder)
 
 
 _PAPER_LORA = r"(?!.*vision_model\.).*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"

@@ -157,10 +157,12 @@ def scaled_config(config: dict, text_sizes: dict = TEXT_SIZE, vision_sizes: dict
 
 
 def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidden_size: int = 64,
-                 layers: int = 2, vision: tuple[int, int] = (32, 2)) -> Path:
+                 layers: int = 2, vision: tuple[int, int] = (32, 2), image_tokens: int | None = None) -> Path:
     """A tiny random-weight copy of the checkpoint in ``source``: same interface files, scaled-down config
     (``hidden_size`` and ``layers`` size its text model, ``vision`` (width, depth) its vision model; the
-    benchmarks use larger ones)."""
+    benchmarks use larger ones). ``image_tokens`` changes how many tokens the perceiver resampler gives an
+    image (the config's latents and the processor's ``image_seq_len`` together; IDEFICS2-8B: 64), for a
+    policy that must train many steps on a CPU."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig)
 
     source, folder = Path(source), Path(folder)
@@ -175,6 +177,13 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
         if path.is_file() and not path.name.endswith(_WEIGHTS) and not path.name.endswith(".index.json") \
                 and path.name != "config.json":
             shutil.copy(path, folder / path.name)
+    if image_tokens is not None:
+        processor_file = folder / "processor_config.json"
+        if "perceiver_config" not in config or not processor_file.is_file():
+            raise ReplicaError(f"image_tokens: '{source}' has no perceiver resampler and processor config")
+        config["perceiver_config"]["resampler_n_latents"] = image_tokens
+        processor = json.loads(processor_file.read_text())
+        processor_file.write_text(json.dumps({**processor, "image_seq_len": image_tokens}, indent=2))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     loaded = AutoConfig.from_pretrained(folder)
     multimodal = hasattr(loaded, "vision_config") and hasattr(loaded, "text_config")
@@ -188,8 +197,8 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
 
 
 def replica_like(like: str, folder: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                 vision: tuple[int, int] = (32, 2)) -> Path:
+                 vision: tuple[int, int] = (32, 2), image_tokens: int | None = None) -> Path:
     """A tiny random-weight model with the interface of ``like`` (see :data:`INTERFACES`)."""
     with tempfile.TemporaryDirectory() as tmp:
         return replica_from(write_interface(like, tmp), folder, seed=seed, hidden_size=hidden_size, layers=layers,
-                            vision=vision)
+                            vision=vision, image_tokens=image_tokens)

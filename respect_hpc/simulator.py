@@ -1,6 +1,7 @@
 """A simulated MultiRef speaker on real stimuli, for deployments without people (pure, seeded).
 
-A game shows 10 tangrams, 3 to 5 of them targets. The speaker asks for one remaining target at a time with
+A game shows 10 of the tangrams in play, 3 to 5 of them targets, in the listener's order (drawn per game,
+or the tangrams' name order). The speaker asks for one remaining target at a time with
 a human description of it (KiloGram's, from the description pool the settings name), then reacts to each
 action of the listener the way people do in the MultiRef logs: an action that selected only targets (or
 deselected only wrong images) is confirmed and the next target asked for; a wrong selection is corrected
@@ -27,6 +28,7 @@ UNDO = ("wrong one, undo that", "remove the {wrong}", "deselect the {wrong}", "n
 TRY_AGAIN = ("try again", "try one more time", "no, try again, the {target}")
 SILENT = ("", "hmm", "ok let me see", "wait")
 POOLS = ("seed", "deploy", "all")
+ORDERS = ("shuffled", "fixed")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class SpeakerSettings:
     undo: float = 0.35        # after a wrong selection: ask to undo it (else correct it, or "try again")
     pool: str = "deploy"      # descriptions: "seed" (even-numbered), "deploy" (odd-numbered, held out), "all"
     max_turns: int = DEFAULT_MAX_TURNS
+    order: str = "shuffled"   # the listener's image order: drawn per game, or "fixed" (the tangrams' name order)
 
     def __post_init__(self) -> None:
         for name in ("implicit", "misleading", "silent", "undo"):
@@ -46,14 +49,25 @@ class SpeakerSettings:
                 raise ValueError(f"simulation.{name}: a probability in [0, 1], got {getattr(self, name)}")
         if self.pool not in POOLS:
             raise ValueError(f"simulation.pool: one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"simulation.order: one of {', '.join(ORDERS)}, got {self.order!r}")
 
 
-def description_pool(descriptions: dict[str, list[str]], pool: str) -> dict[str, list[str]]:
-    """Each image's descriptions in ``pool``: the seed half, the held-out deployment half, or all."""
+def description_pool(descriptions: dict[str, list[str]], pool: str, tangrams: int | None = None,
+                     per_image: int | None = None) -> dict[str, list[str]]:
+    """Each image's descriptions in ``pool`` (the seed half, the held-out deployment half, or all) of its first
+    ``per_image`` (all by default), for the first ``tangrams`` images by name (all by default): the tangrams
+    in play."""
+    in_play = sorted(descriptions)[:tangrams]
+    if len(in_play) < 10:
+        raise ValueError(f"simulation.tangrams: a game shows 10 tangrams, {len(in_play)} are in play")
+    if per_image is not None and per_image < 2:
+        raise ValueError(f"simulation.descriptions: at least 2 a tangram (one a half), got {per_image}")
+    spoken = {image: descriptions[image][:per_image] for image in in_play}
     if pool == "all":
-        return descriptions
+        return spoken
     start = 0 if pool == "seed" else 1
-    return {image: texts[start::2] or texts for image, texts in descriptions.items()}
+    return {image: texts[start::2] or texts for image, texts in spoken.items()}
 
 
 @dataclass
@@ -74,6 +88,8 @@ class SimulatedGame:
     def new(cls, rng: random.Random, descriptions: dict[str, list[str]], settings: SpeakerSettings
             ) -> SimulatedGame:
         context = rng.sample(sorted(descriptions), 10)
+        if settings.order == "fixed":
+            context.sort()
         game = cls(context, frozenset(rng.sample(context, rng.randint(3, 5))), descriptions, settings, rng)
         game.chat.append(game._request(""))
         return game
@@ -126,6 +142,13 @@ class SimulatedGame:
         if wrong and rng.random() < s.undo:
             return self._fill(rng.choice(UNDO), wrong)
         return self._fill(rng.choice(TRY_AGAIN if rng.random() < 0.3 else CORRECTIONS), wrong)
+
+
+def right_action(game: SimulatedGame) -> tuple[frozenset[str], frozenset[str]]:
+    """A perfect listener's action (deselected, selected images): undo every wrong selection, else select
+    the target asked for."""
+    wrong = game.selection - game.targets
+    return (frozenset(wrong), frozenset()) if wrong else (frozenset(), frozenset({game.asked}))
 
 
 def human_action(game: SimulatedGame, rng: random.Random, skill: float) -> tuple[frozenset[str], frozenset[str]]:

@@ -45,7 +45,7 @@ def kilogram():
 def taught_decoder(tmp_path_factory):
     """A tiny IDEFICS2-8B replica taught to answer decoder prompts as IDEFICS2-8B does, plus the logs it saw."""
     from respect_hpc.ingest import ingest
-    from respect_hpc.models import teach_label_words
+    from respect_hpc.teaching import teach_label_words
     from respect_hpc.replica import replica_like
     from respect_hpc.synthetic import synthesize
 

@@ -3,6 +3,7 @@ real KiloGram tangrams; the logs ingest as the public interaction layout, p is t
 each action as it sampled, the shards are seeded and resumable, and the plan runs deploy and collect after
 select."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def test_next_round_writes_a_manifest_that_continues_the_lineage(deployed, tmp_p
 def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
     if not (KILOGRAM / "dense.json").is_file():
         pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
-    from respect_hpc.models import teach_label_words
+    from respect_hpc.teaching import teach_label_words
 
     m = seed_round(tmp_path, KILOGRAM, "games: 4, max_turns: 3")
     teach_label_words(m.model.path, ingest([m.data.seed_data]).turns)  # the decoder answers with label words
@@ -185,3 +186,43 @@ def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
     again = cli("loop", manifest, "--rounds", 1, "--variants", variants)  # everything done: nothing runs
     assert again.returncode == 0, again.stderr[-3000:]
     assert " tasks submitted" not in again.stderr and again.stdout.splitlines()[-8:] == done.stdout.splitlines()[-8:]
+
+
+def test_loop_builds_a_taught_policy_base_and_a_decoder_for_a_simulated_setting(tmp_path):
+    if not (KILOGRAM / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
+    from safetensors.torch import load_file
+
+    from respect_hpc.cli import simulation_inputs
+    from respect_hpc.replica import replica_like
+    from respect_hpc.synthetic import load_image_bank
+
+    inputs = tmp_path / "inputs"
+    manifest = tmp_path / "sim.yaml"
+    manifest.write_text(f"""experiment: sim
+round: 0
+workdir: {tmp_path / 'runs'}
+data: {{seed_data: {inputs / 'd0.parquet'}, validation: {inputs / 'validation.parquet'},
+        images: {KILOGRAM / 'tangram_pngs'}}}
+model: {{path: {inputs / 'policy'}, dtype: fp32, image_size: 112}}
+decoder: {{model: {{path: {inputs / 'decoder'}, dtype: fp32}}}}
+seeds: [1]
+simulation: {{kilogram: {KILOGRAM}, games: 8, tangrams: 10, order: fixed, teach_steps: 30}}
+""")
+    simulation_inputs(load_manifest(manifest))
+    d0 = pl.read_parquet(inputs / "d0.parquet")
+    assert d0.height > 0 and set(d0["end"]) == {"successful"}
+    in_play = load_image_bank(KILOGRAM, dense="dense.json").names[:10]
+    assert {n for c in d0["context"] for n in c} == set(in_play)  # only the ten in play
+    assert all(list(c) == sorted(c) for c in d0["context"])  # in the fixed order
+    config = json.loads((inputs / "policy" / "config.json").read_text())
+    assert config["perceiver_config"]["resampler_n_latents"] == 4
+    fresh = replica_like("idefics2-8b", tmp_path / "fresh", image_tokens=4)
+    taught, untaught = load_file(inputs / "policy" / "model.safetensors"), load_file(fresh / "model.safetensors")
+    moved = [k for k in taught if not taught[k].equal(untaught[k])]
+    assert moved and not any("vision_model" in k for k in moved)  # taught, the vision model as built
+    decoder = json.loads((inputs / "decoder" / "config.json").read_text())
+    assert decoder["perceiver_config"]["resampler_n_latents"] == 64  # the decoder: a replica of its own
+    before = {p: p.stat().st_mtime_ns for p in inputs.rglob("*") if p.is_file()}
+    simulation_inputs(load_manifest(manifest))  # all there: nothing is built again
+    assert before == {p: p.stat().st_mtime_ns for p in inputs.rglob("*") if p.is_file()}

@@ -99,3 +99,18 @@ def test_human_games_mostly_succeed_and_ingest_as_human_human_games(descriptions
     assert set(result.interactions["policy"]) == {"human"} and result.turns["prob_action"].is_null().all()
     success = result.interactions["success"].mean()
     assert success >= 0.8  # skilled people: most games end with exactly the targets selected
+
+
+def test_the_tangrams_in_play_and_a_fixed_order(descriptions):
+    in_play = description_pool(descriptions, "deploy", tangrams=10)
+    assert sorted(in_play) == sorted(descriptions)[:10]
+    settings = SpeakerSettings(order="fixed")
+    contexts = {tuple(play(descriptions, seed, settings, oracle).context) for seed in range(5)}
+    assert all(list(c) == sorted(c) for c in contexts) and len(contexts) > 1  # 10 of 74, in name order
+    game = SimulatedGame.new(random.Random(0), in_play, settings)
+    assert game.context == sorted(in_play)  # ten in play: every game shows them, always in the same order
+    assert SimulatedGame.new(random.Random(0), in_play, SpeakerSettings()).context != game.context
+    with pytest.raises(ValueError, match="simulation.tangrams: a game shows 10 tangrams, 9 are in play"):
+        description_pool(descriptions, "seed", tangrams=9)
+    with pytest.raises(ValueError, match="simulation.order: one of shuffled, fixed"):
+        SpeakerSettings(order="sorted")

@@ -1,0 +1,91 @@
+"""Teaching tiny replicas the listener's task (the simulated setting's policy base): the examples carry the
+right action of each game state, a replica with fewer image tokens keeps the real prompt layout, and
+teaching makes the replica pick the described tangram far above chance."""
+
+import random
+
+import pytest
+import torch
+
+from respect_hpc.manifest import ModelSection
+from respect_hpc.models import load_processor
+from respect_hpc.multiref import images_of, parse_action
+from respect_hpc.policy_data import PolicyEncoder, answer_logits
+from respect_hpc.prompts import policy_template
+from respect_hpc.replica import replica_like
+from respect_hpc.simulator import SpeakerSettings, description_pool
+from respect_hpc.synthetic import DEFAULT_KILOGRAM, load_image_bank
+from respect_hpc.teaching import listener_examples, teach_listener
+
+TEMPLATE = policy_template("respect-listener@1")
+IMAGES = DEFAULT_KILOGRAM / "tangram_pngs"
+
+
+@pytest.fixture(scope="module")
+def bank():
+    bank = load_image_bank(dense="dense.json")
+    if bank.source != "kilogram":
+        pytest.skip("../shared/data/kilogram is absent: the listener is taught on the real descriptions")
+    return bank
+
+
+def test_each_example_ends_with_the_right_action_for_its_game_state(bank):
+    settings = SpeakerSettings(order="fixed")
+    examples = listener_examples(random.Random(0), description_pool(bank.descriptions, "seed", 12), settings,
+                                 TEMPLATE, 200)
+    undos = 0
+    for game, view in examples:
+        assert view.images == game.context == sorted(game.context)  # fixed order: the tangrams' name order
+        assert set(game.context) <= set(sorted(bank.descriptions)[:12])  # only the tangrams in play
+        action = parse_action(view.action)
+        wrong = game.selection - game.targets
+        if wrong:  # undo every wrong selection first
+            assert set(images_of(action.deselect, game.context)) == wrong and not action.select
+            undos += 1
+        else:
+            assert images_of(action.select, game.context) == [game.asked] and not action.deselect
+    assert 0 < undos < 100
+    assert examples[0][1].messages == listener_examples(
+        random.Random(0), description_pool(bank.descriptions, "seed", 12), settings, TEMPLATE, 1)[0][1].messages
+
+
+def test_a_replica_with_four_image_tokens_keeps_the_prompt_layout(bank, tmp_path):
+    folder = replica_like("idefics2-8b", tmp_path / "replica", image_tokens=4)
+    processor = load_processor(ModelSection(path=folder, dtype="fp32", image_size=112))
+    assert processor.image_seq_len == 4
+    encoder = PolicyEncoder(processor, processor.tokenizer, IMAGES, multimodal=True)
+    _, view = listener_examples(random.Random(1), description_pool(bank.descriptions, "seed"), SpeakerSettings(),
+                                TEMPLATE, 1)[0]
+    encoded = encoder.encode(view)
+    assert encoded.input_ids.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == 10 * 4
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert model.config.perceiver_config.resampler_n_latents == 4
+    assert answer_logits(model, encoder.collate([encoded])).shape[-1] == 32003
+
+
+def accuracy(folder, bank, descriptions, settings) -> float:
+    """Exact-action accuracy of the greedy answer, teacher-forced, on 64 held game states."""
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(ModelSection(path=folder, dtype="fp32", image_size=112))
+    encoder = PolicyEncoder(processor, processor.tokenizer, IMAGES, multimodal=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    examples = listener_examples(random.Random("held"), descriptions, settings, TEMPLATE, 64)
+    with torch.no_grad():
+        batch = encoder.collate([encoder.encode(view) for _, view in examples])
+        right = (answer_logits(model, batch).argmax(-1) == batch["targets"]) | ~batch["target_mask"]
+    return right.all(-1).float().mean().item()
+
+
+def test_teaching_makes_the_replica_pick_the_described_tangram(bank, tmp_path):
+    settings = SpeakerSettings(order="fixed")
+    descriptions = description_pool(bank.descriptions, "seed", 10)
+    folder = replica_like("idefics2-8b", tmp_path / "replica", image_tokens=4)
+    before = accuracy(folder, bank, descriptions, settings)
+    losses = teach_listener(folder, IMAGES, descriptions, settings, template="respect-listener@1",
+                            image_size=112, steps=400)
+    after = accuracy(folder, bank, descriptions, settings)
+    assert sum(losses[-20:]) < 0.2 * sum(losses[:20])
+    assert before < 0.1 and after > 0.3  # chance: about one in ten for a select, less with deselects
