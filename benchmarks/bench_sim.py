@@ -51,6 +51,11 @@ select, each deploying B-FFT, B-RL and the control on {curve['games'].max()} sim
 {decoder}
 ```
 
+The setting (manifests/sim.yaml): 10 tangrams in a fixed order; D_0 and validation speak the seed half of
+the descriptions, deployments both halves. The policy base is the IDEFICS2-8B replica (text hidden 64, 2
+layers, 4 tokens an image) taught the listener's turns for 1,000 steps before the seed round; the decoder is
+a second replica taught the label words on a weaker person's games.
+
 {verdict(curve)}"""
 
 

@@ -7,6 +7,7 @@ one-line message naming the file, row or field, and exit status 2.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +48,7 @@ from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
 LEARNING_CURVE_FILE = "learning_curve.parquet"  # loop: round metrics of every round's simulated deployment
-DECODER_LESSON_SKILL = 0.5  # loop's decoder learns the truth on games where half the actions are wrong
+DECODER_LESSON_SKILL = 0.5  # loop's decoder learns on games of a person often wrong, to see rejections
 SIMULATED_IMAGE_TOKENS = 4  # loop's policy base: tokens an image (IDEFICS2-8B: 64), so that it trains on a CPU
 
 app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
@@ -567,10 +568,11 @@ def simulation_inputs(m) -> None:
     """Write what a simulated experiment's manifest names and lacks: D_0 (the successful games of
     ``simulation.games`` simulated human-human games) and validation games (a quarter as many), spoken from
     the seed half of each tangram's descriptions; the decoder, a tiny IDEFICS2-8B replica taught to answer
-    decoder prompts with the simulator's truth on the games of a less skilled person (``DECODER_LESSON_SKILL``);
-    the policy base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image,
-    taught the listener's first turn for ``simulation.teach_steps`` steps (the same replica taught both where
-    the manifest names no decoder model)."""
+    decoder prompts (the label words of :func:`~respect_hpc.synthetic.follow_up_label`) on the games of a less
+    skilled person (``DECODER_LESSON_SKILL``);
+    the policy base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image, taught the
+    listener's turns for ``simulation.teach_steps`` steps (the same replica taught both where the manifest
+    names no decoder model)."""
     from respect_hpc.simulator import SpeakerSettings, description_pool, human_games
     from respect_hpc.teaching import teach_listener
 
@@ -599,25 +601,34 @@ def simulation_inputs(m) -> None:
     def teach_decoder(folder: Path) -> None:
         with err.status("teaching the replica the decoder's answers"), tempfile.TemporaryDirectory() as tmp:
             games = pl.DataFrame(human_games(sim.games, descriptions, settings, seed=3, skill=DECODER_LESSON_SKILL))
-            games.drop("truth").write_parquet(Path(tmp) / "lessons.parquet")
-            turns = ingest([Path(tmp) / "lessons.parquet"], policies=None).turns
-            teach_label_words(folder, turns, truth=jobs.deploy.truth_table(games))
+            games.drop("truth").write_parquet(Path(tmp) / "lessons.parquet")  # about 40% of the actions wrong
+            teach_label_words(folder, ingest([Path(tmp) / "lessons.parquet"], policies=None).turns)
 
-    if not m.model.path.exists():
-        replica_like("idefics2-8b", m.model.path, image_tokens=SIMULATED_IMAGE_TOKENS)
+    def policy_base(folder: Path) -> None:
+        replica_like("idefics2-8b", folder, image_tokens=SIMULATED_IMAGE_TOKENS)
         if sim.teach_steps:
-            losses = teach_listener(m.model.path, m.data.images, descriptions, settings,
-                                    template=m.policy_template, image_size=m.model.image_size,
-                                    steps=sim.teach_steps)
+            losses = teach_listener(folder, m.data.images, descriptions, settings, template=m.policy_template,
+                                    image_size=m.model.image_size, steps=sim.teach_steps)
             console.print(f"policy base taught the listener in {sim.teach_steps} steps (loss "
                           f"{sum(losses[:20]) / len(losses[:20]):.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f})")
         if decoder == m.model.path:
-            teach_decoder(decoder)
+            teach_decoder(folder)
+
+    if not m.model.path.exists():
+        build_model(m.model.path, policy_base)
         console.print(f"tiny IDEFICS2-8B replica, policy base -> {m.model.path}")
     if not decoder.exists():
-        replica_like("idefics2-8b", decoder)
-        teach_decoder(decoder)
+        build_model(decoder, lambda folder: teach_decoder(replica_like("idefics2-8b", folder)))
         console.print(f"tiny IDEFICS2-8B replica taught to answer decoder prompts -> {decoder}")
+
+
+def build_model(folder: Path, build) -> None:
+    """Run ``build`` on a partial folder beside ``folder`` and rename it into place once done, so that a run
+    killed while building or teaching a model builds it again instead of going on with a half-taught one."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial)
+    partial.rename(folder)
 
 
 def print_decoder_truth(m) -> None:
@@ -772,9 +783,9 @@ def demo(manifest: Annotated[Path, typer.Argument(help="Round manifest of the de
             atomic_write_parquet(frame, path)
             console.print(f"{frame.height} synthetic games ({bank.source} images) -> {path}")
     if not m.model.path.exists():  # the same base in every round: taught on the logs, or on D_0 in the seed round
+        turns = ingest(m.data.interactions or [m.data.seed_data], policies=None).turns
         with err.status("building a tiny IDEFICS2-8B replica offline and teaching it the decoder's answers"):
-            replica_like("idefics2-8b", m.model.path)
-            teach_label_words(m.model.path, ingest(m.data.interactions or [m.data.seed_data], policies=None).turns)
+            build_model(m.model.path, lambda folder: teach_label_words(replica_like("idefics2-8b", folder), turns))
         console.print(f"tiny IDEFICS2-8B replica (random weights, taught to answer decoder prompts) -> {m.model.path}")
     run(manifest, None, None, None, False, False)
 

@@ -18,15 +18,13 @@ from respect_hpc.models import load_processor, load_text_model, load_tokenizer
 from respect_hpc.prompts import DECODER_TEMPLATES
 
 
-def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0, truth=None) -> None:
+def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> None:
     """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts as IDEFICS2-8B answers them.
 
     A random-weight model answers decoder prompts with random tokens and labels a round all
     one way; the demo and the tests teach it the label of each synthetic follow-up
     (:func:`synthetic.follow_up_label`) on ``turns`` (a turns table), written as the official
-    decoder's answers (`` Positive.``, `` Neutral``, `` Negative.``) and its end of utterance. With
-    ``truth`` (a table of game_id, turn_id, truth: 1 good, -1 bad, 0 nothing done, of simulated games) the
-    label of each turn is the simulator's truth of its action instead (nothing done: Neutral, or Negative).
+    decoder's answers (`` Positive.``, `` Neutral``, `` Negative.``) and its end of utterance.
     """
     from respect_hpc.chat import decoder_text, token_ids
     from respect_hpc.synthetic import follow_up_label
@@ -35,18 +33,12 @@ def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0, trut
     tokenizer, model = load_tokenizer(spec), load_text_model(spec)
     end = model.generation_config.eos_token_id
     end = end[-1] if isinstance(end, list) else end
-    known = None if truth is None else {(g, t): v for g, t, v in truth.select("game_id", "turn_id", "truth").iter_rows()}
     rows = []
     for template in DECODER_TEMPLATES.values():
         for t in turns.filter("has_follow_up").iter_rows(named=True):
             prompt = decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"],
                                   t["follow_up"])
-            if known is None:
-                label = follow_up_label(t["follow_up"], template.labels)
-            else:
-                label = {1: "Positive", -1: "Negative"}.get(known[(t["game_id"], t["turn_id"])],
-                                                            "Neutral" if "Neutral" in template.labels else "Negative")
-            answer = template.label_answers[template.labels.index(label)]
+            answer = template.label_answers[template.labels.index(follow_up_label(t["follow_up"], template.labels))]
             ids = token_ids(tokenizer, [prompt + answer])[0] + [end]
             rows.append((ids, len(token_ids(tokenizer, [prompt])[0])))
     torch.manual_seed(seed)

@@ -209,7 +209,11 @@ decoder: {{model: {{path: {inputs / 'decoder'}, dtype: fp32}}}}
 seeds: [1]
 simulation: {{kilogram: {KILOGRAM}, games: 8, tangrams: 10, order: fixed, teach_steps: 30}}
 """)
+    killed = inputs / ".policy.partial"  # what a run killed while teaching the policy base leaves
+    killed.mkdir(parents=True)
+    (killed / "config.json").write_text("{}")
     simulation_inputs(load_manifest(manifest))
+    assert not killed.exists()  # built again from nothing, then renamed into place
     d0 = pl.read_parquet(inputs / "d0.parquet")
     assert d0.height > 0 and set(d0["end"]) == {"successful"}
     in_play = load_image_bank(KILOGRAM, dense="dense.json").names[:10]

@@ -110,6 +110,10 @@ def test_the_tangrams_in_play_and_a_fixed_order(descriptions):
     game = SimulatedGame.new(random.Random(0), in_play, settings)
     assert game.context == sorted(in_play)  # ten in play: every game shows them, always in the same order
     assert SimulatedGame.new(random.Random(0), in_play, SpeakerSettings()).context != game.context
+    few = description_pool(descriptions, "deploy", tangrams=10, per_image=8)
+    assert all(few[image] == descriptions[image][1:8:2] for image in few)  # 4 of each tangram's first 8
+    with pytest.raises(ValueError, match="simulation.descriptions: at least 2 a tangram"):
+        description_pool(descriptions, "seed", per_image=1)
     with pytest.raises(ValueError, match="simulation.tangrams: a game shows 10 tangrams, 9 are in play"):
         description_pool(descriptions, "seed", tangrams=9)
     with pytest.raises(ValueError, match="simulation.order: one of shuffled, fixed"):
