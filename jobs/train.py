@@ -79,7 +79,8 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "def
     return spec_hash({
         "variant": variant.model_dump(mode="json"), "seed": seed, "cell": cell,
         "hp": manifest.objective(variant, cell).model_dump(mode="json"),
-        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation", "packing"}),
+        "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation", "packing",
+                                                                      "image_order"}),
         "validation": manifest.validation.model_dump(mode="json"),
         "policy_template": manifest.policy_template, "images": str(manifest.data.images),
         "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
@@ -133,7 +134,8 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
                      zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
                      validation=manifest.validation.model_copy(update={"constrained": constrained}), cell=cell,
                      gradient_checkpointing=manifest.training.gradient_checkpointing,
-                     packing=manifest.training.packing, vision_cache=vision_cache, spec_hash=spec_hash)
+                     packing=manifest.training.packing, image_order=manifest.training.image_order,
+                     vision_cache=vision_cache, spec_hash=spec_hash)
     return Prepared(spec, examples, validation, spec_hash)
 
 

@@ -190,6 +190,11 @@ class TrainingSection(Strict):
         "game", description="game: the trained turns of one game are one sequence (each turn's prompt and answer "
                             "start the next turn's prompt; one image order per game and epoch); turn: one "
                             "sequence per trained turn (its own image order), as the official code batches")
+    image_order: Literal["shuffled", "logged"] = Field(
+        "shuffled", description="shuffled: each trained example's images in an order drawn per seed, epoch and "
+                                "example (game, with packing), letters renamed, as the official code; logged: the "
+                                "order the listener saw (a simulated world whose letters always name the same "
+                                "tangrams, simulation.order: fixed)")
     vision_cache: bool = Field(
         True, description="compute the frozen vision model's output once per image and reuse it across epochs, "
                           "seeds, variants and validation (on disk in the round folder); off by itself where the "

@@ -87,6 +87,7 @@ class TrainSpec:
     validation: ValidationSection = ValidationSection(constrained=False)
     gradient_checkpointing: bool = False
     packing: str = "game"
+    image_order: str = "shuffled"   # or "logged": every example in the order the listener saw
     vision_cache: Path | None = None  # where a frozen vision model's outputs are kept (vision_cache.py); None: off
     cell: str = "default"
     spec_hash: str = ""             # of the task's settings and inputs: checkpoints resume only under it
@@ -254,12 +255,14 @@ class Trainer:
 
     def _sequence(self, rows: list[int], epoch: int | None) -> Encoded:
         """Examples ``rows`` (one, or turns of one game) as one sequence, images in the epoch's order (one per
-        game and epoch when packing; None: the logged order)."""
+        game and epoch when packing; None, or ``image_order: logged``: the logged order)."""
         examples = [self.examples[i] for i in rows]
         first = examples[0]
         packed = self.spec.packing == "game" and first["source"] not in UNPACKED_SOURCES
-        order = None if epoch is None else image_order(first["context"], self.spec.seed, epoch,
-                                                       first["game_id"] if packed else first["game_turn_id"])
+        order = None
+        if epoch is not None and self.spec.image_order == "shuffled":
+            order = image_order(first["context"], self.spec.seed, epoch,
+                                first["game_id"] if packed else first["game_turn_id"])
         return self.encoder.encode_game([policy_view(row, self.template, order) for row in examples])
 
     def _answers(self, micro_batches: list[list[int]]) -> int:

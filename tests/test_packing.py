@@ -28,14 +28,14 @@ def round_files(tmp_path_factory):
     return write_round(root, variants=variants, model=model)
 
 
-def trainer_for(round_files, variant, out, packing):
+def trainer_for(round_files, variant, out, packing, image_order="shuffled"):
     m = load_manifest(round_files)
     v = jobs.train.variant_of(m, variant)
     prepared = jobs.train.prepare(m, variant, 1)
     hp = m.objective(v).model_copy(update={"lora_dropout": 0.0, "learning_rate": 1e-3, "warmup_steps": 0,
                                            "beta": 0.05})
     spec = TrainSpec(objective=v.objective, hp=hp, seed=1, model=m.model, policy_template=m.policy_template,
-                     images=m.data.images, out=out, zero_stage=None, packing=packing)
+                     images=m.data.images, out=out, zero_stage=None, packing=packing, image_order=image_order)
     jobs.train._distributed_env()
     return Trainer(spec, prepared.examples, prepared.validation)
 
@@ -128,3 +128,15 @@ def test_the_manifest_chooses_the_packing_and_a_change_is_a_new_task(round_files
     turn = load_manifest(per_turn)
     assert jobs.train.prepare(turn, "b-fft", 1).spec.packing == "turn"
     assert jobs.train.task_hash(turn, "b-fft", 1) != jobs.train.task_hash(m, "b-fft", 1)
+
+
+def test_a_logged_image_order_trains_every_example_in_the_order_the_listener_saw(round_files, tmp_path):
+    shuffled = trainer_for(round_files, "b-fft", tmp_path / "shuffled", "game")
+    logged = trainer_for(round_files, "b-fft", tmp_path / "logged", "game", image_order="logged")
+    moved = 0
+    for s in games(logged, 3):
+        context = logged.examples[logged.sequences[s][0]]["context"]
+        for epoch in (0, 1):
+            assert logged._sequence(logged.sequences[s], epoch).images[:10] == context
+            moved += shuffled._sequence(shuffled.sequences[s], epoch).images[:10] != context
+    assert moved >= 5  # the official way draws an order per game and epoch
