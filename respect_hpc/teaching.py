@@ -3,7 +3,7 @@
 A random-weight model answers decoder prompts with random tokens and picks tangrams at random. The demo,
 the tests and the simulated setting teach a replica (full fine-tuning in plain torch, before any round):
 :func:`teach_label_words` the decoder's answers to synthetic follow-ups, :func:`teach_listener` the
-listener's first turn on simulated games (a weak seed policy, as IDEFICS2-8B is before any round).
+listener's turns on simulated games (a weak seed policy, as IDEFICS2-8B is before any round).
 """
 
 from __future__ import annotations
