@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 3
@@ -37,6 +38,7 @@ def main() -> str:
         f"[{r['turns_ci_low']:.2f}, {r['turns_ci_high']:.2f}] | {r['click_accuracy']:.3f} |"
         for r in curve.sort("round", "policy").iter_rows(named=True))
     decoder = done.stdout[done.stdout.find("decoded feedback against"):].strip()
+    sim = yaml.safe_load(manifest.read_text())["simulation"]
     return f"""## The quick simulated setting: seed round + {ROUNDS} rounds (issue: the whole loop without people)
 
 `respect-hpc loop manifests/sim.yaml --rounds {ROUNDS} --variants manifests/sim-variants.yaml` from nothing:
@@ -51,10 +53,11 @@ select, each deploying B-FFT, B-RL and the control on {curve['games'].max()} sim
 {decoder}
 ```
 
-The setting (manifests/sim.yaml): 10 tangrams in a fixed order; D_0 and validation speak the seed half of
-the descriptions, deployments both halves. The policy base is the IDEFICS2-8B replica (text hidden 64, 2
-layers, 4 tokens an image) taught the listener's turns for 1,000 steps before the seed round; the decoder is
-a second replica taught the label words on a weaker person's games.
+The setting (manifests/sim.yaml): {sim['tangrams']} tangrams in a {sim['order']} order; D_0 and validation speak
+the seed half of the descriptions, deployments the {sim['pool']} pool. The policy base is the IDEFICS2-8B
+replica (text hidden 64, 2 layers, 4 tokens an image) taught the listener's turns for {sim['teach_steps']:,}
+steps before the seed round; the decoder is a second replica taught the label words on a weaker person's
+games.
 
 {verdict(curve)}"""
 
