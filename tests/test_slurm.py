@@ -126,7 +126,8 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
     adapter.mkdir()
     manifest = write_logged_round(tmp_path, taught_decoder[0], executor="slurm", extra_variants=(
         f"  - {{name: b-kto, feedback: binary, objective: kto, previous_adapter: {adapter}}}\n"))
-    # one game a step: epochs of many steps, so that the preemption lands inside one
+    # one game a step: epochs of many steps, so that the preemption most often lands inside one (the save
+    # mid-epoch is tested without Slurm in test_train.py; here the signal may also land at an epoch's end)
     manifest.write_text(manifest.read_text().replace("fft: {epochs: 1, effective_batch: 8, micro_batch: 4,",
                                                      "fft: {epochs: 3, effective_batch: 2, micro_batch: 1,")
                         + "  partition: debug\n")
@@ -155,7 +156,7 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
 
     states = _wait_idle(controller)
     text = log.read_text()
-    assert "stopped at step" in text and "resumed at step" in text, text
+    assert ("stopped at step" in text or "stopped after epoch" in text) and "resumed at step" in text, text
     assert states[("train", "b-fft/seed-1")].state == "done"
     assert states[("train", "b-fft/seed-2")].state == "done"
     failed = states[("train", "b-kto/seed-1")]
