@@ -137,7 +137,7 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
         return {}
     descriptions = _descriptions(manifest)
     settings = SpeakerSettings(**sim.model_dump(include={"implicit", "misleading", "silent", "undo", "pool",
-                                                         "max_turns", "order"}))
+                                                         "max_turns", "order", "credit"}))
     processor = load_processor(manifest.model)
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(manifest.model)
     encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)

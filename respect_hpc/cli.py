@@ -582,7 +582,7 @@ def simulation_inputs(m) -> None:
     bank = load_image_bank(sim.kilogram, dense="dense.json")
     if bank.source != "kilogram":
         _fail(f"simulation.kilogram: no dense.json in '{sim.kilogram}'")
-    settings = SpeakerSettings(pool="seed", max_turns=sim.max_turns, order=sim.order)
+    settings = SpeakerSettings(pool="seed", max_turns=sim.max_turns, order=sim.order, credit=sim.credit)
     try:
         descriptions = description_pool(bank.descriptions, "seed", sim.tangrams, sim.descriptions)
     except ValueError as e:

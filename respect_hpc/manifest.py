@@ -265,6 +265,9 @@ class SimulationSection(Strict):
     misleading: float = Field(0.05, ge=0, le=1, description="reactions that say the opposite of the truth")
     silent: float = Field(0.05, ge=0, le=1, description="reactions that say nothing useful")
     undo: float = Field(0.35, ge=0, le=1, description="after a wrong selection, asks to undo it")
+    credit: Literal["target", "asked"] = Field(
+        "target", description="the selections the speaker approves: any target (the game's truth), or only "
+                              "the tangram it asked for (a speaker who means one tangram corrects another)")
     pool: Literal["seed", "deploy", "all"] = Field(
         "deploy", description="each tangram's descriptions used: seed (even-numbered), deploy (odd-numbered, "
                               "held out from the seed half), all")

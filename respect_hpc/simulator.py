@@ -4,7 +4,8 @@ A game shows 10 of the tangrams in play, 3 to 5 of them targets, in the listener
 or the tangrams' name order). The speaker asks for one remaining target at a time with
 a human description of it (KiloGram's, from the description pool the settings name), then reacts to each
 action of the listener the way people do in the MultiRef logs: an action that selected only targets (or
-deselected only wrong images) is confirmed and the next target asked for; a wrong selection is corrected
+deselected only wrong images) is confirmed and the next target asked for (with ``credit: asked``, only a
+selection of the target asked for; another target stays selected and is corrected); a wrong selection is corrected
 ("no, not the bird"), asked to be undone or met with "try again"; an action that did nothing is asked
 again. Some reactions carry no explicit approval or rejection (``implicit``: just the next request, or a
 correction without a "no"), some say the opposite of the truth (``misleading``) and some say nothing
@@ -29,6 +30,7 @@ TRY_AGAIN = ("try again", "try one more time", "no, try again, the {target}")
 SILENT = ("", "hmm", "ok let me see", "wait")
 POOLS = ("seed", "deploy", "all")
 ORDERS = ("shuffled", "fixed")
+CREDITS = ("target", "asked")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class SpeakerSettings:
     pool: str = "deploy"      # descriptions: "seed" (even-numbered), "deploy" (odd-numbered, held out), "all"
     max_turns: int = DEFAULT_MAX_TURNS
     order: str = "shuffled"   # the listener's image order: drawn per game, or "fixed" (the tangrams' name order)
+    credit: str = "target"    # approved selections: any target, or "asked" (only the tangram asked for)
 
     def __post_init__(self) -> None:
         for name in ("implicit", "misleading", "silent", "undo"):
@@ -51,6 +54,8 @@ class SpeakerSettings:
             raise ValueError(f"simulation.pool: one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.order not in ORDERS:
             raise ValueError(f"simulation.order: one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.credit not in CREDITS:
+            raise ValueError(f"simulation.credit: one of {', '.join(CREDITS)}, got {self.credit!r}")
 
 
 def description_pool(descriptions: dict[str, list[str]], pool: str, tangrams: int | None = None,
@@ -116,6 +121,8 @@ class SimulatedGame:
         valid = not (select & self.selection) and deselect <= self.selection
         done = (select or deselect) and valid
         good = done and select <= self.targets and not (deselect & self.targets)
+        if good and select and self.settings.credit == "asked":
+            good = select == {self.asked}  # another target stays selected but is corrected
         if done:
             self.selection = (self.selection - deselect) | select
         self.truths.append(1 if good else -1 if done else 0)

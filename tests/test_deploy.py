@@ -195,6 +195,7 @@ def test_loop_builds_a_taught_policy_base_and_a_decoder_for_a_simulated_setting(
 
     from respect_hpc.cli import simulation_inputs
     from respect_hpc.replica import replica_like
+    from respect_hpc.simulator import SpeakerSettings, description_pool, human_games
     from respect_hpc.synthetic import load_image_bank
 
     inputs = tmp_path / "inputs"
@@ -207,7 +208,7 @@ data: {{seed_data: {inputs / 'd0.parquet'}, validation: {inputs / 'validation.pa
 model: {{path: {inputs / 'policy'}, dtype: fp32, image_size: 112}}
 decoder: {{model: {{path: {inputs / 'decoder'}, dtype: fp32}}}}
 seeds: [1]
-simulation: {{kilogram: {KILOGRAM}, games: 8, tangrams: 10, order: fixed, teach_steps: 30}}
+simulation: {{kilogram: {KILOGRAM}, games: 8, tangrams: 10, order: fixed, credit: asked, teach_steps: 30}}
 """)
     killed = inputs / ".policy.partial"  # what a run killed while teaching the policy base leaves
     killed.mkdir(parents=True)
@@ -219,6 +220,12 @@ simulation: {{kilogram: {KILOGRAM}, games: 8, tangrams: 10, order: fixed, teach_
     in_play = load_image_bank(KILOGRAM, dense="dense.json").names[:10]
     assert {n for c in d0["context"] for n in c} == set(in_play)  # only the ten in play
     assert all(list(c) == sorted(c) for c in d0["context"])  # in the fixed order
+    spoken = description_pool(load_image_bank(KILOGRAM, dense="dense.json").descriptions, "seed", 10)
+    games = {credit: {g["game_id"]: g["chat"] for g in human_games(8, spoken, SpeakerSettings(
+        pool="seed", order="fixed", credit=credit), seed=1)} for credit in ("asked", "target")}
+    assert games["asked"] != games["target"]  # in these games someone picks another target than asked
+    kept = set(d0["game_id"])  # D_0 keeps the successful games
+    assert dict(d0.select("game_id", "chat").rows()) == {k: v for k, v in games["asked"].items() if k in kept}
     config = json.loads((inputs / "policy" / "config.json").read_text())
     assert config["perceiver_config"]["resampler_n_latents"] == 4
     fresh = replica_like("idefics2-8b", tmp_path / "fresh", image_tokens=4)

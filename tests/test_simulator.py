@@ -118,3 +118,23 @@ def test_the_tangrams_in_play_and_a_fixed_order(descriptions):
         description_pool(descriptions, "seed", tangrams=9)
     with pytest.raises(ValueError, match="simulation.order: one of shuffled, fixed"):
         SpeakerSettings(order="sorted")
+
+
+def other_target(game, rng):
+    """Selects a target other than the one asked for while one is left, else the one asked for."""
+    others = sorted(game.targets - game.selection - {game.asked})
+    return frozenset(), frozenset({others[0] if others else game.asked})
+
+
+@pytest.mark.parametrize("credit", ["target", "asked"])
+def test_credit_says_whether_another_target_than_the_one_asked_for_is_approved(descriptions, credit):
+    settings = SpeakerSettings(silent=0, misleading=0, implicit=0, credit=credit)
+    game = play(descriptions, 4, settings, other_target)
+    assert game.selection == game.targets  # another target stays selected either way: the game is won
+    first_reaction = game.chat[1].split(",")[0]
+    if credit == "target":
+        assert game.truths == [1] * len(game.targets) and first_reaction in APPROVALS
+    else:  # corrected, and asked for again until it is the last one left
+        assert game.truths == [-1] * (len(game.targets) - 1) + [1] and first_reaction not in APPROVALS
+    with pytest.raises(ValueError, match="simulation.credit: one of target, asked"):
+        SpeakerSettings(credit="any")
