@@ -271,7 +271,7 @@ class SimulationSection(Strict):
     pool: Literal["seed", "deploy", "all"] = Field(
         "deploy", description="each tangram's descriptions used: seed (even-numbered), deploy (odd-numbered, "
                               "held out from the seed half), all")
-    max_turns: int = Field(10, ge=1, le=50)
+    max_turns: int = Field(10, ge=1, le=26, description="turn limit of a simulated game (at most data.max_turns)")
     tangrams: int = Field(74, ge=10, description="the first N tangrams by name are in play (a game shows 10)")
     descriptions: int | None = Field(None, ge=2, description="each tangram's first N human descriptions are "
                                                              "spoken, split into the two halves (default: all, "
@@ -418,6 +418,15 @@ class Manifest(Strict):
             if variant.continues and info.data.get("round") == 0 and variant.previous_adapter is None:
                 raise ValueError(f"variant {variant.name} continues from the previous round, "
                                  "but round 0 has none: set init: base or previous_adapter")
+        return value
+
+    @field_validator("simulation")
+    @classmethod
+    def _simulated_turns(cls, value: SimulationSection | None, info: ValidationInfo) -> SimulationSection | None:
+        data = info.data.get("data")
+        if value is not None and data is not None and value.max_turns > data.max_turns:
+            raise ValueError(f"max_turns {value.max_turns} is more than data.max_turns {data.max_turns}, the turn "
+                             "limit the round's ingest holds the deployed games to: raise data.max_turns")
         return value
 
     def objective(self, variant: Variant, cell: str = "default") -> Hyperparameters:

@@ -98,6 +98,9 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
      ["8: training.rl: effective_batch 10 is not a multiple of micro_batch 4"]),
     ("decoder: {shards: true}\n", ["7: decoder.shards: expected an integer, got true"]),
     ("training:\n  fft: {learning_rate: .inf}\n", ["8: training.fft.learning_rate: expected a finite number, got inf"]),
+    ("simulation: {kilogram: kg, max_turns: 20}\n",
+     ["7: simulation: max_turns 20 is more than data.max_turns 10, the turn limit the round's ingest holds the "
+      "deployed games to: raise data.max_turns"]),
 ])
 def test_manifest_errors(tmp_path, extra, expected):
     assert problems(write(tmp_path, GOOD + extra)) == expected
@@ -207,3 +210,9 @@ def test_json_schema_describes_the_sections():
     assert {"experiment", "round", "data", "model", "variants", "seeds", "training", "cluster"} <= set(
         schema["properties"])
     json.dumps(schema)
+
+
+def test_simulated_games_may_be_as_long_as_the_ingest_takes(tmp_path):
+    text = GOOD.replace("data:\n", "data:\n  max_turns: 20\n") + "simulation: {kilogram: kg, max_turns: 20}\n"
+    manifest = load_manifest(write(tmp_path, text), check_files=False)
+    assert manifest.simulation.max_turns == manifest.data.max_turns == 20
