@@ -29,8 +29,7 @@ from respect_hpc.multiref import Action, ActionError, format_action, letters_of,
 from respect_hpc.policy_data import PolicyEncoder, policy_view
 from respect_hpc.prompts import policy_template
 from respect_hpc.rundir import RunDir
-from respect_hpc.simulator import (SimulatedGame, SpeakerSettings, action_images, description_pool,
-                                   interaction_row)
+from respect_hpc.simulator import SimulatedGame, action_images, description_pool, interaction_row
 from respect_hpc.synthetic import load_image_bank
 from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
@@ -136,8 +135,7 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
         console.print(f"{path} is current, skipped")
         return {}
     descriptions = _descriptions(manifest)
-    settings = SpeakerSettings(**sim.model_dump(include={"implicit", "misleading", "silent", "undo", "pool",
-                                                         "max_turns", "order", "credit"}))
+    settings = sim.speaker_settings()
     processor = load_processor(manifest.model)
     tokenizer = processor.tokenizer if processor is not None else load_tokenizer(manifest.model)
     encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)

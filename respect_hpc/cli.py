@@ -573,7 +573,7 @@ def simulation_inputs(m) -> None:
     the policy base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image, taught the
     listener's turns for ``simulation.teach_steps`` steps (the same replica taught both where the manifest
     names no decoder model)."""
-    from respect_hpc.simulator import SpeakerSettings, description_pool, human_games
+    from respect_hpc.simulator import description_pool, human_games
     from respect_hpc.teaching import teach_listener
 
     sim = m.simulation
@@ -582,7 +582,7 @@ def simulation_inputs(m) -> None:
     bank = load_image_bank(sim.kilogram, dense="dense.json")
     if bank.source != "kilogram":
         _fail(f"simulation.kilogram: no dense.json in '{sim.kilogram}'")
-    settings = SpeakerSettings(pool="seed", max_turns=sim.max_turns, order=sim.order, credit=sim.credit)
+    settings = sim.speaker_settings(pool="seed")
     try:
         descriptions = description_pool(bank.descriptions, "seed", sim.tangrams, sim.descriptions)
     except ValueError as e:

@@ -286,6 +286,16 @@ class SimulationSection(Strict):
                                                 "of the legal tokens; an illegal action does nothing)")
     batch: int = Field(8, ge=1, description="games generated at once")
 
+    def speaker_settings(self, pool: str | None = None):
+        """The simulated speaker these knobs describe (:class:`~respect_hpc.simulator.SpeakerSettings`), speaking
+        from ``pool`` where given (D_0 and validation: the seed half) instead of ``self.pool``."""
+        from dataclasses import fields
+
+        from respect_hpc.simulator import SpeakerSettings
+
+        knobs = self.model_dump(include={f.name for f in fields(SpeakerSettings)})
+        return SpeakerSettings(**{**knobs, "pool": pool or self.pool})
+
 
 class StageResources(Strict):
     gpus: int = Field(0, ge=0, description="GPUs per task")

@@ -5,9 +5,9 @@ or the tangrams' name order). The speaker asks for one remaining target at a tim
 a human description of it (KiloGram's, from the description pool the settings name), then reacts to each
 action of the listener the way people do in the MultiRef logs: an action that selected only targets (or
 deselected only wrong images) is confirmed and the next target asked for (with ``credit: asked``, only a
-selection of the target asked for; another target stays selected and is corrected); a wrong selection is corrected
-("no, not the bird"), asked to be undone or met with "try again"; an action that did nothing is asked
-again. Some reactions carry no explicit approval or rejection (``implicit``: just the next request, or a
+selection of the target asked for; another target stays selected and is corrected); a wrong selection is
+corrected ("no, not the bird"), asked to be undone or met with "try again"; an action that did nothing is
+asked again. Some reactions carry no explicit approval or rejection (``implicit``: just the next request, or a
 correction without a "no"), some say the opposite of the truth (``misleading``) and some say nothing
 useful (``silent``). The game ends on success (exactly the targets selected) or at the turn limit. Each
 turn keeps the truth (was the action good), against which decoded feedback is measured.

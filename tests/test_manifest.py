@@ -216,3 +216,13 @@ def test_simulated_games_may_be_as_long_as_the_ingest_takes(tmp_path):
     text = GOOD.replace("data:\n", "data:\n  max_turns: 20\n") + "simulation: {kilogram: kg, max_turns: 20}\n"
     manifest = load_manifest(write(tmp_path, text), check_files=False)
     assert manifest.simulation.max_turns == manifest.data.max_turns == 20
+
+
+def test_the_simulation_section_describes_the_speaker_of_deployments_and_of_d0(tmp_path):
+    from respect_hpc.simulator import SpeakerSettings
+
+    text = GOOD + "simulation: {kilogram: kg, implicit: 0.1, undo: 0.5, credit: asked, order: fixed}\n"
+    sim = load_manifest(write(tmp_path, text), check_files=False).simulation
+    assert sim.speaker_settings() == SpeakerSettings(implicit=0.1, undo=0.5, credit="asked", order="fixed")
+    assert sim.speaker_settings(pool="seed") == SpeakerSettings(implicit=0.1, undo=0.5, credit="asked",
+                                                                order="fixed", pool="seed")
