@@ -16,6 +16,7 @@ turn keeps the truth (was the action good), against which decoded feedback is me
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from respect_hpc.multiref import DEFAULT_MAX_TURNS, Action, images_of, is_success
@@ -62,17 +63,31 @@ def description_pool(descriptions: dict[str, list[str]], pool: str, tangrams: in
                      per_image: int | None = None) -> dict[str, list[str]]:
     """Each image's descriptions in ``pool`` (the seed half, the held-out deployment half, or all) of its first
     ``per_image`` (all by default), for the first ``tangrams`` images by name (all by default): the tangrams
-    in play."""
+    in play. A speaker names a target so that it can be told apart: a description that KiloGram also gives
+    another tangram in play ("man", "bird") is never spoken, and a repeated one counts once."""
     in_play = sorted(descriptions)[:tangrams]
     if len(in_play) < 10:
         raise ValueError(f"simulation.tangrams: a game shows 10 tangrams, {len(in_play)} are in play")
     if per_image is not None and per_image < 2:
         raise ValueError(f"simulation.descriptions: at least 2 a tangram (one a half), got {per_image}")
-    spoken = {image: descriptions[image][:per_image] for image in in_play}
+    own = {image: _distinct(descriptions[image]) for image in in_play}
+    named = Counter(key for texts in own.values() for key in texts)
+    spoken = {image: [t for key, t in texts.items() if named[key] == 1][:per_image] for image, texts in own.items()}
+    if few := sorted(image for image, texts in spoken.items() if len(texts) < 2):
+        raise ValueError(f"simulation: tangram {few[0]} has fewer than 2 descriptions no other tangram in play "
+                         f"has")
     if pool == "all":
         return spoken
     start = 0 if pool == "seed" else 1
-    return {image: texts[start::2] or texts for image, texts in spoken.items()}
+    return {image: texts[start::2] for image, texts in spoken.items()}
+
+
+def _distinct(texts: list[str]) -> dict[str, str]:
+    """Each description once, in order, by its text regardless of case and spaces around it."""
+    first: dict[str, str] = {}
+    for text in texts:
+        first.setdefault(text.strip().lower(), text.strip())
+    return first
 
 
 @dataclass

@@ -30,8 +30,9 @@ RESETS = ["reset", "let's start over", "deselect everything and start over", "cl
           "remove all, from scratch"]
 
 _NEGATIVE_WORDS = {"no", "not", "wrong", "undo", "don't", "reset", "restart", "over", "scratch", "again", "other",
-                   "remove", "clear"}
+                   "remove", "clear", "meant", "deselect", "try"}
 _APPROVAL_WORDS = {"yes", "good", "correct", "great", "okay", "perfect", "nice", "yes!"}
+_MOVE_ON_WORDS = {"now", "next", "and", "also", "pick", "select"}
 _SHAPES = ["bird", "dog", "person", "house", "chair", "boat", "rabbit", "rocket", "cat", "tree", "fish",
            "snake", "robot", "arrow", "hat", "dancer", "swan", "runner", "lamp", "duck"]
 _TRAITS = ["tall", "sitting", "kneeling", "flying", "fat", "thin", "upside down", "running", "tiny",
@@ -188,10 +189,13 @@ def to_public_turn_layout(turns: pl.DataFrame) -> pl.DataFrame:
 
 
 def follow_up_label(follow_up: str, labels: tuple[str, ...]) -> str:
-    """The label word a synthetic follow-up means, by its words (what a tiny decoder is taught to answer)."""
+    """The label word a follow-up means by its words, read as the official decoder prompts ask (what a tiny
+    decoder is taught to answer): corrections and negative keywords are negative; approval words, or simply
+    moving on to the next request, positive; anything that sounds neutral is neutral where that is a label,
+    else negative (the binary prompt's "Lean towards negative if it sounds neutral")."""
     words = set(follow_up.lower().replace(",", " ").split())
     if words & _NEGATIVE_WORDS:
         return "Negative"
-    if words & _APPROVAL_WORDS or "Neutral" not in labels:
+    if words & (_APPROVAL_WORDS | _MOVE_ON_WORDS):
         return "Positive"
-    return "Neutral"
+    return "Neutral" if "Neutral" in labels else "Negative"

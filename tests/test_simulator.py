@@ -12,7 +12,7 @@ from respect_hpc.synthetic import load_image_bank
 
 @pytest.fixture(scope="module")
 def descriptions():
-    bank = load_image_bank()
+    bank = load_image_bank(dense="dense.json")  # the simulator speaks dense.json's descriptions
     if bank.source != "kilogram":
         pytest.skip("../shared/data/kilogram is absent: the simulator is tested on the real descriptions")
     return bank.descriptions
@@ -70,9 +70,24 @@ def test_misleading_and_silent_reactions_come_at_their_rates(descriptions):
 
 
 def test_description_pools_split_each_images_descriptions(descriptions):
+    spoken = description_pool(descriptions, "all")
     seed, deploy = description_pool(descriptions, "seed"), description_pool(descriptions, "deploy")
-    image = sorted(descriptions)[0]
-    assert seed[image] == descriptions[image][0::2] and deploy[image] == descriptions[image][1::2]
+    assert all(seed[i] == spoken[i][0::2] and deploy[i] == spoken[i][1::2] for i in spoken)
+    assert not set().union(*seed.values()) & set().union(*deploy.values())
+    said = [t.lower() for texts in spoken.values() for t in texts]
+    assert len(said) == len(set(said))  # no description names two tangrams
+    assert sum(map(len, spoken.values())) > 20 * len(spoken)  # of KiloGram's about 50 a tangram
+
+
+def test_a_description_another_tangram_in_play_has_is_never_spoken():
+    bank = {f"t{i}.png": [f"shape {i}", "Bird", f"form {i}", f"figure {i}", "man"] for i in range(12)}
+    bank["t0.png"] += [" shape 0", "kite"]  # a repeat, then one of its own
+    assert description_pool(bank, "all", tangrams=10)["t0.png"] == ["shape 0", "form 0", "figure 0", "kite"]
+    assert description_pool(bank, "seed", tangrams=10, per_image=3)["t0.png"] == ["shape 0", "figure 0"]
+    assert description_pool(bank, "deploy", tangrams=10)["t0.png"] == ["form 0", "kite"]
+    bank["t1.png"] = ["shape 1", "bird", "kite"]
+    with pytest.raises(ValueError, match="tangram t1.png has fewer than 2 descriptions no other tangram in play"):
+        description_pool(bank, "seed", tangrams=10)
     with pytest.raises(ValueError, match="simulation.pool: one of seed, deploy, all"):
         SpeakerSettings(pool="train")
     with pytest.raises(ValueError, match=r"simulation.misleading: a probability in \[0, 1\]"):
@@ -111,7 +126,8 @@ def test_the_tangrams_in_play_and_a_fixed_order(descriptions):
     assert game.context == sorted(in_play)  # ten in play: every game shows them, always in the same order
     assert SimulatedGame.new(random.Random(0), in_play, SpeakerSettings()).context != game.context
     few = description_pool(descriptions, "deploy", tangrams=10, per_image=8)
-    assert all(few[image] == descriptions[image][1:8:2] for image in few)  # 4 of each tangram's first 8
+    spoken = description_pool(descriptions, "all", tangrams=10)
+    assert all(few[image] == spoken[image][1:8:2] for image in few)  # 4 of each tangram's first 8
     with pytest.raises(ValueError, match="simulation.descriptions: at least 2 a tangram"):
         description_pool(descriptions, "seed", per_image=1)
     with pytest.raises(ValueError, match="simulation.tangrams: a game shows 10 tangrams, 9 are in play"):
@@ -138,3 +154,25 @@ def test_credit_says_whether_another_target_than_the_one_asked_for_is_approved(d
         assert game.truths == [-1] * (len(game.targets) - 1) + [1] and first_reaction not in APPROVALS
     with pytest.raises(ValueError, match="simulation.credit: one of target, asked"):
         SpeakerSettings(credit="any")
+
+
+def test_the_label_words_a_taught_decoder_learns_read_the_speakers_reactions():
+    """The simulated setting's decoder is taught follow_up_label's words, read as the decoder prompts ask:
+    every approval, explicit or just the next request, reads positive; every rejection that says so (a
+    correction, "I meant ...", "the other one", an undo, try again) negative; a bare description or a silent
+    reaction sounds neutral: neutral where that is a label, negative in the binary prompt ("Lean towards
+    negative if it sounds neutral")."""
+    from respect_hpc.simulator import CORRECTIONS, IMPLICIT_CORRECTIONS, NEXT, SILENT, TRY_AGAIN, UNDO
+    from respect_hpc.synthetic import follow_up_label
+
+    fill = {"wrong": "bird on a rock", "target": "tall man"}
+    approvals = [f"{a}, {n} the tall man" for a in APPROVALS for n in NEXT] + [f"{n} the tall man" for n in NEXT]
+    rejections = [t.format(**fill) for t in CORRECTIONS + UNDO + TRY_AGAIN + IMPLICIT_CORRECTIONS
+                  if t != "the {target}"]
+    neutral = ["the tall man", *SILENT]
+    binary, ternary = ("Positive", "Negative"), ("Positive", "Neutral", "Negative")
+    for labels in (binary, ternary):
+        assert {a: follow_up_label(a, labels) for a in approvals} == {a: "Positive" for a in approvals}
+        assert {r: follow_up_label(r, labels) for r in rejections} == {r: "Negative" for r in rejections}
+    assert {follow_up_label(n, binary) for n in neutral} == {"Negative"}
+    assert {follow_up_label(n, ternary) for n in neutral} == {"Neutral"}
