@@ -29,6 +29,7 @@ def main() -> str:
                            "--variants", str(REPO / "manifests" / "sim-variants.yaml")],
                           capture_output=True, text=True)
     wall = time.perf_counter() - began
+    sim = yaml.safe_load(manifest.read_text())["simulation"]
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     curve = pl.read_parquet(root / "runs" / "sim" / "learning_curve.parquet")
@@ -38,12 +39,12 @@ def main() -> str:
         f"[{r['turns_ci_low']:.2f}, {r['turns_ci_high']:.2f}] | {r['click_accuracy']:.3f} |"
         for r in curve.sort("round", "policy").iter_rows(named=True))
     decoder = done.stdout[done.stdout.find("decoded feedback against"):].strip()
-    sim = yaml.safe_load(manifest.read_text())["simulation"]
     return f"""## The quick simulated setting: seed round + {ROUNDS} rounds (issue: the whole loop without people)
 
 `respect-hpc loop manifests/sim.yaml --rounds {ROUNDS} --variants manifests/sim-variants.yaml` from nothing:
 {wall / 60:.1f} minutes wall time (inputs, the seed round and {ROUNDS} rounds of deploy -> decode -> train ->
-select, each deploying B-FFT, B-RL and the control on {curve['games'].max()} simulated games).
+select, each deploying B-FFT and B-RL on {sim['games']} simulated games and the control on
+{sim.get('control_games') or sim['games']}).
 
 | policy | round | games | success % [95% interval] | turns [95% interval] | click accuracy |
 |---|---|---|---|---|---|
@@ -53,11 +54,11 @@ select, each deploying B-FFT, B-RL and the control on {curve['games'].max()} sim
 {decoder}
 ```
 
-The setting (manifests/sim.yaml): {sim['tangrams']} tangrams in a {sim['order']} order; D_0 and validation speak
-the seed half of the descriptions, deployments the {sim['pool']} pool. The policy base is the IDEFICS2-8B
-replica (text hidden 64, 2 layers, 4 tokens an image) taught the listener's turns for {sim['teach_steps']:,}
-steps before the seed round; the decoder is a second replica taught the label words on a weaker person's
-games.
+The setting (manifests/sim.yaml): {sim['tangrams']} tangrams in a {sim['order']} order, {sim.get('descriptions') or 'all'}
+descriptions each; D_0 and validation speak the seed half of the descriptions, deployments the {sim['pool']}
+pool; the speaker's credit: {sim.get('credit', 'target')}. The policy base is the IDEFICS2-8B replica (text
+hidden 64, 2 layers, 4 tokens an image) taught the listener's turns for {sim['teach_steps']:,} steps before
+the seed round; the decoder is a second replica taught the label words on a weaker person's games.
 
 {verdict(curve)}"""
 

@@ -2,7 +2,7 @@
 interaction layout (manifest ``simulation``; the speaker is simulator.py).
 
 One array task per shard of games (game i is in shard i % shards); every deployed policy plays every game of
-the shard, ``simulation.batch`` games at a time, turn by turn: the official policy prompt in the game's
+the shard (the control those of its own ``control_games``), ``simulation.batch`` games at a time, turn by turn: the official policy prompt in the game's
 listener order, an action generated as generation.py does (legal tokens, temperature 1, grammar-constrained by
 default), p the probability the policy gave that action as it sampled; an illegal action does nothing. Game i
 starts from the same images, targets and speaker seed for every policy. A shard's games are written atomically
@@ -141,9 +141,10 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)
     template = policy_template(manifest.policy_template)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    numbers = list(range(shard, sim.games, n_shards))
     rows, played = [], {}
     for name, adapter in policies.items():
+        games_played = (sim.control_games or sim.games) if name == CONTROL_POLICY else sim.games
+        numbers = list(range(shard, games_played, n_shards))
         model = load_policy(manifest.model, adapter=adapter).to(device).eval()
         torch.manual_seed(int(hashlib.blake2b(f"{sim.seed}/{manifest.round}/{shard}/{name}".encode(),
                                               digest_size=4).hexdigest(), 16))

@@ -49,6 +49,7 @@ from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load
 DEMO_MANIFEST = Path("manifests/demo.yaml")
 LEARNING_CURVE_FILE = "learning_curve.parquet"  # loop: round metrics of every round's simulated deployment
 DECODER_LESSON_SKILL = 0.5  # loop's decoder learns on games of a person often wrong, to see rejections
+DECODER_LESSON_STEPS = 1000  # fewer can leave it calling most rejections positive
 SIMULATED_IMAGE_TOKENS = 4  # loop's policy base: tokens an image (IDEFICS2-8B: 64), so that it trains on a CPU
 
 app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
@@ -568,9 +569,9 @@ def simulation_inputs(m) -> None:
     """Write what a simulated experiment's manifest names and lacks: D_0 (the successful games of
     ``simulation.games`` simulated human-human games) and validation games (a quarter as many), spoken from
     the seed half of each tangram's descriptions; the decoder, a tiny IDEFICS2-8B replica taught to answer
-    decoder prompts (the label words of :func:`~respect_hpc.synthetic.follow_up_label`) on the games of a less
-    skilled person (``DECODER_LESSON_SKILL``);
-    the policy base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image, taught the
+    decoder prompts (the label words of :func:`~respect_hpc.synthetic.follow_up_label`) for
+    ``DECODER_LESSON_STEPS`` steps on the games of a less skilled person (``DECODER_LESSON_SKILL``); the policy
+    base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image, taught the
     listener's turns for ``simulation.teach_steps`` steps (the same replica taught both where the manifest
     names no decoder model)."""
     from respect_hpc.simulator import description_pool, human_games
@@ -602,7 +603,8 @@ def simulation_inputs(m) -> None:
         with err.status("teaching the replica the decoder's answers"), tempfile.TemporaryDirectory() as tmp:
             games = pl.DataFrame(human_games(sim.games, descriptions, settings, seed=3, skill=DECODER_LESSON_SKILL))
             games.drop("truth").write_parquet(Path(tmp) / "lessons.parquet")  # about 40% of the actions wrong
-            teach_label_words(folder, ingest([Path(tmp) / "lessons.parquet"], policies=None).turns)
+            teach_label_words(folder, ingest([Path(tmp) / "lessons.parquet"], policies=None).turns,
+                              steps=DECODER_LESSON_STEPS)
 
     def policy_base(folder: Path) -> None:
         replica_like("idefics2-8b", folder, image_tokens=SIMULATED_IMAGE_TOKENS)

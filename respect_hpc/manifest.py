@@ -261,6 +261,10 @@ class SimulationSection(Strict):
     shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks the games are split into")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="games (images, targets, speaker) and sampling")
     control: bool = Field(True, description="also deploy the seed policy, never retrained, as policy 'control'")
+    control_games: int | None = Field(None, ge=1, le=1_000_000,
+                                      description="games the control plays (default: games): every round is "
+                                                  "read against it, and more games narrow its noise at the "
+                                                  "cost of deployment alone (the control is never trained)")
     implicit: float = Field(0.3, ge=0, le=1, description="reactions without an approval or rejection word")
     misleading: float = Field(0.05, ge=0, le=1, description="reactions that say the opposite of the truth")
     silent: float = Field(0.05, ge=0, le=1, description="reactions that say nothing useful")

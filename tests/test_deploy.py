@@ -163,7 +163,7 @@ def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
         pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
     from respect_hpc.teaching import teach_label_words
 
-    m = seed_round(tmp_path, KILOGRAM, "games: 4, max_turns: 3")
+    m = seed_round(tmp_path, KILOGRAM, "games: 4, control_games: 6, max_turns: 3")
     teach_label_words(m.model.path, ingest([m.data.seed_data]).turns)  # the decoder answers with label words
     manifest = tmp_path / "seed.yaml"
     manifest.write_text(manifest.read_text().replace("training: {zero_stage: null}", """training:
@@ -177,7 +177,7 @@ def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "sim"
     curve = pl.read_parquet(run / "learning_curve.parquet")  # also printed, with intervals
-    assert curve.select("policy", "round", "games").rows() == [("b-fft", 1, 4), ("control", 1, 4), ("sft", 0, 4)]
+    assert curve.select("policy", "round", "games").rows() == [("b-fft", 1, 4), ("control", 1, 6), ("sft", 0, 4)]
     assert curve["success_ci_low"].le(curve["success_rate"]).all()
     assert "decoded feedback against the simulator's truth" in done.stdout
     assert (run / "round-1" / jobs.deploy.DEPLOYED_FILE).is_file() and (tmp_path / "seed-round1.yaml").is_file()
