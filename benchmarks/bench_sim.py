@@ -65,16 +65,22 @@ the seed round; the decoder is a second replica taught the label words on a weak
 
 def verdict(curve: pl.DataFrame) -> str:
     """Whether B-FFT's last round beats round 0 with non-overlapping 95% intervals and the control stays
-    within round 0's interval."""
+    within round 0's interval, with the rounds where it does not and the control's success over all its
+    games (the seed policy, measured on more games than round 0)."""
     def row(policy: str, round_: int) -> dict:
         return curve.filter((pl.col("policy") == policy) & (pl.col("round") == round_)).row(0, named=True)
 
     first, fft = row("sft", 0), row("b-fft", ROUNDS)
     control = curve.filter(pl.col("policy") == "control")
     beats = fft["success_ci_low"] > first["success_ci_high"]
-    steady = control["success_rate"].is_between(first["success_ci_low"], first["success_ci_high"]).all()
+    out = control.filter(~pl.col("success_rate").is_between(first["success_ci_low"], first["success_ci_high"]))
+    pooled = (control["success_rate"] * control["games"]).sum() / control["games"].sum()
+    steady = ("stays within round 0's interval in every round" if out.is_empty() else
+              "leaves round 0's interval in " + " and ".join(
+                  f"round {r['round']} ({100 * r['success_rate']:.1f}%)" for r in out.iter_rows(named=True)))
     return (f"B-FFT after round {ROUNDS}: {100 * fft['success_rate']:.1f}% "
             f"[{100 * fft['success_ci_low']:.1f}, {100 * fft['success_ci_high']:.1f}] against round 0's "
             f"{100 * first['success_rate']:.1f}% [{100 * first['success_ci_low']:.1f}, "
             f"{100 * first['success_ci_high']:.1f}]: intervals {'apart' if beats else 'overlapping'}; the control "
-            f"{'stays within' if steady else 'leaves'} round 0's interval in every round.")
+            f"{steady}; over all its {control['games'].sum():,} games the control succeeds {100 * pooled:.1f}% "
+            f"of the time.")
