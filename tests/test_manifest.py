@@ -200,8 +200,10 @@ def test_shipped_manifests_validate():
         seed_round = load_manifest(MANIFESTS / name, check_files=False)
         assert seed_round.seed_round and [v.name for v in seed_round.variants] == ["sft"]
     sim = load_manifest(MANIFESTS / "sim.yaml", check_files=False)
-    assert sim.seed_round and sim.simulation.games == 80 and sim.simulation.kilogram.name == "kilogram"
+    assert sim.seed_round and sim.simulation.kilogram.name == "kilogram"
+    assert (sim.simulation.games, sim.simulation.control_games, sim.simulation.descriptions) == (400, 1200, 2)
     assert sim.simulation.order == "fixed" and sim.training.image_order == "logged"
+    assert (sim.simulation.pool, sim.simulation.credit) == ("all", "asked")
     assert sim.data.images == sim.simulation.kilogram / "tangram_pngs"
 
 
