@@ -54,8 +54,8 @@ select, each deploying B-FFT and B-RL on {sim['games']} simulated games and the 
 {decoder}
 ```
 
-The setting (manifests/sim.yaml): {sim['tangrams']} tangrams in a {sim['order']} order, {sim.get('descriptions') or 'all'}
-descriptions each; D_0 and validation speak the seed half of the descriptions, deployments the {sim['pool']}
+The setting (manifests/sim.yaml): {sim['tangrams']} tangrams in a {sim['order']} order,
+{sim.get('descriptions') or 'all'} descriptions each; D_0 and validation speak the seed half of the descriptions, deployments the {sim['pool']}
 pool; the speaker's credit: {sim.get('credit', 'target')}. The policy base is the IDEFICS2-8B replica (text
 hidden 64, 2 layers, 4 tokens an image) taught the listener's turns for {sim['teach_steps']:,} steps before
 the seed round; the decoder is a second replica taught the label words on a weaker person's games.

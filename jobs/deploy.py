@@ -2,13 +2,14 @@
 interaction layout (manifest ``simulation``; the speaker is simulator.py).
 
 One array task per shard of games (game i is in shard i % shards); every deployed policy plays every game of
-the shard (the control those of its own ``control_games``), ``simulation.batch`` games at a time, turn by turn: the official policy prompt in the game's
-listener order, an action generated as generation.py does (legal tokens, temperature 1, grammar-constrained by
-default), p the probability the policy gave that action as it sampled; an illegal action does nothing. Game i
-starts from the same images, targets and speaker seed for every policy. A shard's games are written atomically
-to ``round-R/deploy/part-SSSSS-of-NNNNN.parquet`` with the hash of their spec (a rerun skips current parts);
-the collect stage writes ``round-R/deployed.parquet``, what the next round ingests, and
-``round-R/deployed_truth.parquet``, the simulator's truth of each turn (1 good, -1 bad, 0 nothing done).
+the shard (the control those of its own ``control_games``), ``simulation.batch`` games at a time, turn by
+turn: the official policy prompt in the game's listener order, an action generated as generation.py does
+(legal tokens, temperature 1, grammar-constrained by default), p the probability the policy gave that action
+as it sampled; an illegal action does nothing. Game i starts from the same images, targets and speaker seed
+for every policy. A shard's games are written atomically to ``round-R/deploy/part-SSSSS-of-NNNNN.parquet``
+with the hash of their spec (a rerun skips current parts); the collect stage writes
+``round-R/deployed.parquet``, what the next round ingests, and ``round-R/deployed_truth.parquet``, the
+simulator's truth of each turn (1 good, -1 bad, 0 nothing done).
 """
 
 from __future__ import annotations

@@ -42,14 +42,12 @@ from respect_hpc.replica import INTERFACES, ReplicaError, replica_from, replica_
 from respect_hpc.rundir import RunDir
 from respect_hpc.state import LockError, RunLock
 from respect_hpc.tables import atomic_write_parquet, atomic_write_text
-from respect_hpc.teaching import teach_label_words
+from respect_hpc.teaching import teach_decoder, teach_label_words
 from respect_hpc.train import TrainingError
 from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
 LEARNING_CURVE_FILE = "learning_curve.parquet"  # loop: round metrics of every round's simulated deployment
-DECODER_LESSON_SKILL = 0.5  # loop's decoder learns on games of a person often wrong, to see rejections
-DECODER_LESSON_STEPS = 1000  # fewer can leave it calling most rejections positive
 SIMULATED_IMAGE_TOKENS = 4  # loop's policy base: tokens an image (IDEFICS2-8B: 64), so that it trains on a CPU
 
 app = typer.Typer(help="Retrospective learning from interactions (ReSpect), one round at a time, "
@@ -569,11 +567,9 @@ def simulation_inputs(m) -> None:
     """Write what a simulated experiment's manifest names and lacks: D_0 (the successful games of
     ``simulation.games`` simulated human-human games) and validation games (a quarter as many), spoken from
     the seed half of each tangram's descriptions; the decoder, a tiny IDEFICS2-8B replica taught to answer
-    decoder prompts (the label words of :func:`~respect_hpc.synthetic.follow_up_label`) for
-    ``DECODER_LESSON_STEPS`` steps on the games of a less skilled person (``DECODER_LESSON_SKILL``); the policy
-    base, a tiny IDEFICS2-8B replica with ``SIMULATED_IMAGE_TOKENS`` tokens an image, taught the
-    listener's turns for ``simulation.teach_steps`` steps (the same replica taught both where the manifest
-    names no decoder model)."""
+    decoder prompts (:func:`~respect_hpc.teaching.teach_decoder`); the policy base, a tiny IDEFICS2-8B replica
+    with ``SIMULATED_IMAGE_TOKENS`` tokens an image, taught the listener's turns for ``simulation.teach_steps``
+    steps (the same replica taught both where the manifest names no decoder model)."""
     from respect_hpc.simulator import description_pool, human_games
     from respect_hpc.teaching import teach_listener
 
@@ -599,12 +595,9 @@ def simulation_inputs(m) -> None:
             console.print(f"{frame.height} simulated human-human games -> {path}")
     decoder = (m.decoder.model or m.model).path
 
-    def teach_decoder(folder: Path) -> None:
-        with err.status("teaching the replica the decoder's answers"), tempfile.TemporaryDirectory() as tmp:
-            games = pl.DataFrame(human_games(sim.games, descriptions, settings, seed=3, skill=DECODER_LESSON_SKILL))
-            games.drop("truth").write_parquet(Path(tmp) / "lessons.parquet")  # about 40% of the actions wrong
-            teach_label_words(folder, ingest([Path(tmp) / "lessons.parquet"], policies=None).turns,
-                              steps=DECODER_LESSON_STEPS)
+    def decoder_lessons(folder: Path) -> None:
+        with err.status("teaching the replica the decoder's answers"):
+            teach_decoder(folder, descriptions, settings, sim.games)
 
     def policy_base(folder: Path) -> None:
         replica_like("idefics2-8b", folder, image_tokens=SIMULATED_IMAGE_TOKENS)
@@ -614,13 +607,13 @@ def simulation_inputs(m) -> None:
             console.print(f"policy base taught the listener in {sim.teach_steps} steps (loss "
                           f"{sum(losses[:20]) / len(losses[:20]):.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f})")
         if decoder == m.model.path:
-            teach_decoder(folder)
+            decoder_lessons(folder)
 
     if not m.model.path.exists():
         build_model(m.model.path, policy_base)
         console.print(f"tiny IDEFICS2-8B replica, policy base -> {m.model.path}")
     if not decoder.exists():
-        build_model(decoder, lambda folder: teach_decoder(replica_like("idefics2-8b", folder)))
+        build_model(decoder, lambda folder: decoder_lessons(replica_like("idefics2-8b", folder)))
         console.print(f"tiny IDEFICS2-8B replica taught to answer decoder prompts -> {decoder}")
 
 
@@ -731,8 +724,6 @@ def prompts(sources: Sources,
     """The exact texts the model will see for each logged turn: the policy prompt (images in the logged order,
     <image> not yet expanded), its training target, and the binary and ternary decoder prompts (none on a
     game's last turn). Read these before spending GPU hours."""
-    import tempfile
-
     from transformers import AutoConfig
 
     from respect_hpc.manifest import ModelSection

@@ -17,6 +17,9 @@ from respect_hpc.manifest import ModelSection
 from respect_hpc.models import load_processor, load_text_model, load_tokenizer
 from respect_hpc.prompts import DECODER_TEMPLATES
 
+DECODER_LESSON_SKILL = 0.5  # the simulated setting's decoder learns on games of a person often wrong
+DECODER_LESSON_STEPS = 1000  # fewer can leave it calling most rejections positive
+
 
 def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> None:
     """Fine-tune a tiny model (all weights, plain torch) to answer decoder prompts as IDEFICS2-8B answers them.
@@ -59,6 +62,24 @@ def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> N
         optimizer.zero_grad()
     model.eval()
     model.save_pretrained(folder)
+
+
+def teach_decoder(folder: Path, descriptions: dict[str, list[str]], settings, games: int) -> None:
+    """Teach a replica a simulated setting's decoder: :func:`teach_label_words` for ``DECODER_LESSON_STEPS``
+    steps on ``games`` simulated games of a person often wrong (``DECODER_LESSON_SKILL``: about 40% of the
+    actions wrong, so that it sees rejections)."""
+    import tempfile
+
+    import polars as pl
+
+    from respect_hpc.ingest import ingest
+    from respect_hpc.simulator import human_games
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lessons = Path(tmp) / "lessons.parquet"
+        pl.DataFrame(human_games(games, descriptions, settings, seed=3, skill=DECODER_LESSON_SKILL)).drop(
+            "truth").write_parquet(lessons)
+        teach_label_words(folder, ingest([lessons], policies=None).turns, steps=DECODER_LESSON_STEPS)
 
 
 def listener_examples(rng: random.Random, descriptions: dict[str, list[str]], settings, template, n: int,

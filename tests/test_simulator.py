@@ -77,6 +77,10 @@ def test_description_pools_split_each_images_descriptions(descriptions):
     said = [t.lower() for texts in spoken.values() for t in texts]
     assert len(said) == len(set(said))  # no description names two tangrams
     assert sum(map(len, spoken.values())) > 20 * len(spoken)  # of KiloGram's about 50 a tangram
+    with pytest.raises(ValueError, match="simulation.pool: one of seed, deploy, all"):
+        SpeakerSettings(pool="train")
+    with pytest.raises(ValueError, match=r"simulation.misleading: a probability in \[0, 1\]"):
+        SpeakerSettings(misleading=1.5)
 
 
 def test_a_description_another_tangram_in_play_has_is_never_spoken():
@@ -88,10 +92,6 @@ def test_a_description_another_tangram_in_play_has_is_never_spoken():
     bank["t1.png"] = ["shape 1", "bird", "kite"]
     with pytest.raises(ValueError, match="tangram t1.png has fewer than 2 descriptions no other tangram in play"):
         description_pool(bank, "seed", tangrams=10)
-    with pytest.raises(ValueError, match="simulation.pool: one of seed, deploy, all"):
-        SpeakerSettings(pool="train")
-    with pytest.raises(ValueError, match=r"simulation.misleading: a probability in \[0, 1\]"):
-        SpeakerSettings(misleading=1.5)
 
 
 def test_an_action_in_letters_names_images_in_the_listeners_order():

@@ -92,37 +92,31 @@ def test_teaching_makes_the_replica_pick_the_described_tangram(bank, tmp_path):
 
 
 def test_the_simulated_settings_decoder_reads_the_speakers_feedback(bank, tmp_path):
-    """The decoder loop builds (label words taught for DECODER_LESSON_STEPS steps on a weaker person's games)
-    against the simulator's truth on other games: near the paper's precision of positive (above 0.9); what
-    it cannot get right is what the speaker garbles (silent and misleading reactions, a bare description)."""
+    """The decoder loop builds (teach_decoder: label words on a weaker person's games) against the simulator's
+    truth on other games: near the paper's precision of positive (above 0.9); what it cannot get right is
+    what the speaker garbles (silent and misleading reactions, a bare description)."""
     import polars as pl
 
     import jobs.deploy
-    from respect_hpc.cli import DECODER_LESSON_SKILL, DECODER_LESSON_STEPS
     from respect_hpc.chat import decoder_text
     from respect_hpc.decode import FeedbackScorer
     from respect_hpc.ingest import ingest
     from respect_hpc.models import load_text_model, load_tokenizer
     from respect_hpc.prompts import decoder_template
     from respect_hpc.simulator import human_games
-    from respect_hpc.teaching import teach_label_words
+    from respect_hpc.teaching import DECODER_LESSON_SKILL, teach_decoder
 
     settings = SpeakerSettings(pool="seed", order="fixed", credit="asked")
     descriptions = description_pool(bank.descriptions, "seed", 10, per_image=4)
-
-    def turns(seed: int, name: str):
-        games = pl.DataFrame(human_games(200, descriptions, settings, seed=seed, skill=DECODER_LESSON_SKILL))
-        games.drop("truth").write_parquet(tmp_path / name)
-        return ingest([tmp_path / name], policies=None).turns.filter("has_follow_up"), games
-
-    lessons, _ = turns(3, "lessons.parquet")
     folder = replica_like("idefics2-8b", tmp_path / "decoder")
-    teach_label_words(folder, lessons, steps=DECODER_LESSON_STEPS)
+    teach_decoder(folder, descriptions, settings, 200)
     spec = ModelSection(path=folder, dtype="fp32")
     model, tokenizer = load_text_model(spec).eval(), load_tokenizer(spec)
     template = decoder_template("respect-binary@2")
-    held, games = turns(9, "held.parquet")
-    held = held.join(jobs.deploy.truth_table(games), on=["game_id", "turn_id"])
+    games = pl.DataFrame(human_games(200, descriptions, settings, seed=9, skill=DECODER_LESSON_SKILL))
+    games.drop("truth").write_parquet(tmp_path / "held.parquet")
+    held = (ingest([tmp_path / "held.parquet"], policies=None).turns.filter("has_follow_up")
+            .join(jobs.deploy.truth_table(games), on=["game_id", "turn_id"]))
     prompts = [decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
                for t in held.iter_rows(named=True)]
     scored = sorted((s for batch in FeedbackScorer(model, tokenizer, template).score(prompts) for s in batch),
