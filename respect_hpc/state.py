@@ -4,8 +4,8 @@
     <run dir>/manifest.lock.json         the resolved manifest of the latest submission
     <run dir>/round-R/jobs.json          every submission: stage, task key -> job id, log folder
 
-Task states come from the scheduler (sacct, or squeue when accounting does not
-answer) for Slurm jobs, and from the process table for local ones; a task whose
+Task states come from the scheduler (squeue for live jobs, sacct for ended ones)
+for Slurm jobs, and from the process table for local ones; a task whose
 output is current is done whatever the scheduler says.
 """
 
@@ -150,7 +150,9 @@ def _expand(job_id: str) -> list[str]:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, SchedulerState]:
-    """States of Slurm jobs and array tasks from sacct, or from squeue (live jobs only) when sacct fails."""
+    """States of Slurm jobs and array tasks: squeue's for the jobs slurmctld still holds (the live truth),
+    sacct's for the others. Accounting lags the controller, so around a requeue sacct can still show the
+    ended attempt of a job that squeue already lists as pending again."""
     if not job_ids:
         return {}
     ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
@@ -158,16 +160,18 @@ def slurm_states(job_ids: list[str]) -> dict[str, SchedulerState]:
     sacct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Reason"],
                            capture_output=True, text=True)
     if sacct.returncode == 0:
-        for line in sacct.stdout.splitlines():
-            job, state, reason = (line.split("|") + ["", "", ""])[:3]
+        for job, state, reason in _fields(sacct.stdout):
             for one in _expand(job):
                 found[one] = SchedulerState(state.split()[0] if state else "UNKNOWN", reason)
-        return found
     squeue = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r"], capture_output=True, text=True)
-    for line in squeue.stdout.splitlines():
-        job, state, reason = (line.split("|") + ["", "", ""])[:3]
+    for job, state, reason in _fields(squeue.stdout):
         found[job] = SchedulerState(state, reason)
     return found
+
+
+def _fields(output: str) -> list[tuple[str, str, str]]:
+    """``JOB|STATE|REASON`` lines of sacct -P or squeue -o as triples."""
+    return [tuple((line.split("|") + ["", "", ""])[:3]) for line in output.splitlines() if line.strip()]
 
 
 def local_state(job_id: str) -> SchedulerState:

@@ -156,8 +156,9 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
 
     states = _wait_idle(controller)
     text = log.read_text()
+    preempted = states[("train", "b-fft/seed-1")]
+    assert preempted.state == "done", (preempted, text)
     assert ("stopped at step" in text or "stopped after epoch" in text) and "resumed at step" in text, text
-    assert states[("train", "b-fft/seed-1")].state == "done"
     assert states[("train", "b-fft/seed-2")].state == "done"
     failed = states[("train", "b-kto/seed-1")]
     assert failed.state == "failed" and "holds none" in failed.detail
