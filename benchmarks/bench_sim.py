@@ -43,8 +43,8 @@ def main() -> str:
 
 `respect-hpc loop manifests/sim.yaml --rounds {ROUNDS} --variants manifests/sim-variants.yaml` from nothing:
 {wall / 60:.1f} minutes wall time (inputs, the seed round and {ROUNDS} rounds of deploy -> decode -> train ->
-select, each deploying B-FFT and B-RL on {sim['games']} simulated games and the control on
-{sim.get('control_games') or sim['games']}).
+select; B-FFT and B-RL play {sim['games']} simulated games a round, the seed policy, in round 0 and as the
+control, {sim.get('control_games') or sim['games']}).
 
 | policy | round | games | success % [95% interval] | turns [95% interval] | click accuracy |
 |---|---|---|---|---|---|

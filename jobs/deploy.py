@@ -2,14 +2,14 @@
 interaction layout (manifest ``simulation``; the speaker is simulator.py).
 
 One array task per shard of games (game i is in shard i % shards); every deployed policy plays every game of
-the shard (the control those of its own ``control_games``), ``simulation.batch`` games at a time, turn by
-turn: the official policy prompt in the game's listener order, an action generated as generation.py does
-(legal tokens, temperature 1, grammar-constrained by default), p the probability the policy gave that action
-as it sampled; an illegal action does nothing. Game i starts from the same images, targets and speaker seed
-for every policy. A shard's games are written atomically to ``round-R/deploy/part-SSSSS-of-NNNNN.parquet``
-with the hash of their spec (a rerun skips current parts); the collect stage writes
-``round-R/deployed.parquet``, what the next round ingests, and ``round-R/deployed_truth.parquet``, the
-simulator's truth of each turn (1 good, -1 bad, 0 nothing done).
+the shard (the seed policy, in round 0 and as the control, those of its own ``control_games``),
+``simulation.batch`` games at a time, turn by turn: the official policy prompt in the game's listener order,
+an action generated as generation.py does (legal tokens, temperature 1, grammar-constrained by default), p the
+probability the policy gave that action as it sampled; an illegal action does nothing. Game i starts from the
+same images, targets and speaker seed for every policy. A shard's games are written atomically to
+``round-R/deploy/part-SSSSS-of-NNNNN.parquet`` with the hash of their spec (a rerun skips current parts); the
+collect stage writes ``round-R/deployed.parquet``, what the next round ingests, and
+``round-R/deployed_truth.parquet``, the simulator's truth of each turn (1 good, -1 bad, 0 nothing done).
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def deployed_policies(manifest: Manifest) -> dict[str, Path]:
     if manifest.simulation.control and not manifest.seed_round:
         policies[CONTROL_POLICY] = run.policy(0, SEED_POLICY)
     return policies
+
+
+def games_played(manifest: Manifest, policy: str) -> int:
+    """Games ``policy`` plays: the seed policy (round 0's deployment, then the control every round)
+    ``control_games``, the round's selected policies ``games``."""
+    sim = manifest.simulation
+    seed_policy = policy == CONTROL_POLICY or (manifest.seed_round and policy == SEED_POLICY)
+    return (sim.control_games or sim.games) if seed_policy else sim.games
 
 
 def part_path(manifest: Manifest, shard: int, n_shards: int) -> Path:
@@ -144,8 +152,7 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, played = [], {}
     for name, adapter in policies.items():
-        games_played = (sim.control_games or sim.games) if name == CONTROL_POLICY else sim.games
-        numbers = list(range(shard, games_played, n_shards))
+        numbers = list(range(shard, games_played(manifest, name), n_shards))
         model = load_policy(manifest.model, adapter=adapter).to(device).eval()
         torch.manual_seed(int(hashlib.blake2b(f"{sim.seed}/{manifest.round}/{shard}/{name}".encode(),
                                               digest_size=4).hexdigest(), 16))

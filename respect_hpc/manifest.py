@@ -262,9 +262,10 @@ class SimulationSection(Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="games (images, targets, speaker) and sampling")
     control: bool = Field(True, description="also deploy the seed policy, never retrained, as policy 'control'")
     control_games: int | None = Field(None, ge=1, le=1_000_000,
-                                      description="games the control plays (default: games): every round is "
-                                                  "read against it, and more games narrow its noise at the "
-                                                  "cost of deployment alone (the control is never trained)")
+                                      description="games the seed policy plays wherever it is deployed, round "
+                                                  "0 and the control (default: games): every round is read "
+                                                  "against it, so more games narrow the baseline's noise; "
+                                                  "round 1 trains on all of round 0's games")
     implicit: float = Field(0.3, ge=0, le=1, description="reactions without an approval or rejection word")
     misleading: float = Field(0.05, ge=0, le=1, description="reactions that say the opposite of the truth")
     silent: float = Field(0.05, ge=0, le=1, description="reactions that say nothing useful")

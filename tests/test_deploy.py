@@ -177,7 +177,8 @@ def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "sim"
     curve = pl.read_parquet(run / "learning_curve.parquet")  # also printed, with intervals
-    assert curve.select("policy", "round", "games").rows() == [("b-fft", 1, 4), ("control", 1, 6), ("sft", 0, 4)]
+    # the seed policy plays control_games wherever it is deployed: in round 0 and as the control
+    assert curve.select("policy", "round", "games").rows() == [("b-fft", 1, 4), ("control", 1, 6), ("sft", 0, 6)]
     assert curve["success_ci_low"].le(curve["success_rate"]).all()
     assert "decoded feedback against the simulator's truth" in done.stdout
     assert (run / "round-1" / jobs.deploy.DEPLOYED_FILE).is_file() and (tmp_path / "seed-round1.yaml").is_file()
