@@ -66,7 +66,7 @@ the seed round; the decoder is a second replica taught the label words on a weak
 def verdict(curve: pl.DataFrame) -> str:
     """Whether B-FFT's last round beats round 0 with non-overlapping 95% intervals and the control stays
     within round 0's interval, with the rounds where it does not and the control's success over all its
-    games (the seed policy, measured on more games than round 0)."""
+    games."""
     def row(policy: str, round_: int) -> dict:
         return curve.filter((pl.col("policy") == policy) & (pl.col("round") == round_)).row(0, named=True)
 

@@ -136,7 +136,8 @@ def submit_shards(manifest: Manifest, n_shards: int, executor_kind: str | None =
     return [job.job_id for job in submitted]
 
 
-def _prompts(todo: pl.DataFrame, template_key: str, tokenizer) -> list[str]:
+def decoder_prompts(todo: pl.DataFrame, template_key: str, tokenizer) -> list[str]:
+    """The decoder prompt of each turn of ``todo`` (previous_action, utterance, action, follow_up)."""
     template = decoder_template(template_key)
     return [decoder_text(tokenizer, template, prev, utterance, action, follow_up)
             for prev, utterance, action, follow_up
@@ -170,7 +171,7 @@ def _decode_to_part(manifest: Manifest, kind_plan: KindPlan, todo: pl.DataFrame,
             for offset in range(0, todo.height, chunk_rows):
                 chunk = todo.slice(offset, chunk_rows)
                 scored = []
-                for batch in scorer.score(_prompts(chunk, kind_plan.template_key, tokenizer)):
+                for batch in scorer.score(decoder_prompts(chunk, kind_plan.template_key, tokenizer)):
                     scored += batch
                     progress.advance(task, len(batch))
                 scored.sort(key=lambda s: s.index)
@@ -283,7 +284,7 @@ def check_generation(manifest: Manifest, feedback: pl.DataFrame, n: int, seed: i
         turns = all_turns.join(sample.select("game_turn_id", "label"), on="game_turn_id")
         template = decoder_template(manifest.decoder.templates[kind[0]])
         scorer = FeedbackScorer(model, tokenizer, template, manifest.decoder.batch_tokens)
-        answers = scorer.generate(_prompts(turns, template.key, tokenizer))
+        answers = scorer.generate(decoder_prompts(turns, template.key, tokenizer))
         words = [None if a is None else template.labels[a] for a in answers]
         agree += sum(w is not None and LABEL_VALUES[w] == label for w, label in zip(words, turns["label"]))
         checked += turns.height

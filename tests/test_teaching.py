@@ -97,9 +97,11 @@ def test_the_simulated_settings_decoder_reads_the_speakers_feedback(bank, tmp_pa
     what the speaker garbles (silent and misleading reactions, a bare description)."""
     import polars as pl
 
+    import jobs.decode
     import jobs.deploy
-    from respect_hpc.chat import decoder_text
+    from respect_hpc.audit import decoder_quality, simulated_truth_pairs
     from respect_hpc.decode import FeedbackScorer
+    from respect_hpc.feedback import labels_frame
     from respect_hpc.ingest import ingest
     from respect_hpc.models import load_text_model, load_tokenizer
     from respect_hpc.prompts import decoder_template
@@ -115,14 +117,14 @@ def test_the_simulated_settings_decoder_reads_the_speakers_feedback(bank, tmp_pa
     template = decoder_template("respect-binary@2")
     games = pl.DataFrame(human_games(200, descriptions, settings, seed=9, skill=DECODER_LESSON_SKILL))
     games.drop("truth").write_parquet(tmp_path / "held.parquet")
-    held = (ingest([tmp_path / "held.parquet"], policies=None).turns.filter("has_follow_up")
-            .join(jobs.deploy.truth_table(games), on=["game_id", "turn_id"]))
-    prompts = [decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
-               for t in held.iter_rows(named=True)]
-    scored = sorted((s for batch in FeedbackScorer(model, tokenizer, template).score(prompts) for s in batch),
-                    key=lambda s: s.index)
-    decoded = pl.Series([template.labels[s.label] for s in scored]) == "Positive"
-    truth = held["truth"] == 1
-    assert 0.3 < truth.mean() < 0.7  # the held games have both
-    assert (decoded & truth).sum() / decoded.sum() > 0.85  # precision of positive
-    assert (decoded == truth).mean() > 0.85
+    held = ingest([tmp_path / "held.parquet"], policies=None).turns.filter("has_follow_up")
+    # as loop scores its decoder: the decode stage's prompts and labels against the simulator's truth
+    scored = sorted((s for batch in FeedbackScorer(model, tokenizer, template).score(
+        jobs.decode.decoder_prompts(held, template.key, tokenizer)) for s in batch), key=lambda s: s.index)
+    labels = labels_frame(template, held["game_turn_id"].to_list(), scored, 0)
+    pairs = simulated_truth_pairs(labels.select(game_turn_id="key", label="label", kind=pl.lit("binary"),
+                                                round=pl.lit(0)), jobs.deploy.truth_table(games))
+    quality = decoder_quality(pairs).row(0, named=True)
+    assert pairs.height == held.height and 0.3 < (pairs["human"] == 1).mean() < 0.7  # the held games have both
+    assert quality["precision_positive"] > 0.85
+    assert quality["accuracy"] > 0.85
