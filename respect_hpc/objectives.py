@@ -39,8 +39,9 @@ class ActionScores:
 
 def score_actions(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                   temperature: float = 1.0) -> ActionScores:
-    mask = mask.to(torch.float32)
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits in fp32; fp64 stays fp64
+    mask = mask.to(dtype)
+    logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
     length = mask.sum(-1).clamp(min=1)
     uniform = (-logprobs.mean(-1) * mask).sum(-1) / length
