@@ -43,8 +43,8 @@ def sbatch_shim(folder: Path) -> Path:
 
 
 def write_round(root: Path) -> Path:
-    from respect_hpc.replica import replica_like
-    from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
+    from respect_hpc.model.replica import replica_like
+    from respect_hpc.domain.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
     bank = load_image_bank(DEFAULT_KILOGRAM)
     images = DEFAULT_KILOGRAM / "tangram_pngs"
@@ -80,7 +80,7 @@ cluster: {{executor: slurm, partition: debug}}
 
 def finish_in_process(manifest) -> None:
     """Run every task of the round here, one after the other: the functions the array tasks call."""
-    from respect_hpc.plan import build
+    from respect_hpc.cluster.plan import build
 
     for stage in build(manifest):
         for task in stage.tasks:
@@ -93,8 +93,8 @@ def main() -> str:
     root = Path(tempfile.mkdtemp(prefix="bench-controller-"))
     calls = sbatch_shim(root / "bin")
     os.environ["PATH"] = f"{root / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    from respect_hpc.controller import Controller, max_array_size
-    from respect_hpc.manifest import load_manifest
+    from respect_hpc.cluster.controller import Controller, max_array_size
+    from respect_hpc.config.loading import load_manifest
 
     manifest = load_manifest(write_round(root))
     report = []

@@ -1,6 +1,6 @@
 """Round metrics for 100,000 synthetic games with 10,000 bootstrap resamples per interval.
 
-respect_hpc.metrics (Polars, exact multinomial bootstrap) against a straightforward
+respect_hpc.report.build.round_metrics (Polars, exact multinomial bootstrap) against a straightforward
 pandas + scipy.stats.bootstrap implementation of the same figures, same tables,
 one run. Both are checked to agree before the times are reported.
 """
@@ -14,9 +14,9 @@ import pandas as pd
 import polars as pl
 from scipy import stats
 
-from respect_hpc.ingest import explode_turns, read_interactions
-from respect_hpc.metrics import RESET_PATTERN, TRY_AGAIN_PATTERN, WORD_PATTERN, round_metrics
-from respect_hpc.synthetic import synthesize
+from respect_hpc.data.logs import explode_turns, read_interactions
+from respect_hpc.report.round_metrics import RESET_PATTERN, TRY_AGAIN_PATTERN, WORD_PATTERN, round_metrics
+from respect_hpc.domain.synthetic import synthesize
 
 N_RESAMPLES = 10_000
 POLICIES = {"sft": 0.3, "bp": 0.35, "tp": 0.35, "ba": 0.35, "ta": 0.35, "bk": 0.3, "tk": 0.35}
@@ -87,7 +87,7 @@ def main() -> str:
 
 | implementation | time (s) |
 |---|---|
-| respect_hpc.metrics (Polars + multinomial bootstrap) | {ours_s:.2f} |
+| respect_hpc.report.build.round_metrics (Polars + multinomial bootstrap) | {ours_s:.2f} |
 | pandas + scipy.stats.bootstrap (percentile, vectorized) | {baseline_s:.2f} |
 | **speed-up** | **{baseline_s / ours_s:.0f}x** |
 

@@ -4,7 +4,7 @@ Inputs made once before the clock starts: synthetic logs, a turn evaluation of e
 turn against a reference action (the next target to select, the wrong selections
 to deselect), random 64-dimensional embeddings of every image, a binary decoder
 table with noisy human labels, and training curves (6 variants x 3 seeds x 20
-epochs per round). Timed: respect_hpc.report.build + write (tables, plots, HTML).
+epochs per round). Timed: respect_hpc.report.build.build + write (tables, plots, HTML).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from respect_hpc.audit import heuristic_label
-from respect_hpc.ingest import ingest
-from respect_hpc.report import build, write
-from respect_hpc.synthetic import load_image_bank, synthesize
-from respect_hpc.tables import atomic_write_parquet
+from respect_hpc.report.audit import heuristic_label
+from respect_hpc.data.logs import ingest
+from respect_hpc.report.build import build, write
+from respect_hpc.domain.synthetic import load_image_bank, synthesize
+from respect_hpc.core.io import atomic_write_parquet
 
 POLICIES = {"sft": 0.3, "bp": 0.35, "tp": 0.35, "ba": 0.35, "ta": 0.35, "bk": 0.3, "tk": 0.35}
 VARIANTS = ["b-fft", "t-fft", "b-rl", "t-rl", "b-kto", "t-kto"]

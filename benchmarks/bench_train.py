@@ -26,15 +26,15 @@ import polars as pl
 import torch
 
 from jobs.train import _distributed_env
-from respect_hpc.batching import epoch_batches
-from respect_hpc.datasets import training_set
-from respect_hpc.ingest import ingest
-from respect_hpc.manifest import Hyperparameters, ModelSection, Variant
-from respect_hpc.prompts import LABEL_VALUES
-from respect_hpc.replica import replica_like
-from respect_hpc.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, follow_up_label, load_image_bank, synthesize
-from respect_hpc.train import Trainer, TrainSpec, _release
-from respect_hpc.vision_cache import CachedVision
+from respect_hpc.data.batching import epoch_batches
+from respect_hpc.data.datasets import training_set
+from respect_hpc.data.logs import ingest
+from respect_hpc.config.schema import Hyperparameters, ModelSection, Variant
+from respect_hpc.domain.prompts import LABEL_VALUES
+from respect_hpc.model.replica import replica_like
+from respect_hpc.domain.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, follow_up_label, load_image_bank, synthesize
+from respect_hpc.training.trainer import Trainer, TrainSpec, _release
+from respect_hpc.model.vision_cache import CachedVision
 
 GAMES = int(os.environ.get("BENCH_TRAIN_GAMES", 24))
 MICRO_BATCH = 4

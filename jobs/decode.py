@@ -24,18 +24,16 @@ from rich.text import Text
 
 import jobs.ingest
 from jobs.ingest import TURNS_FILE
-from respect_hpc import launch
-from respect_hpc.decode import FeedbackScorer
-from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.feedback import (FEEDBACK, LABELS, SPEC_KEY, MergeError, check_parts, decoder_key,
-                                  is_current, labels_frame, part_name, precomputed_labels, shard_of, shard_spec,
-                                  window_keys)
-from respect_hpc.manifest import Manifest
-from respect_hpc.models import load_text_model, load_tokenizer, model_fingerprint
-from respect_hpc.chat import decoder_text
-from respect_hpc.prompts import LABEL_VALUES, decoder_template
-from respect_hpc.rundir import RunDir
-from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.cluster import executors as launch
+from respect_hpc.model.scorer import FeedbackScorer
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.data.feedback import FEEDBACK, LABELS, SPEC_KEY, MergeError, check_parts, decoder_key, is_current, labels_frame, part_name, precomputed_labels, shard_of, shard_spec, window_keys
+from respect_hpc.config.schema import Manifest
+from respect_hpc.model.loading import load_text_model, load_tokenizer, model_fingerprint
+from respect_hpc.model.chat import decoder_text
+from respect_hpc.domain.prompts import LABEL_VALUES, decoder_template
+from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
 FEEDBACK_FILE = "feedback.parquet"
 CACHE_FILE = "labels.parquet"

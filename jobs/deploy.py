@@ -22,17 +22,18 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from respect_hpc.generation import GameState, generate_actions, legal_token_ids
-from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.manifest import CONTROL_POLICY, SEED_POLICY, Manifest
-from respect_hpc.models import load_policy, load_processor, load_tokenizer, model_fingerprint
-from respect_hpc.multiref import Action, ActionError, format_action, letters_of, parse_action
-from respect_hpc.policy_data import PolicyEncoder, policy_view
-from respect_hpc.prompts import policy_template
-from respect_hpc.rundir import RunDir
-from respect_hpc.simulator import SimulatedGame, action_images, description_pool, interaction_row
-from respect_hpc.synthetic import load_image_bank
-from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.domain.policies import CONTROL_POLICY, SEED_POLICY
+from respect_hpc.config.schema import Manifest
+from respect_hpc.model.loading import load_policy, load_processor, load_tokenizer, model_fingerprint
+from respect_hpc.domain.multiref import Action, ActionError, format_action, letters_of, parse_action
+from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
+from respect_hpc.domain.prompts import policy_template
+from respect_hpc.core.rundir import RunDir
+from respect_hpc.domain.simulator import SimulatedGame, action_images, description_pool, interaction_row
+from respect_hpc.domain.synthetic import load_image_bank
+from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
 console = Console(stderr=True)
 DEPLOY_FOLDER = "deploy"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.propensity import check_deployed, recompute
-from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.ingest import PUBLIC_POLICIES, IngestResult, ingest
-from respect_hpc.manifest import CONTROL_POLICY, Manifest
-from respect_hpc.models import model_fingerprint
-from respect_hpc.rundir import RunDir
-from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.training.propensity import check_deployed, recompute
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.domain.policies import PUBLIC_POLICIES
+from respect_hpc.data.logs import IngestResult, ingest
+from respect_hpc.domain.policies import CONTROL_POLICY
+from respect_hpc.config.schema import Manifest
+from respect_hpc.model.loading import model_fingerprint
+from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
 INTERACTIONS_FILE = "interactions.parquet"
 TURNS_FILE = "turns.parquet"
@@ -21,7 +23,7 @@ def run(sources: list[str | Path], out_dir: str | Path, metadata: dict[str, str]
         **options) -> IngestResult:
     """Read and check ``sources`` and write the normalised tables into ``out_dir``.
 
-    ``options`` are those of :func:`respect_hpc.ingest.read_interactions`; with
+    ``options`` are those of :func:`respect_hpc.data.logs.read_interactions`; with
     ``quarantine=True`` refused rows go to quarantine.parquet.
     """
     result = ingest(sources, **options)

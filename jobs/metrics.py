@@ -7,11 +7,11 @@ from pathlib import Path
 import polars as pl
 
 from jobs.ingest import INTERACTIONS_FILE, TURNS_FILE
-from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.manifest import Manifest
-from respect_hpc.metrics import N_RESAMPLES, round_metrics
-from respect_hpc.rundir import RunDir
-from respect_hpc.tables import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.config.schema import Manifest
+from respect_hpc.report.round_metrics import N_RESAMPLES, round_metrics
+from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 
 METRICS_FILE = "round_metrics.parquet"
 

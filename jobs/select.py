@@ -1,7 +1,7 @@
 """Select stage: the best checkpoint of each variant -> round-R/selection.parquet and round-R/policies/<variant>/.
 
 Reads every training task's ``metrics.parquet`` (variants x sweep cells x seeds), picks
-checkpoints with :func:`respect_hpc.select.select_checkpoints`, and copies each chosen
+checkpoints with :func:`respect_hpc.training.selection.select_checkpoints`, and copies each chosen
 epoch adapter to ``policies/<variant>/`` (atomically), where the next round deploys it and
 its KTO variants continue from it.
 """
@@ -13,12 +13,12 @@ import json
 import polars as pl
 
 from jobs.train import task_dir
-from respect_hpc.hashing import spec_hash
-from respect_hpc.manifest import Manifest
-from respect_hpc.rundir import RunDir
-from respect_hpc.select import CURVES, select_checkpoints
-from respect_hpc.tables import SPEC_HASH_KEY, atomic_copy_tree, atomic_write_parquet, parquet_metadata
-from respect_hpc.train import DONE_FILE, METRICS_FILE, TrainingError, adapter_problem
+from respect_hpc.core.hashing import spec_hash
+from respect_hpc.config.schema import Manifest
+from respect_hpc.core.rundir import RunDir
+from respect_hpc.training.selection import CURVES, select_checkpoints
+from respect_hpc.core.io import SPEC_HASH_KEY, atomic_copy_tree, atomic_write_parquet, parquet_metadata
+from respect_hpc.training.trainer import DONE_FILE, METRICS_FILE, TrainingError, adapter_problem
 
 SELECTION_FILE = "selection.parquet"
 

@@ -3,7 +3,7 @@
 :func:`prepare` builds a task's training set, validation turns and settings and
 refuses bad input before any GPU time (an empty training set, a missing previous
 adapter, images the folder lacks, a batch the world cannot divide). A
-:class:`TrainTask` runs :func:`respect_hpc.train.train` in each of its processes;
+:class:`TrainTask` runs :func:`respect_hpc.training.trainer.train` in each of its processes;
 on SIGUSR2 (preemption, or the time limit coming) it finishes the optimizer step,
 saves a checkpoint and hands over to submitit, which requeues it; the requeued
 task resumes from that checkpoint. A finished task writes ``done.json`` with the
@@ -26,16 +26,15 @@ from rich.console import Console
 
 from jobs.decode import FEEDBACK_FILE
 from jobs.ingest import TURNS_FILE
-from respect_hpc.datasets import source_counts, training_set, validation_turns
-from respect_hpc.hashing import file_digest, spec_hash
-from respect_hpc.ingest import ingest
-from respect_hpc.manifest import Manifest, Variant
-from respect_hpc.models import is_multimodal, model_fingerprint
-from respect_hpc.rundir import RunDir
-from respect_hpc.tables import atomic_write_parquet, atomic_write_text
-from respect_hpc.select import rank
-from respect_hpc.train import (DONE_FILE, METRICS_FILE, SOURCES_FILE, TrainingError, TrainSpec, accumulation_steps,
-                               adapter_problem, clear_task, train)
+from respect_hpc.data.datasets import source_counts, training_set, validation_turns
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.data.logs import ingest
+from respect_hpc.config.schema import Manifest, Variant
+from respect_hpc.model.loading import is_multimodal, model_fingerprint
+from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.io import atomic_write_parquet, atomic_write_text
+from respect_hpc.training.selection import rank
+from respect_hpc.training.trainer import DONE_FILE, METRICS_FILE, SOURCES_FILE, TrainingError, TrainSpec, accumulation_steps, adapter_problem, clear_task, train
 
 console = Console(stderr=True, soft_wrap=True)
 

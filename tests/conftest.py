@@ -44,10 +44,10 @@ def kilogram():
 @pytest.fixture(scope="session")
 def taught_decoder(tmp_path_factory):
     """A tiny IDEFICS2-8B replica taught to answer decoder prompts as IDEFICS2-8B does, plus the logs it saw."""
-    from respect_hpc.ingest import ingest
-    from respect_hpc.teaching import teach_label_words
-    from respect_hpc.replica import replica_like
-    from respect_hpc.synthetic import synthesize
+    from respect_hpc.data.logs import ingest
+    from respect_hpc.simulation.teaching import teach_label_words
+    from respect_hpc.model.replica import replica_like
+    from respect_hpc.domain.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("decoder")
     logs = root / "round-0.parquet"
@@ -64,8 +64,8 @@ def round_inputs(root: Path, games: int, model: Path | None = None,
 
     Images are the real KiloGram tangrams when ../shared/data/kilogram is present, else procedural ones.
     """
-    from respect_hpc.replica import replica_like
-    from respect_hpc.synthetic import draw_procedural_images, load_image_bank, synthesize
+    from respect_hpc.model.replica import replica_like
+    from respect_hpc.domain.synthetic import draw_procedural_images, load_image_bank, synthesize
 
     bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
     paths = {"images": KILOGRAM / "tangram_pngs"}
@@ -88,8 +88,8 @@ def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary,
     """A round ready to train (:func:`round_inputs`, ingested), with decoded feedback written directly:
     heuristic labels standing in for the decode stage."""
     import jobs.ingest
-    from respect_hpc.prompts import LABEL_VALUES
-    from respect_hpc.synthetic import follow_up_label
+    from respect_hpc.domain.prompts import LABEL_VALUES
+    from respect_hpc.domain.synthetic import follow_up_label
 
     inputs = round_inputs(root, games, model, policies)
     logs, d0, validation, images, model = (inputs[k] for k in ("logs", "d0", "validation", "images", "model"))
@@ -126,6 +126,6 @@ training:
 @pytest.fixture(scope="session")
 def idefics2_interface(tmp_path_factory):
     """IDEFICS2-8B's config, tokenizer, chat template and processor (rebuilt offline), without weights."""
-    from respect_hpc.replica import write_interface
+    from respect_hpc.model.replica import write_interface
 
     return write_interface("idefics2-8b", tmp_path_factory.mktemp("idefics2-8b"))

@@ -16,8 +16,8 @@ from conftest import game, write_jsonl, write_parquet
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from respect_hpc.cli import app
-from respect_hpc.manifest import Manifest
+from respect_hpc.cli.commands import app
+from respect_hpc.config.schema import Manifest
 
 BASE = {
     "experiment": "probe", "round": 1, "workdir": "runs", "policy_template": "respect-listener@1",

@@ -6,7 +6,7 @@ from collections import Counter
 import polars as pl
 import pytest
 
-from respect_hpc.batching import epoch_batches, sequences
+from respect_hpc.data.batching import epoch_batches, sequences
 
 
 @pytest.mark.parametrize("group", [None, 50])

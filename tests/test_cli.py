@@ -9,7 +9,7 @@ import pytest
 
 from conftest import game, write_jsonl, write_parquet
 
-from respect_hpc.metrics import METRIC_COLUMNS
+from respect_hpc.report.round_metrics import METRIC_COLUMNS
 
 
 def cli(*args, cwd=None):

@@ -16,11 +16,11 @@ import polars as pl
 import pytest
 
 import jobs.train
-from respect_hpc.controller import Controller, ControllerError, array_chunks
-from respect_hpc.train import adapter_problem
-from respect_hpc.manifest import load_manifest
-from respect_hpc.plan import Task
-from respect_hpc.state import LockError, RunLock
+from respect_hpc.cluster.controller import Controller, ControllerError, array_chunks
+from respect_hpc.training.trainer import adapter_problem
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.cluster.plan import Task
+from respect_hpc.cluster.scheduler import LockError, RunLock
 
 from conftest import round_inputs
 
@@ -206,7 +206,7 @@ def test_the_seed_round_trains_the_seed_policy_that_round_one_continues_from(tmp
 
 
 def test_a_task_cancelled_without_a_reason_names_the_failure_upstream():
-    from respect_hpc.controller import TaskStatus, _with_upstream_failures
+    from respect_hpc.cluster.controller import TaskStatus, _with_upstream_failures
 
     rows = _with_upstream_failures([TaskStatus("train", "b-kto/seed-1", "failed", "holds none"),
                                     TaskStatus("select", "select", "cancelled", "cancelled"),

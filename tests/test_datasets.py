@@ -4,11 +4,10 @@ import polars as pl
 import pytest
 from conftest import game, write_jsonl
 
-from respect_hpc.datasets import (REMOVE_ALL, REMOVE_LAST, UNDO_UTTERANCE, DatasetError, seed_examples,
-                                  source_counts, training_set, validation_turns)
-from respect_hpc.ingest import ingest
-from respect_hpc.manifest import PAPER_VARIANTS, Hyperparameters, Variant
-from respect_hpc.synthetic import synthesize
+from respect_hpc.data.datasets import REMOVE_ALL, REMOVE_LAST, UNDO_UTTERANCE, DatasetError, seed_examples, source_counts, training_set, validation_turns
+from respect_hpc.data.logs import ingest
+from respect_hpc.config.schema import PAPER_VARIANTS, Hyperparameters, Variant
+from respect_hpc.domain.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")

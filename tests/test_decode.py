@@ -13,15 +13,15 @@ import polars as pl
 import pytest
 
 import jobs.decode
-from respect_hpc.decode import (DecoderError, FeedbackScorer, label_token_ids, parse_label, shared_prefix_length,
-                                token_budget_batches)
-from respect_hpc.feedback import MergeError, part_name
-from respect_hpc.ingest import ingest
-from respect_hpc.manifest import ModelSection, load_manifest
-from respect_hpc.models import ModelError, load_text_model, load_tokenizer
-from respect_hpc.chat import decoder_text
-from respect_hpc.prompts import DECODER_TEMPLATES, DecoderTemplate, decoder_template
-from respect_hpc.synthetic import synthesize
+from respect_hpc.model.scorer import DecoderError, FeedbackScorer, label_token_ids, parse_label, shared_prefix_length, token_budget_batches
+from respect_hpc.data.feedback import MergeError, part_name
+from respect_hpc.data.logs import ingest
+from respect_hpc.config.schema import ModelSection
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.model.loading import ModelError, load_text_model, load_tokenizer
+from respect_hpc.model.chat import decoder_text
+from respect_hpc.domain.prompts import DECODER_TEMPLATES, DecoderTemplate, decoder_template
+from respect_hpc.domain.synthetic import synthesize
 
 
 def prompts_of(logs: Path, template: DecoderTemplate, tokenizer, policies=("sft", "bp")) -> list[str]:

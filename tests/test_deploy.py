@@ -15,11 +15,11 @@ import torch
 from conftest import KILOGRAM, round_inputs
 
 import jobs.deploy
-from respect_hpc.ingest import ingest
-from respect_hpc.manifest import load_manifest
-from respect_hpc.models import load_policy
-from respect_hpc.plan import build
-from respect_hpc.rundir import RunDir
+from respect_hpc.data.logs import ingest
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.model.loading import load_policy
+from respect_hpc.cluster.plan import build
+from respect_hpc.core.rundir import RunDir
 
 
 def seed_round(root, kilogram, simulation):
@@ -81,12 +81,12 @@ def test_p_is_the_probability_the_policy_gave_the_action_as_it_sampled(deployed)
     """p equals a teacher-forced pass over the generated tokens with generation's processor applied at each
     step (legal tokens only, constrained to the legal actions of the state), ending with either end token;
     batched generation pads prompts on the left, hence the tolerance."""
-    from respect_hpc.datasets import with_history
-    from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
-    from respect_hpc.models import load_processor
-    from respect_hpc.multiref import letters_of
-    from respect_hpc.policy_data import PolicyEncoder, policy_view
-    from respect_hpc.prompts import policy_template
+    from respect_hpc.data.datasets import with_history
+    from respect_hpc.model.generation import ActionLogits, GameState, legal_token_ids
+    from respect_hpc.model.loading import load_processor
+    from respect_hpc.domain.multiref import letters_of
+    from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
+    from respect_hpc.domain.prompts import policy_template
 
     m, _ = deployed
     turns = with_history(ingest([RunDir.of(m).round(0) / jobs.deploy.DEPLOYED_FILE]).turns).to_dicts()
@@ -161,7 +161,7 @@ def test_next_round_writes_a_manifest_that_continues_the_lineage(deployed, tmp_p
 def test_loop_chains_rounds_through_simulated_deployments_and_resumes(tmp_path):
     if not (KILOGRAM / "dense.json").is_file():
         pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
-    from respect_hpc.teaching import teach_label_words
+    from respect_hpc.simulation.teaching import teach_label_words
 
     m = seed_round(tmp_path, KILOGRAM, "games: 4, control_games: 6, max_turns: 3")
     teach_label_words(m.model.path, ingest([m.data.seed_data]).turns)  # the decoder answers with label words
@@ -194,10 +194,10 @@ def test_loop_builds_a_taught_policy_base_and_a_decoder_for_a_simulated_setting(
         pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
     from safetensors.torch import load_file
 
-    from respect_hpc.cli import simulation_inputs
-    from respect_hpc.replica import replica_like
-    from respect_hpc.simulator import SpeakerSettings, description_pool, human_games
-    from respect_hpc.synthetic import load_image_bank
+    from respect_hpc.cli.commands import simulation_inputs
+    from respect_hpc.model.replica import replica_like
+    from respect_hpc.domain.simulator import SpeakerSettings, description_pool, human_games
+    from respect_hpc.domain.synthetic import load_image_bank
 
     inputs = tmp_path / "inputs"
     manifest = tmp_path / "sim.yaml"

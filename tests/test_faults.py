@@ -19,9 +19,9 @@ import pytest
 from conftest import KILOGRAM
 from test_controller import write_logged_round
 
-from respect_hpc.controller import Controller
-from respect_hpc.manifest import load_manifest
-from respect_hpc.plan import STAGES
+from respect_hpc.cluster.controller import Controller
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.cluster.plan import STAGES
 
 TABLES = ("data/interactions.parquet", "data/turns.parquet", "round-1/feedback.parquet", "round-1/selection.parquet",
           "round-1/metrics/round_metrics.parquet", "round-1/train/b-fft/seed-1/metrics.parquet",

@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 from conftest import CONTEXT, game, write_jsonl, write_parquet
 
-from respect_hpc.ingest import IngestError, hash_speaker, ingest
-from respect_hpc.multiref import action_between, canonicalise, format_action, letters_of
-from respect_hpc.synthetic import synthesize, to_public_turn_layout
+from respect_hpc.data.logs import IngestError, hash_speaker, ingest
+from respect_hpc.domain.multiref import action_between, canonicalise, format_action, letters_of
+from respect_hpc.domain.synthetic import synthesize, to_public_turn_layout
 
 
 def test_turn_explosion_of_a_hand_made_game(tmp_path):
@@ -58,7 +58,7 @@ TURN_COLUMNS = ["game_turn_id", "action", "previous_action", "follow_up", "has_f
 def test_turn_layout_round_trip(tmp_path, clicks, fmt):
     """``clicks`` as the official generator writes it (the images toggled in each turn so far) or as the
     selection after the turn: both read, the action from selected/deselected."""
-    from respect_hpc.ingest import selection_after
+    from respect_hpc.data.logs import selection_after
 
     logs = synthesize(20, seed=3, policies={"sft": 0.5}, rounds=[0])
     from_interactions = ingest([write_parquet(tmp_path / "interaction.parquet", logs.to_dicts())])
@@ -77,7 +77,7 @@ def test_turn_layout_round_trip(tmp_path, clicks, fmt):
 
 @pytest.mark.parametrize("clicks", ["toggled", "after"])
 def test_turn_layout_clicks_that_disagree_with_the_action_are_refused(tmp_path, clicks):
-    from respect_hpc.ingest import selection_after
+    from respect_hpc.data.logs import selection_after
 
     logs = synthesize(6, seed=3, policies={"sft": 0.5}, rounds=[0])
     turn_layout = to_public_turn_layout(ingest([write_parquet(tmp_path / "i.parquet", logs.to_dicts())]).turns)
@@ -242,8 +242,8 @@ def test_folders_are_read_recursively(tmp_path):
 def test_a_turn_layout_file_of_kept_turns_only_is_completed_from_their_history(tmp_path):
     """The official D_0 and validation files hold only the good turns of each game; every row carries the game
     so far (its utterances and the images toggled in each turn), which rebuilds the turns left out."""
-    from respect_hpc.datasets import is_good_action
-    from respect_hpc.ingest import selection_after
+    from respect_hpc.data.datasets import is_good_action
+    from respect_hpc.data.logs import selection_after
 
     logs = synthesize(12, seed=5, policies={"human": 0.6}, rounds=[0])
     full = ingest([write_parquet(tmp_path / "i.parquet", logs.to_dicts())]).turns

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from respect_hpc.manifest import SEED_VARIANT, ManifestError, load_manifest, manifest_json_schema
+from respect_hpc.config.schema import SEED_VARIANT
+from respect_hpc.config.loading import ManifestError, load_manifest, manifest_json_schema
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 
@@ -221,7 +222,7 @@ def test_simulated_games_may_be_as_long_as_the_ingest_takes(tmp_path):
 
 
 def test_the_simulation_section_describes_the_speaker_of_deployments_and_of_d0(tmp_path):
-    from respect_hpc.simulator import SpeakerSettings
+    from respect_hpc.domain.simulator import SpeakerSettings
 
     text = GOOD + "simulation: {kilogram: kg, implicit: 0.1, undo: 0.5, credit: asked, order: fixed}\n"
     sim = load_manifest(write(tmp_path, text), check_files=False).simulation

@@ -6,8 +6,8 @@ import polars as pl
 import pytest
 from conftest import game, write_jsonl
 
-from respect_hpc.ingest import ingest
-from respect_hpc.metrics import METRIC_COLUMNS, bootstrap_mean_ci, round_metrics
+from respect_hpc.data.logs import ingest
+from respect_hpc.report.round_metrics import METRIC_COLUMNS, bootstrap_mean_ci, round_metrics
 
 B, C, D = "page-B.png", "page-C.png", "page-D.png"
 HAND_MADE = [
@@ -70,8 +70,8 @@ def test_bootstrap_is_reproducible_for_a_seed(tmp_path):
 
 def test_intervals_do_not_depend_on_the_order_of_rows(tmp_path):
     """The seeded resampler must see each cell's distinct values in a fixed order, whatever the row order."""
-    from respect_hpc.synthetic import synthesize
-    from respect_hpc.turn_metrics import turn_metrics
+    from respect_hpc.domain.synthetic import synthesize
+    from respect_hpc.report.turn_metrics import turn_metrics
 
     logs = synthesize(120, seed=2, policies={"sft": 0.4, "bp": 0.7}, rounds=[0, 1])
     result = ingest([write_jsonl(tmp_path / "logs.jsonl", logs.to_dicts())])

@@ -4,9 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from respect_hpc.multiref import (LETTERS, Action, ActionError, action_between, apply_action, canonicalise,
-                                  format_action, game_over, image_of, images_of, is_success, letter_of, letters_of,
-                                  parse_action)
+from respect_hpc.domain.multiref import LETTERS, Action, ActionError, action_between, apply_action, canonicalise, format_action, game_over, image_of, images_of, is_success, letter_of, letters_of, parse_action
 
 
 @pytest.mark.parametrize("text, canonical", [
@@ -126,7 +124,7 @@ def _legal_actions(n_images: int, selected: frozenset[str]) -> set[str]:
 
 @given(st.integers(1, 4), st.data())
 def test_action_prefix_accepts_exactly_the_prefixes_of_legal_actions(n_images, data):
-    from respect_hpc.multiref import action_prefix
+    from respect_hpc.domain.multiref import action_prefix
 
     selected = frozenset(data.draw(st.sets(st.sampled_from(LETTERS[:n_images]))))
     legal = _legal_actions(n_images, selected)
@@ -140,7 +138,7 @@ def test_action_prefix_accepts_exactly_the_prefixes_of_legal_actions(n_images, d
 
 
 def test_the_mismatched_click_is_a_or_b_by_the_current_selection():
-    from respect_hpc.multiref import mismatched_click
+    from respect_hpc.domain.multiref import mismatched_click
 
     assert mismatched_click("select C", frozenset()) == "select A"
     assert mismatched_click("select C", frozenset({"A"})) == "deselect A"

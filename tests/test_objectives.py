@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from respect_hpc.objectives import cross_entropy_loss, kto_loss, reference_point, reinforce_loss, score_actions
+from respect_hpc.training.objectives import cross_entropy_loss, kto_loss, reference_point, reinforce_loss, score_actions
 
 # One vocabulary of 3 tokens; two sequences of up to 2 action tokens (the second has one).
 LOGITS = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]],

@@ -16,17 +16,17 @@ import torch
 from conftest import write_round
 
 import jobs.train
-from respect_hpc.manifest import load_manifest
-from respect_hpc.objectives import score_actions
-from respect_hpc.policy_data import answer_logits, policy_view
-from respect_hpc.train import Trainer, TrainSpec, _release
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.training.objectives import score_actions
+from respect_hpc.model.policy_inputs import answer_logits, policy_view
+from respect_hpc.training.trainer import Trainer, TrainSpec, _release
 
 VARIANTS = {"b-fft": "fft", "t-rl": "rl", "b-kto": "kto"}
 
 
 @pytest.fixture(scope="module")
 def round_files(tmp_path_factory):
-    from respect_hpc.replica import replica_like
+    from respect_hpc.model.replica import replica_like
 
     root = tmp_path_factory.mktemp("packing")
     model = replica_like("idefics2-8b", root / "model")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from respect_hpc.multiref import image_of, parse_action
-from respect_hpc.policy_data import answer_logits, image_order, policy_view, rename_action
-from respect_hpc.prompts import policy_template
+from respect_hpc.domain.multiref import image_of, parse_action
+from respect_hpc.model.policy_inputs import answer_logits, image_order, policy_view, rename_action
+from respect_hpc.domain.prompts import policy_template
 
 CONTEXT = [f"img-{i}.png" for i in range(10)]
 ROW = {"game_turn_id": "g_2", "context": CONTEXT, "chats": ["the bird", "no, the dog", "and the cat"],
@@ -43,15 +43,15 @@ def test_policy_view_renames_context_history_and_target_together():
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
-    from respect_hpc.replica import replica_like
+    from respect_hpc.model.replica import replica_like
 
     return replica_like("idefics2-8b", tmp_path_factory.mktemp("replica") / "model")
 
 
 def encoder_for(replica, images, **model_options):
-    from respect_hpc.manifest import ModelSection
-    from respect_hpc.models import load_processor
-    from respect_hpc.policy_data import PolicyEncoder
+    from respect_hpc.config.schema import ModelSection
+    from respect_hpc.model.loading import load_processor
+    from respect_hpc.model.policy_inputs import PolicyEncoder
 
     processor = load_processor(ModelSection(path=replica, dtype="fp32", **model_options))
     return PolicyEncoder(processor, processor.tokenizer, images, multimodal=True)
@@ -105,7 +105,7 @@ def test_image_splitting_when_a_manifest_asks_for_it(replica, images):
 
 
 def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(replica, images):
-    from respect_hpc.policy_data import PolicyDataError
+    from respect_hpc.model.policy_inputs import PolicyDataError
 
     encoder = encoder_for(replica, images)
     item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
@@ -121,8 +121,8 @@ def test_the_policy_generates_over_the_official_15_tokens_and_only_legal_actions
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from respect_hpc.generation import ActionLogits, GameState, legal_token_ids
-    from respect_hpc.multiref import action_prefix
+    from respect_hpc.model.generation import ActionLogits, GameState, legal_token_ids
+    from respect_hpc.domain.multiref import action_prefix
 
     encoder = encoder_for(replica, images)
     view = policy_view(ROW, policy_template("respect-listener@1"))

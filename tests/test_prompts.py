@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from respect_hpc.chat import ChatError, decoder_text, policy_text, render
-from respect_hpc.prompts import PromptError, decoder_template, policy_messages, policy_template, selection_line
+from respect_hpc.model.chat import ChatError, decoder_text, policy_text, render
+from respect_hpc.domain.prompts import PromptError, decoder_template, policy_messages, policy_template, selection_line
 
 TAB = "\t"
 POLICY_EXAMPLE = """\
@@ -48,8 +48,8 @@ TERNARY_EXAMPLE = (BINARY_EXAMPLE.replace("a positive or negative feedback?",
 
 @pytest.fixture(scope="module")
 def tokenizer(idefics2_interface):
-    from respect_hpc.manifest import ModelSection
-    from respect_hpc.models import load_tokenizer
+    from respect_hpc.config.schema import ModelSection
+    from respect_hpc.model.loading import load_tokenizer
 
     return load_tokenizer(ModelSection(path=idefics2_interface))
 

@@ -6,18 +6,18 @@ import torch
 from conftest import round_inputs
 
 import jobs.ingest
-from respect_hpc.ingest import IngestError
-from respect_hpc.manifest import load_manifest
+from respect_hpc.data.logs import IngestError
+from respect_hpc.config.loading import load_manifest
 
 
 def test_p_is_recomputed_under_the_deployed_adapter_where_the_logs_lack_it(tmp_path, taught_decoder):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from respect_hpc.datasets import with_history
-    from respect_hpc.models import load_policy, load_processor
-    from respect_hpc.policy_data import PolicyEncoder, policy_view
-    from respect_hpc.prompts import policy_template
+    from respect_hpc.data.datasets import with_history
+    from respect_hpc.model.loading import load_policy, load_processor
+    from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
+    from respect_hpc.domain.prompts import policy_template
 
     inputs = round_inputs(tmp_path, games=6, model=taught_decoder[0])
     logs = pl.read_parquet(inputs["logs"])
@@ -66,6 +66,6 @@ def test_p_is_recomputed_under_the_deployed_adapter_where_the_logs_lack_it(tmp_p
 
 
 def load_manifest_model(inputs):
-    from respect_hpc.manifest import ModelSection
+    from respect_hpc.config.schema import ModelSection
 
     return ModelSection(path=inputs["model"], dtype="fp32")

@@ -7,7 +7,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from respect_hpc.replica import IDEFICS2_CHAT_TEMPLATE
+from respect_hpc.model.replica import IDEFICS2_CHAT_TEMPLATE
 
 
 def cli(*args):

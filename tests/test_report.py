@@ -11,12 +11,12 @@ import pytest
 from conftest import game, write_jsonl
 from PIL import Image
 
-from respect_hpc.audit import confusion, decoder_quality, heuristic_agreement
-from respect_hpc.datasets import source_counts
-from respect_hpc.ingest import ingest
-from respect_hpc.report import build, write
-from respect_hpc.tables import atomic_write_parquet
-from respect_hpc.turn_metrics import TURN_EVAL, similarity, turn_metrics
+from respect_hpc.report.audit import confusion, decoder_quality, heuristic_agreement
+from respect_hpc.data.datasets import source_counts
+from respect_hpc.data.logs import ingest
+from respect_hpc.report.build import build, write
+from respect_hpc.core.io import atomic_write_parquet
+from respect_hpc.report.turn_metrics import TURN_EVAL, similarity, turn_metrics
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "runs" / "artifacts"
 R2 = 1 / math.sqrt(2)

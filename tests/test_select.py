@@ -3,8 +3,8 @@
 import polars as pl
 import pytest
 
-from respect_hpc.manifest import ManifestError, load_manifest
-from respect_hpc.select import CURVES, select_checkpoints
+from respect_hpc.config.loading import ManifestError, load_manifest
+from respect_hpc.training.selection import CURVES, select_checkpoints
 
 
 def curves(rows):

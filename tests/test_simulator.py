@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from respect_hpc.simulator import (APPROVALS, SimulatedGame, SpeakerSettings, action_images, description_pool)
-from respect_hpc.multiref import parse_action
-from respect_hpc.synthetic import load_image_bank
+from respect_hpc.domain.simulator import APPROVALS, SimulatedGame, SpeakerSettings, action_images, description_pool
+from respect_hpc.domain.multiref import parse_action
+from respect_hpc.domain.synthetic import load_image_bank
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,8 @@ def test_an_action_in_letters_names_images_in_the_listeners_order():
 def test_human_games_mostly_succeed_and_ingest_as_human_human_games(descriptions, tmp_path):
     import polars as pl
 
-    from respect_hpc.ingest import ingest
-    from respect_hpc.simulator import human_games
+    from respect_hpc.data.logs import ingest
+    from respect_hpc.domain.simulator import human_games
 
     rows = human_games(40, description_pool(descriptions, "seed"), SpeakerSettings(), seed=1)
     assert rows == human_games(40, description_pool(descriptions, "seed"), SpeakerSettings(), seed=1)
@@ -162,8 +162,8 @@ def test_the_label_words_a_taught_decoder_learns_read_the_speakers_reactions():
     correction, "I meant ...", "the other one", an undo, try again) negative; a bare description or a silent
     reaction sounds neutral: neutral where that is a label, negative in the binary prompt ("Lean towards
     negative if it sounds neutral")."""
-    from respect_hpc.simulator import CORRECTIONS, IMPLICIT_CORRECTIONS, NEXT, SILENT, TRY_AGAIN, UNDO
-    from respect_hpc.synthetic import follow_up_label
+    from respect_hpc.domain.simulator import CORRECTIONS, IMPLICIT_CORRECTIONS, NEXT, SILENT, TRY_AGAIN, UNDO
+    from respect_hpc.domain.synthetic import follow_up_label
 
     fill = {"wrong": "bird on a rock", "target": "tall man"}
     approvals = [f"{a}, {n} the tall man" for a in APPROVALS for n in NEXT] + [f"{n} the tall man" for n in NEXT]

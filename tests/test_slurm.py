@@ -118,9 +118,9 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
 
     from test_controller import write_logged_round
 
-    from respect_hpc.controller import Controller, ControllerError
-    from respect_hpc.manifest import load_manifest
-    from respect_hpc.state import log_path
+    from respect_hpc.cluster.controller import Controller, ControllerError
+    from respect_hpc.config.loading import load_manifest
+    from respect_hpc.cluster.scheduler import log_path
 
     adapter = tmp_path / "previous-b-kto"
     adapter.mkdir()
@@ -182,8 +182,8 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
 def test_the_simulated_setting_plans_on_slurm(slurm, tmp_path):
     """manifests/sim.yaml (its paths made absolute, its inputs written) plans as Slurm arrays, deployment
     included."""
-    from respect_hpc.cli import simulation_inputs
-    from respect_hpc.manifest import load_manifest
+    from respect_hpc.cli.commands import simulation_inputs
+    from respect_hpc.config.loading import load_manifest
 
     repo = Path(__file__).resolve().parents[1]
     kilogram = repo.parent / "shared" / "data" / "kilogram"

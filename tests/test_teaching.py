@@ -7,15 +7,15 @@ import random
 import pytest
 import torch
 
-from respect_hpc.manifest import ModelSection
-from respect_hpc.models import load_processor
-from respect_hpc.multiref import images_of, parse_action
-from respect_hpc.policy_data import PolicyEncoder, answer_logits
-from respect_hpc.prompts import policy_template
-from respect_hpc.replica import replica_like
-from respect_hpc.simulator import SpeakerSettings, description_pool
-from respect_hpc.synthetic import DEFAULT_KILOGRAM, load_image_bank
-from respect_hpc.teaching import listener_examples, teach_listener
+from respect_hpc.config.schema import ModelSection
+from respect_hpc.model.loading import load_processor
+from respect_hpc.domain.multiref import images_of, parse_action
+from respect_hpc.model.policy_inputs import PolicyEncoder, answer_logits
+from respect_hpc.domain.prompts import policy_template
+from respect_hpc.model.replica import replica_like
+from respect_hpc.domain.simulator import SpeakerSettings, description_pool
+from respect_hpc.domain.synthetic import DEFAULT_KILOGRAM, load_image_bank
+from respect_hpc.simulation.teaching import listener_examples, teach_listener
 
 TEMPLATE = policy_template("respect-listener@1")
 IMAGES = DEFAULT_KILOGRAM / "tangram_pngs"
@@ -99,14 +99,14 @@ def test_the_simulated_settings_decoder_reads_the_speakers_feedback(bank, tmp_pa
 
     import jobs.decode
     import jobs.deploy
-    from respect_hpc.audit import decoder_quality, simulated_truth_pairs
-    from respect_hpc.decode import FeedbackScorer
-    from respect_hpc.feedback import labels_frame
-    from respect_hpc.ingest import ingest
-    from respect_hpc.models import load_text_model, load_tokenizer
-    from respect_hpc.prompts import decoder_template
-    from respect_hpc.simulator import human_games
-    from respect_hpc.teaching import DECODER_LESSON_SKILL, teach_decoder
+    from respect_hpc.report.audit import decoder_quality, simulated_truth_pairs
+    from respect_hpc.model.scorer import FeedbackScorer
+    from respect_hpc.data.feedback import labels_frame
+    from respect_hpc.data.logs import ingest
+    from respect_hpc.model.loading import load_text_model, load_tokenizer
+    from respect_hpc.domain.prompts import decoder_template
+    from respect_hpc.domain.simulator import human_games
+    from respect_hpc.simulation.teaching import DECODER_LESSON_SKILL, teach_decoder
 
     settings = SpeakerSettings(pool="seed", order="fixed", credit="asked")
     descriptions = description_pool(bank.descriptions, "seed", 10, per_image=4)

@@ -23,20 +23,20 @@ from conftest import write_round
 from safetensors.torch import load_file
 
 import jobs.train
-from respect_hpc import launch
-from respect_hpc.batching import epoch_batches, sequences
-from respect_hpc.datasets import DatasetError
-from respect_hpc.manifest import ModelSection, load_manifest
-from respect_hpc.models import load_policy
-from respect_hpc.train import (METRICS_FILE, MISMATCH_FILE, Trainer, TrainingError, TrainSpec, _release,
-                               accumulation_steps)
+from respect_hpc.cluster import executors as launch
+from respect_hpc.data.batching import epoch_batches, sequences
+from respect_hpc.data.datasets import DatasetError
+from respect_hpc.config.schema import ModelSection
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.model.loading import load_policy
+from respect_hpc.training.trainer import METRICS_FILE, MISMATCH_FILE, Trainer, TrainingError, TrainSpec, _release, accumulation_steps
 
 ADAPTER = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from respect_hpc.replica import replica_like
+    from respect_hpc.model.replica import replica_like
 
     return replica_like("idefics2-8b", tmp_path_factory.mktemp("policy") / "model")
 
@@ -163,7 +163,7 @@ def _with(manifest: Path, old: str, new: str) -> Path:
 
 
 def test_bad_input_is_refused_before_training(round_files, tmp_path):
-    from respect_hpc.manifest import ManifestError
+    from respect_hpc.config.loading import ManifestError
 
     with pytest.raises(ManifestError, match=r"training.fft: effective_batch 10 is not a multiple of micro_batch 4"):
         load_manifest(_with(round_files, "fft: {epochs: 2, effective_batch: 8", "fft: {epochs: 2, effective_batch: 10"))
@@ -303,7 +303,7 @@ def test_deepspeed_zero2_with_two_cpu_processes_saves_an_adapter_that_reloads(ro
 
 def test_a_text_only_causal_lm_policy_trains(tmp_path):
     """IDEFICS2-8B's language model alone (Mistral architecture, same tokenizer and template) as the policy."""
-    from respect_hpc.replica import replica_like
+    from respect_hpc.model.replica import replica_like
 
     manifest = write_round(tmp_path, model=replica_like("idefics2-8b-text", tmp_path / "text"), games=12,
                            training="{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}")

@@ -8,16 +8,16 @@ import torch
 from conftest import write_round
 
 import jobs.train
-from respect_hpc.manifest import load_manifest
-from respect_hpc.models import load_policy
-from respect_hpc.policy_data import answer_logits
-from respect_hpc.train import Trainer, TrainSpec, _release
-from respect_hpc.vision_cache import CachedVision, cache_vision
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.model.loading import load_policy
+from respect_hpc.model.policy_inputs import answer_logits
+from respect_hpc.training.trainer import Trainer, TrainSpec, _release
+from respect_hpc.model.vision_cache import CachedVision, cache_vision
 
 
 @pytest.fixture(scope="module")
 def round_files(tmp_path_factory):
-    from respect_hpc.replica import replica_like
+    from respect_hpc.model.replica import replica_like
 
     root = tmp_path_factory.mktemp("vision")
     return write_round(root, model=replica_like("idefics2-8b", root / "model"))

@@ -1,0 +1,199 @@
+"""What the controller submitted and what became of it: a lock, job records, task states.
+
+    <run dir>/controller.lock            who is submitting now (pid, host, since)
+    <run dir>/manifest.lock.json         the resolved manifest of the latest submission
+    <run dir>/round-R/jobs.json          every submission: stage, task key -> job id, log folder
+
+Task states come from the scheduler (squeue for live jobs, sacct for ended ones)
+for Slurm jobs, and from the process table for local ones; a task whose
+output is current is done whatever the scheduler says.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from respect_hpc.core.io import atomic_write_text
+
+LOCK_FILE = "controller.lock"
+JOBS_FILE = "jobs.json"
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "READY"}
+FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class LockError(RuntimeError):
+    """Another controller holds the run directory."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs: a killed one whose parent died too may linger as a zombie until reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: the signal answered
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+class RunLock:
+    """An exclusive lock file; a lock left by a controller that is gone (same host, dead pid) is taken over."""
+
+    def __init__(self, root: Path, report=print):
+        self.path, self.report = root / LOCK_FILE, report
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._stale_or_refuse()
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(mine)
+            return self
+        raise LockError(f"{self.path}: could not take the lock")
+
+    def _stale_or_refuse(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+            self.report(f"stale lock: {self.path} was left by {who}, which is gone; taking it over")
+            self.path.unlink(missing_ok=True)
+            return
+        raise LockError(f"{self.path}: another controller ({who}) is submitting this run; wait for it, or "
+                        "remove the file if you are sure it is gone")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write_text(json.dumps(data, indent=1), path)
+
+
+def read_jobs(round_dir: Path) -> list[dict]:
+    """The round's job records; a damaged file is set aside (never a crash): its tasks count as not
+    submitted, and their outputs alone decide what is done."""
+    path = round_dir / JOBS_FILE
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+        if isinstance(records, list) and all(isinstance(r, dict) and isinstance(r.get("tasks"), dict)
+                                             and {"stage", "executor", "folder"} <= r.keys() for r in records):
+            return records
+        problem = "not a list of job records"
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem = str(exc)
+    damaged = path.with_name(f"{path.name}.damaged")
+    os.replace(path, damaged)
+    print(f"warning: {path} is damaged ({problem}); set aside as {damaged}: the tasks it recorded count as not "
+          "submitted (check the scheduler for jobs of this round still running)", file=sys.stderr)
+    return []
+
+
+def record(round_dir: Path, stage: str, executor: str, tasks: dict[str, str], folder: Path) -> None:
+    """Add one submission (an array of ``tasks``: key -> job id) to the round's job records."""
+    round_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(round_dir / JOBS_FILE, read_jobs(round_dir) + [
+        {"stage": stage, "executor": executor, "tasks": tasks, "folder": str(folder), "submitted": _now()}])
+
+
+def latest_tasks(round_dir: Path) -> dict[tuple[str, str], dict]:
+    """(stage, task key) -> its newest submission: job id, executor, log folder."""
+    latest = {}
+    for submission in read_jobs(round_dir):
+        for key, job_id in submission["tasks"].items():
+            latest[(submission["stage"], key)] = {"job_id": job_id, "executor": submission["executor"],
+                                                  "folder": submission["folder"]}
+    return latest
+
+
+@dataclass(frozen=True)
+class SchedulerState:
+    state: str
+    reason: str = ""
+
+
+def _expand(job_id: str) -> list[str]:
+    """``12_[0-3,7]`` -> 12_0 ... 12_3, 12_7 (sacct shows pending array tasks collapsed)."""
+    match = re.fullmatch(r"(\d+)_\[([\d,\-]+)(%\d+)?\]", job_id)
+    if not match:
+        return [job_id]
+    out = []
+    for part in match.group(2).split(","):
+        low, _, high = part.partition("-")
+        out += [f"{match.group(1)}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return out
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, SchedulerState]:
+    """States of Slurm jobs and array tasks: squeue's for the jobs slurmctld still holds (the live truth),
+    sacct's for the others. Accounting lags the controller, so around a requeue sacct can still show the
+    ended attempt of a job that squeue already lists as pending again."""
+    if not job_ids:
+        return {}
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    found: dict[str, SchedulerState] = {}
+    sacct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Reason"],
+                           capture_output=True, text=True)
+    if sacct.returncode == 0:
+        for job, state, reason in _fields(sacct.stdout):
+            for one in _expand(job):
+                found[one] = SchedulerState(state.split()[0] if state else "UNKNOWN", reason)
+    squeue = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r"], capture_output=True, text=True)
+    for job, state, reason in _fields(squeue.stdout):
+        found[job] = SchedulerState(state, reason)
+    return found
+
+
+def _fields(output: str) -> list[tuple[str, str, str]]:
+    """``JOB|STATE|REASON`` lines of sacct -P or squeue -o as triples."""
+    return [tuple((line.split("|") + ["", "", ""])[:3]) for line in output.splitlines() if line.strip()]
+
+
+def local_state(job_id: str) -> SchedulerState:
+    """A local job's id is its controller process: running while that process lives."""
+    return SchedulerState("RUNNING" if _alive(int(job_id)) else "ENDED")
+
+
+def log_path(folder: str, job_id: str) -> Path:
+    """A task's stderr log, where submitit writes it."""
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=job_id, task_id=0).stderr
+
+
+def last_error_line(log: Path, errors_only: bool = False) -> str:
+    """The last error line of a task's stderr log; else its last line (or '' with ``errors_only``)."""
+    if not log.is_file():
+        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if line.strip() and not line.startswith(("srun:", "slurmstepd:"))]  # the scheduler's own notes
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", line) or "error" in line.lower()]
+    if errors_only and not errors:
+        return ""
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", (errors or lines or [""])[-1])
+

@@ -1,0 +1,448 @@
+"""The round manifest's schema: the sections that name a round's data, model, variants, seeds and cluster.
+
+pydantic models with the defaults of the paper and the official code; loading.py reads a YAML file into
+them. Strings that reach a scheduler (partition, account, QOS, constraint, names) must match a conservative
+pattern, so nothing from a manifest reaches a shell unvalidated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Annotated, Literal, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS
+from respect_hpc.domain.policies import SEED_POLICY
+from respect_hpc.domain.prompts import (DECODER_TEMPLATES, DEFAULT_DECODER_TEMPLATE, DEFAULT_POLICY_TEMPLATE,
+                                        POLICY_TEMPLATES)
+
+Objective = Literal["fft", "rl", "kto", "seed"]  # seed: the seed round's policy, on D_0 alone
+FeedbackKind = Literal["binary", "ternary"]
+Stage = Literal["ingest", "decode", "merge", "train", "select", "deploy", "collect", "metrics"]
+
+_SAFE = "letters, digits, '_', '.', '-'"
+_SAFE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _safe(value: str) -> str:
+    if not value or not set(value) <= _SAFE_CHARS or value[0] in "-.":
+        raise ValueError(f"unsafe value {value!r}: expected {_SAFE}, not starting with '-' or '.'")
+    return value
+
+
+def _plain_path(value: Path) -> Path:
+    """A path without control characters (a newline would reach an sbatch script as a new directive)."""
+    bad = sorted({repr(c) for c in str(value) if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(f"path {str(value)!r} holds control characters {', '.join(bad)}")
+    return value
+
+
+def _safe_constraint(value: str) -> str:
+    # SLURM constraint expressions also use '&', '|', ',' and '*' between feature names.
+    if not value or not set(value) <= _SAFE_CHARS | set("&|,*") or value.startswith("-"):
+        raise ValueError(f"unsafe value {value!r}: expected feature names ({_SAFE}) joined by '&', '|' or ','")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe)]
+PlainPath = Annotated[Path, AfterValidator(_plain_path)]
+MAX_SEED = 2**31 - 1
+MAX_SHARDS = 100_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """YAML's true/false is not a number (pydantic alone would read `shards: true` as 1)."""
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = (annotation, *get_args(annotation))
+            if bool not in kinds:
+                what = next((name for kind, name in ((int, "an integer"), (float, "a number"), (str, "a string"))
+                             if kind in kinds), "a value of the field's own kind")
+                raise ValueError(f"expected {what}, got {str(value).lower()}")
+        return value
+
+
+class DataSection(Strict):
+    interactions: list[PlainPath] = Field(default_factory=list, description=(
+        "interaction logs of the rounds so far (Parquet or JSON lines, public layout; files or folders); none: "
+        "the seed round (round 0), which trains the seed policy on D_0 alone"))
+    seed_data: PlainPath | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
+    propensity: Literal["logged", "recompute"] = Field(
+        "logged", description="p, the probability the deployed policy gave each action: as logged, or "
+                              "recomputed where the logs lack it (the ingest stage; needs deployed)")
+    deployed: dict[SafeName, PlainPath] = Field(
+        default_factory=dict, description="the adapter of each deployed policy, by the name the logs give it "
+                                          "(policy_name): what p is recomputed under")
+    validation: PlainPath | None = Field(None, description="human-human validation games for checkpoint selection")
+    images: PlainPath | None = Field(None, description="folder of the tangram PNGs named in the logs")
+    max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=26, description="turn limit of a game")
+
+
+class ModelSection(Strict):
+    path: PlainPath = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
+    gguf_file: SafeName | None = Field(None, description="GGUF file name inside path, when the model is one")
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    image_size: int = Field(224, ge=14, le=4096, description="edge in pixels images are resized to (official: 224, "
+                            "whatever the checkpoint's processor says)")
+    image_splitting: bool = Field(False, description="split each image into 4 crops plus the whole (IDEFICS2's "
+                                  "do_image_splitting; official: false)")
+
+
+class DecoderSection(Strict):
+    model: ModelSection | None = Field(None, description="decoder model; default: the round's base model")
+    templates: dict[FeedbackKind, str] = Field(default_factory=lambda: dict(DEFAULT_DECODER_TEMPLATE))
+    shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks that decoding is split into")
+    batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
+    chunk_rows: int = Field(4096, ge=1, description="windows scored and streamed to disk at a time")
+    labels: dict[FeedbackKind, PlainPath] = Field(
+        default_factory=dict, description="decoded labels to use instead of decoding that kind: a Parquet or "
+                                          "JSON-lines file in the public feedback_decoder_binary/ternary layout "
+                                          "(game_turn_id, predictions -1/0/1), e.g. the paper's own")
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: dict[str, str]) -> dict[str, str]:
+        for kind, key in value.items():
+            template = DECODER_TEMPLATES.get(key)
+            if template is None:
+                raise ValueError(f"unknown template {key!r}: expected one of {', '.join(sorted(DECODER_TEMPLATES))}")
+            if template.kind != kind:
+                raise ValueError(f"template {key!r} is {template.kind}, not {kind}")
+        return {**DEFAULT_DECODER_TEMPLATE, **value}
+
+
+class Hyperparameters(Strict):
+    """Training hyperparameters of one objective; defaults are RESPECT.md Table 1."""
+
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    learning_rate: float = Field(1e-4, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: int = Field(20, ge=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    effective_batch: int = Field(64, ge=1, description="trained actions per optimizer step (with game packing: "
+                                                        "about, a game's sequence holding several)")
+    micro_batch: int = Field(4, ge=1, description="sequences per device per forward pass: one turn each, or with "
+                                                 "game packing one game each (no longer than its last turn's)")
+    entropy_weight: float = Field(0.01, ge=0, lt=1, description=(
+        "e of the entropy term: loss (1 - e) objective + e |R| U, U the cross-entropy against the uniform "
+        "distribution (the official code's structure); Table 1: 0.01 FFT and RL, 0.1 KTO (the official gin "
+        "files: 0.1 and 0.01)"))
+    temperature: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="of D_0's cross-entropy, its own task in every "
+                                                                "variant (official: 0.1)")
+    beta: float = Field(0.5, gt=0, description="KTO")
+    lambda_desirable: float = Field(4.0, gt=0, description="KTO weight of desirable actions (Table 1: 4 until "
+                                                           "round 3; the official code: 1)")
+    lambda_undesirable: float = Field(1.0, gt=0, description="KTO weight of undesirable actions")
+    negatives_per_5_positives: float = Field(4.0, gt=0, description="RL and KTO negative subsampling")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(8, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_placement: Literal["paper", "enhanced"] = "paper"
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> Hyperparameters:
+        if self.effective_batch % self.micro_batch:
+            raise ValueError(f"effective_batch {self.effective_batch} is not a multiple of micro_batch "
+                             f"{self.micro_batch}")
+        return self
+
+
+OBJECTIVE_DEFAULTS: dict[str, dict] = {
+    "fft": {},
+    "rl": {},
+    "kto": {"optimizer": "rmsprop", "learning_rate": 1e-5, "schedule": "constant", "entropy_weight": 0.1},
+    "seed": {"schedule": "constant", "warmup_steps": 0, "epochs": 40},  # the official seed configuration
+}
+
+
+class TrainingSection(Strict):
+    """Per-objective hyperparameters; a manifest gives only what differs from Table 1."""
+
+    fft: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["fft"])
+    rl: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["rl"])
+    kto: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["kto"])
+    seed: Hyperparameters = Field(Hyperparameters(**OBJECTIVE_DEFAULTS["seed"]),
+                                  description="the seed round's policy (D_0 alone, label-smoothed cross-entropy)")
+    zero_stage: int | None = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; null: plain Accelerate "
+                                                              "(no DeepSpeed)")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints besides each "
+                                                       "epoch's end; 0: at epoch ends only")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass "
+                                                            "(less memory, about a third more compute)")
+    packing: Literal["game", "turn"] = Field(
+        "game", description="game: the trained turns of one game are one sequence (each turn's prompt and answer "
+                            "start the next turn's prompt; one image order per game and epoch); turn: one "
+                            "sequence per trained turn (its own image order), as the official code batches")
+    image_order: Literal["shuffled", "logged"] = Field(
+        "shuffled", description="shuffled: each trained example's images in an order drawn per seed, epoch and "
+                                "example (game, with packing), letters renamed, as the official code; logged: the "
+                                "order the listener saw (a simulated world whose letters always name the same "
+                                "tangrams, simulation.order: fixed)")
+    vision_cache: bool = Field(
+        True, description="compute the frozen vision model's output once per image and reuse it across epochs, "
+                          "seeds, variants and validation (on disk in the round folder); off by itself where the "
+                          "LoRA placement trains the vision model (enhanced)")
+    d0_augmentation: Literal["official", "paper", "none"] = Field(
+        "official", description="synthetic deselection turns added to D_0: official (two kinds, 'remove the "
+                                "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06), "
+                                "paper (one 'Wrong, undo what you selected' turn per 12), or none")
+
+    @field_validator("fft", "rl", "kto", "seed", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: object, info: ValidationInfo) -> object:
+        return {**OBJECTIVE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
+
+
+class ValidationSection(Strict):
+    """How checkpoints are scored on the human-human validation turns (the official settings by default)."""
+
+    decoding: Literal["sample", "greedy"] = Field(
+        "sample", description="sample at temperature 1 over the legal action tokens (official), or greedy")
+    constrained: bool | None = Field(
+        None, description="decode only legal actions of each turn's state (the official KTO runs); default: "
+                          "for KTO variants only")
+    turns: int = Field(390, ge=1, description="at most this many validation turns (a seeded draw of the good ones)")
+    max_new_tokens: int = Field(10, ge=1, description="token limit of a generated action")
+
+
+class Variant(Strict):
+    name: SafeName
+    feedback: FeedbackKind
+    objective: Objective
+    init: Literal["base", "previous"] | None = Field(
+        None, description="train from the base model (default for fft, rl) or continue from the "
+                          "previous round's selected adapter (default for kto)")
+    previous_adapter: PlainPath | None = Field(None, description="default: the previous round's policies/<name>")
+    policies: list[SafeName] | None = Field(
+        None, min_length=1, description="the lineage: logged policies (as the logs name them) whose turns this "
+                                        "variant trains on, e.g. [sft, bp] (the round-0 policy and the variant's "
+                                        "own deployments); default: every logged policy")
+
+    @property
+    def continues(self) -> bool:
+        return (self.init or ("previous" if self.objective == "kto" else "base")) == "previous"
+
+
+# Round 0, the seed round: the initial policy, trained on D_0 alone and named as the public logs name it.
+SEED_VARIANT = Variant(name=SEED_POLICY, feedback="binary", objective="seed", init="base")
+
+# The paper's six systems, each retrained on the round-0 policy's games and its own deployments, with the
+# policy names of the public logs (b/t = binary/ternary decoder; p/a/k = FFT/RL/KTO).
+PAPER_VARIANTS = [Variant(name=f"{f[0]}-{o}", feedback=f, objective=o, policies=["sft", f"{f[0]}{code}"])
+                  for o, code in (("fft", "p"), ("rl", "a"), ("kto", "k")) for f in ("binary", "ternary")]
+
+
+class SimulationSection(Strict):
+    """A simulated deployment after selection (simulator.py): the round's selected policies play games with
+    a simulated speaker on the KiloGram tangrams, logged as the public interaction layout with p."""
+
+    kilogram: PlainPath = Field(description="the KiloGram folder: dense.json (about 50 human descriptions of 74 "
+                                            "tangrams) and tangram_pngs/ (data.images must name it)")
+    games: int = Field(100, ge=1, le=1_000_000, description="simulated games each deployed policy plays")
+    shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks the games are split into")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="games (images, targets, speaker) and sampling")
+    control: bool = Field(True, description="also deploy the seed policy, never retrained, as policy 'control'")
+    control_games: int | None = Field(None, ge=1, le=1_000_000,
+                                      description="games the seed policy plays wherever it is deployed, round "
+                                                  "0 and the control (default: games): every round is read "
+                                                  "against it, so more games narrow the baseline's noise; "
+                                                  "round 1 trains on all of round 0's games")
+    implicit: float = Field(0.3, ge=0, le=1, description="reactions without an approval or rejection word")
+    misleading: float = Field(0.05, ge=0, le=1, description="reactions that say the opposite of the truth")
+    silent: float = Field(0.05, ge=0, le=1, description="reactions that say nothing useful")
+    undo: float = Field(0.35, ge=0, le=1, description="after a wrong selection, asks to undo it")
+    credit: Literal["target", "asked"] = Field(
+        "target", description="the selections the speaker approves: any target (the game's truth), or only "
+                              "the tangram it asked for (a speaker who means one tangram corrects another)")
+    pool: Literal["seed", "deploy", "all"] = Field(
+        "deploy", description="each tangram's descriptions used: seed (even-numbered), deploy (odd-numbered, "
+                              "held out from the seed half), all")
+    max_turns: int = Field(10, ge=1, le=26, description="turn limit of a simulated game (at most data.max_turns)")
+    tangrams: int = Field(74, ge=10, description="the first N tangrams by name are in play (a game shows 10)")
+    descriptions: int | None = Field(None, ge=2, description="each tangram's first N human descriptions are "
+                                                             "spoken, split into the two halves (default: all, "
+                                                             "about 50)")
+    order: Literal["shuffled", "fixed"] = Field(
+        "shuffled", description="the listener's image order: drawn per game, or fixed (the tangrams' name order; "
+                                "with 10 tangrams in play a letter then always names the same tangram)")
+    teach_steps: int = Field(0, ge=0, description="steps of full fine-tuning that teach a policy base built by "
+                                                   "`loop` the listener's task on the seed half of the "
+                                                   "descriptions (0: the base keeps random weights)")
+    constrained: bool = Field(True, description="generate only legal actions of each state (else: any sequence "
+                                                "of the legal tokens; an illegal action does nothing)")
+    batch: int = Field(8, ge=1, description="games generated at once")
+
+    def speaker_settings(self, pool: str | None = None):
+        """The simulated speaker these knobs describe (:class:`~respect_hpc.domain.simulator.SpeakerSettings`), speaking
+        from ``pool`` where given (D_0 and validation: the seed half) instead of ``self.pool``."""
+        from dataclasses import fields
+
+        from respect_hpc.domain.simulator import SpeakerSettings
+
+        knobs = self.model_dump(include={f.name for f in fields(SpeakerSettings)})
+        return SpeakerSettings(**{**knobs, "pool": pool or self.pool})
+
+
+class StageResources(Strict):
+    gpus: int = Field(0, ge=0, description="GPUs per task")
+    cpus: int = Field(1, ge=1, description="CPUs per process of a task (sbatch --cpus-per-task)")
+    mem_gb: int = Field(4, ge=1)
+    time_min: int = Field(60, ge=1, description="time limit of one task in minutes")
+    nodes: int = Field(1, ge=1)
+    max_parallel: int | None = Field(None, ge=1, description="array tasks running at once")
+    tasks_per_node: int | None = Field(None, ge=1, description="processes per node of one task; default: one "
+                                                               "per GPU, or 1 without GPUs")
+
+    @property
+    def processes(self) -> int:
+        return self.tasks_per_node or max(self.gpus, 1)
+
+
+def _default_stages() -> dict[str, StageResources]:
+    return {stage: StageResources() for stage in get_args(Stage)}
+
+
+class ClusterSection(Strict):
+    executor: Literal["local", "slurm", "debug"] = "local"
+    partition: SafeName | None = None
+    account: SafeName | None = None
+    qos: SafeName | None = None
+    constraint: Annotated[str, AfterValidator(_safe_constraint)] | None = None
+    stages: dict[Stage, StageResources] = Field(default_factory=_default_stages)
+
+    @field_validator("stages")
+    @classmethod
+    def _fill_stages(cls, value: dict[str, StageResources]) -> dict[str, StageResources]:
+        return {**_default_stages(), **value}
+
+
+class Manifest(Strict):
+    experiment: SafeName
+    round: int = Field(ge=0)
+    workdir: PlainPath = Field(Path("runs"), description="where run directories are created (relative to the "
+                                                         "manifest's folder, like every path in it)")
+    data: DataSection
+    model: ModelSection
+    policy_template: str = DEFAULT_POLICY_TEMPLATE
+    decoder: DecoderSection = DecoderSection()
+    variants: list[Variant] = Field(default_factory=lambda: list(PAPER_VARIANTS), min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    training: TrainingSection = TrainingSection()
+    validation: ValidationSection = ValidationSection()
+    sweep: dict[str, list[float | int | str]] = Field(
+        default_factory=dict, description="a grid on top of the seeds: hyperparameter -> values, e.g. "
+                                          "{learning_rate: [1e-4, 3e-4], lora_r: [8, 16]}; every cell trains "
+                                          "every variant and seed")
+    cluster: ClusterSection = ClusterSection()
+    simulation: SimulationSection | None = Field(
+        None, description="deploy the selected policies to a simulated speaker after selection (the deploy stage)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_round_variant(cls, data: object) -> object:
+        """Without interaction logs the round trains the seed policy alone."""
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and not data["data"].get("interactions") \
+                and "variants" not in data:
+            return {**data, "variants": [SEED_VARIANT]}
+        return data
+
+    @model_validator(mode="after")
+    def _seed_round(self) -> Manifest:
+        seeding = [v.name for v in self.variants if v.objective == "seed"]
+        if self.data.interactions and seeding:
+            raise ValueError(f"variants: objective seed ({', '.join(seeding)}) belongs to the seed round, a "
+                             "manifest without data.interactions")
+        if not self.data.interactions:
+            if self.round != 0:
+                raise ValueError(f"data.interactions: round {self.round} needs the interaction logs of the rounds "
+                                 "so far; only round 0, the seed round, trains without them")
+            if self.variants != [SEED_VARIANT]:
+                raise ValueError("variants: the seed round (no data.interactions) trains the seed policy alone; "
+                                 "leave variants out")
+            if self.data.seed_data is None:
+                raise ValueError("data.seed_data: the seed round trains on D_0: name it")
+        return self
+
+    @property
+    def seed_round(self) -> bool:
+        """Round 0 without logs: the seed policy is trained on D_0 and becomes every variant's start."""
+        return not self.data.interactions
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_fields(cls, value: dict[str, list]) -> dict[str, list]:
+        for key, values in value.items():
+            if key not in Hyperparameters.model_fields:
+                raise ValueError(f"sweep.{key}: not a training hyperparameter; expected one of "
+                                 f"{', '.join(Hyperparameters.model_fields)}")
+            if not values:
+                raise ValueError(f"sweep.{key}: no values")
+            for v in values:
+                Hyperparameters.model_validate({key: v})
+        return value
+
+    def cells(self) -> dict[str, dict]:
+        """The sweep's cells by name (``lora_r-16_learning_rate-0.0003``), or the one cell ``default``."""
+        if not self.sweep:
+            return {"default": {}}
+        keys = sorted(self.sweep)
+        return {"_".join(f"{k}-{v}" for k, v in zip(keys, values)): dict(zip(keys, values))
+                for values in itertools.product(*(self.sweep[k] for k in keys))}
+
+    @field_validator("policy_template")
+    @classmethod
+    def _known_policy_template(cls, value: str) -> str:
+        if value not in POLICY_TEMPLATES:
+            raise ValueError(f"unknown template {value!r}: expected one of {', '.join(sorted(POLICY_TEMPLATES))}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, value: list[Variant], info: ValidationInfo) -> list[Variant]:
+        names = [v.name for v in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"variant names repeat: {', '.join(repeated)}")
+        for variant in value:
+            if variant.continues and info.data.get("round") == 0 and variant.previous_adapter is None:
+                raise ValueError(f"variant {variant.name} continues from the previous round, "
+                                 "but round 0 has none: set init: base or previous_adapter")
+        return value
+
+    @field_validator("simulation")
+    @classmethod
+    def _simulated_turns(cls, value: SimulationSection | None, info: ValidationInfo) -> SimulationSection | None:
+        data = info.data.get("data")
+        if value is not None and data is not None and value.max_turns > data.max_turns:
+            raise ValueError(f"max_turns {value.max_turns} is more than data.max_turns {data.max_turns}, the turn "
+                             "limit the round's ingest holds the deployed games to: raise data.max_turns")
+        return value
+
+    def objective(self, variant: Variant, cell: str = "default") -> Hyperparameters:
+        """A variant's hyperparameters in a sweep cell."""
+        hp = getattr(self.training, variant.objective)
+        return Hyperparameters.model_validate({**hp.model_dump(), **self.cells()[cell]}) if cell != "default" else hp
+
+    def content_hash(self) -> str:
+        """Hash of the resolved manifest: equal for manifests that mean the same round."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

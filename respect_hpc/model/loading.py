@@ -1,0 +1,155 @@
+"""Load models from local folders (base, processor, LoRA policy) and fingerprint them.
+
+A model is a transformers checkpoint folder (a causal LM, or an Idefics2-style
+image-text-to-text model) or a GGUF file in a folder. Nothing is fetched from a
+hub; tiny models with a real interface come from :mod:`respect_hpc.model.replica`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from respect_hpc.core.hashing import bytes_digest
+from respect_hpc.config.schema import ModelSection
+from respect_hpc.core.io import atomic_write_text
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be used, with what is wrong and where."""
+
+
+def _check_folder(spec: ModelSection) -> None:
+    if not spec.path.is_dir():
+        raise ModelError(f"model.path: no such folder '{spec.path}'")
+    if spec.gguf_file and not (spec.path / spec.gguf_file).is_file():
+        raise ModelError(f"model.gguf_file: no file '{spec.gguf_file}' in '{spec.path}'")
+    if not spec.gguf_file and not (spec.path / "config.json").is_file():
+        raise ModelError(f"model.path: '{spec.path}' has no config.json (not a transformers checkpoint; "
+                         "for a GGUF file set model.gguf_file)")
+
+
+def load_tokenizer(spec: ModelSection):
+    from transformers import AutoTokenizer
+
+    _check_folder(spec)
+    tokenizer = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    if not tokenizer.chat_template:
+        raise ModelError(f"model.path: the tokenizer in '{spec.path}' has no chat template; "
+                         "add chat_template.jinja to the folder")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_multimodal(config) -> bool:
+    return hasattr(config, "vision_config") and hasattr(config, "text_config")
+
+
+def load_text_model(spec: ModelSection, device: str | torch.device = "cpu"):
+    """A model for text-only use (the feedback decoder): the LM of a multimodal checkpoint works too."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    _check_folder(spec)
+    config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    cls = AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
+    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantised
+        model.hf_quantizer.remove_quantization_config(model)
+    return model.to(device).eval()
+
+
+def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
+    """A digest of a model's config and weights: equal fingerprints, equal model.
+
+    Hashing the weights of a large model takes a while, so digests are memoised in
+    ``memo`` (a JSON file, written when it learns a new one) by file path, size and modification time.
+    """
+    _check_folder(spec)
+    try:
+        cache = json.loads(memo.read_text()) if memo and memo.is_file() else {}
+    except (OSError, ValueError):  # a damaged memo is only a slower start
+        cache = {}
+    known = len(cache)
+    files = sorted(p for p in spec.path.iterdir()
+                   if p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "tokenizer.json"))
+    if spec.gguf_file:
+        files = [spec.path / spec.gguf_file]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        stat = path.stat()
+        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        cache[memo_key] = cache.get(memo_key) or bytes_digest(path)
+        digest.update(f"{path.name}:{cache[memo_key]}\n".encode())
+    if memo and len(cache) > known:
+        atomic_write_text(json.dumps(cache, indent=1), memo)
+    return digest.hexdigest()
+
+
+_PAPER_LORA = r"(?!.*vision_model\.).*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
+LORA_PLACEMENTS = {
+    # q, k, v, gate, up, down projections everywhere but the vision model: the text model, the
+    # modality projector and the perceiver resampler (every layer of a text-only LM)
+    "paper": _PAPER_LORA,
+    # also the vision model's out_proj, fc1, fc2
+    "enhanced": rf"{_PAPER_LORA}|.*vision_model\..*\.(out_proj|fc1|fc2)",
+}
+
+
+def load_processor(spec: ModelSection):
+    """The processor of a multimodal checkpoint, or None for a text LM.
+
+    Images are processed at ``model.image_size`` with ``model.image_splitting`` whatever the
+    checkpoint's processor config says (IDEFICS2-8B ships 980 px with splitting; the
+    official ReSpect runs 224 px without).
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    _check_folder(spec)
+    if not is_multimodal(AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)):
+        return None
+    processor = AutoProcessor.from_pretrained(spec.path)
+    images = processor.image_processor
+    if not hasattr(images, "do_image_splitting"):
+        raise ModelError(f"model.path: the processor in '{spec.path}' ({type(images).__name__}) is not an "
+                         "IDEFICS2-style image processor (no do_image_splitting)")
+    images.do_image_splitting = spec.image_splitting
+    images.size = {"longest_edge": spec.image_size, "shortest_edge": spec.image_size}
+    return processor
+
+
+def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: float = 0.1, placement: str = "paper",
+                adapter: Path | None = None, seed: int = 0, gradient_checkpointing: bool = False):
+    """The base model with LoRA adapters: new ones (seeded; ``r``, ``alpha``, ``dropout``, ``placement``, the
+    paper's by default) or trainable copies of a saved ``adapter`` (which brings its own settings).
+
+    With ``gradient_checkpointing`` the base model recomputes its activations in the backward pass
+    (non-reentrant activation checkpointing, with gradients on the input embeddings as PEFT needs under
+    reentrant checkpointing; enabled before PEFT wraps the model).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    _check_folder(spec)
+    config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    cls = AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
+    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"previous adapter: no adapter_config.json in '{adapter}'")
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_PLACEMENTS[placement],
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

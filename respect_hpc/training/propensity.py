@@ -1,0 +1,68 @@
+"""p where the logs lack it (``data.propensity: recompute``), as the official annotation computes it: a
+teacher-forced pass of the policy that was deployed (the base model with that policy's adapter, named in
+``data.deployed``) over the training-format prompt in the listener's own image order; p is the product of
+the answer tokens' probabilities (full vocabulary, temperature 1, no suppression). Logged p is kept.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import torch
+
+from respect_hpc.data.datasets import with_history
+from respect_hpc.data.logs import IngestError
+from respect_hpc.config.schema import Manifest
+from respect_hpc.model.loading import load_policy, load_processor, load_tokenizer
+from respect_hpc.training.objectives import score_actions
+from respect_hpc.model.policy_inputs import PolicyEncoder, answer_logits, policy_view
+from respect_hpc.domain.prompts import policy_template
+
+BATCH = 8
+
+
+def unlogged(turns: pl.DataFrame) -> pl.DataFrame:
+    """The actions whose p the logs do not give (idle turns have none to give)."""
+    return turns.filter(pl.col("prob_action").is_null() & (pl.col("action") != ""))
+
+
+def check_deployed(manifest: Manifest, turns: pl.DataFrame) -> None:
+    """Refuses, before any model is loaded, logs without p that the manifest cannot recompute it for."""
+    missing = unlogged(turns)
+    if missing.is_empty():
+        return
+    if manifest.data.propensity != "recompute":
+        return  # training refuses RL and KTO examples without p, naming them
+    lacking = sorted(set(missing["policy"]) - set(manifest.data.deployed))
+    if lacking:
+        example = missing.filter(pl.col("policy") == lacking[0])["game_turn_id"][0]
+        raise IngestError(f"data.deployed: no adapter for policy {', '.join(lacking)}, whose logged turns have no p "
+                          f"(prob_action) to recompute (e.g. {example})")
+
+
+@torch.no_grad()
+def recompute(manifest: Manifest, turns: pl.DataFrame, progress=print) -> pl.DataFrame:
+    """``turns`` with p filled in for every action the logs give none (``data.propensity: recompute``)."""
+    missing = unlogged(turns)
+    if manifest.data.propensity != "recompute" or missing.is_empty():
+        return turns
+    check_deployed(manifest, turns)
+    template = policy_template(manifest.policy_template)
+    processor = load_processor(manifest.model)
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(manifest.model)
+    encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)
+    history = with_history(turns).join(missing.select("game_turn_id"), on="game_turn_id", how="semi")
+    found = []
+    for policy, rows in history.group_by("policy", maintain_order=True):
+        adapter = manifest.data.deployed[policy[0]]
+        model = load_policy(manifest.model, adapter=adapter).eval()
+        rows = rows.to_dicts()
+        for start in range(0, len(rows), BATCH):
+            chunk = rows[start:start + BATCH]
+            batch = encoder.collate([encoder.encode(policy_view(row, template)) for row in chunk])
+            scores = score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"])
+            found += [(row["game_turn_id"], p) for row, p in zip(chunk, scores.logprob.exp().tolist())]
+        progress(f"p recomputed for {len(rows)} actions of policy {policy[0]} under {adapter}")
+        del model
+    recomputed = pl.DataFrame(found, schema={"game_turn_id": pl.String, "_p": pl.Float64}, orient="row")
+    return (turns.join(recomputed, on="game_turn_id", how="left")
+            .with_columns(prob_action=pl.coalesce("prob_action", "_p")).drop("_p"))
