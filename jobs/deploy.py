@@ -1,5 +1,5 @@
 """The deploy stage: a round's selected policies (and the control) play simulated games, logged in the public
-interaction layout (manifest ``simulation``; the speaker is simulator.py).
+interaction layout (manifest ``simulation``; the speaker is domain/simulator.py).
 
 One array task per shard of games (game i is in shard i % shards); every deployed policy plays every game of
 the shard (the seed policy, in round 0 and as the control, those of its own ``control_games``),
@@ -8,85 +8,60 @@ an action generated as generation.py does (legal tokens, temperature 1, grammar-
 probability the policy gave that action as it sampled; an illegal action does nothing. Game i starts from the
 same images, targets and speaker seed for every policy. A shard's games are written atomically to
 ``round-R/deploy/part-SSSSS-of-NNNNN.parquet`` with the hash of their spec (a rerun skips current parts); the
-collect stage writes ``round-R/deployed.parquet``, what the next round ingests, and
-``round-R/deployed_truth.parquet``, the simulator's truth of each turn (1 good, -1 bad, 0 nothing done).
+collect stage gathers them into the round's deployed games.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from pathlib import Path
 
 import polars as pl
 import torch
 from rich.console import Console
 
-from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
-from respect_hpc.core.hashing import file_digest, spec_hash
-from respect_hpc.domain.policies import CONTROL_POLICY, SEED_POLICY
+from jobs.registry import Stage, Task, check_shard, shard_key
 from respect_hpc.config.schema import Manifest
-from respect_hpc.model.loading import load_policy, load_processor, load_tokenizer, model_fingerprint
+from respect_hpc.core.errors import RespectError
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 from respect_hpc.domain.multiref import Action, ActionError, format_action, letters_of, parse_action
-from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
 from respect_hpc.domain.prompts import policy_template
-from respect_hpc.core.rundir import RunDir
 from respect_hpc.domain.simulator import SimulatedGame, action_images, description_pool, interaction_row
 from respect_hpc.domain.synthetic import load_image_bank
-from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
+from respect_hpc.model.loading import load_encoder, load_policy, model_fingerprint
+from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
 
 console = Console(stderr=True)
-DEPLOY_FOLDER = "deploy"
-DEPLOYED_FILE = "deployed.parquet"
-TRUTH_FILE = "deployed_truth.parquet"
 
 
-class DeployError(RuntimeError):
+class DeployError(RespectError, RuntimeError):
     """A deployment that cannot run (a policy not selected yet, a missing part), with what to do."""
 
 
-def deployed_policies(manifest: Manifest) -> dict[str, Path]:
-    """Policy name -> adapter: each variant's selected policy of this round, and the control."""
-    run = RunDir.of(manifest)
-    policies = {v.name: run.policy(manifest.round, v.name) for v in manifest.variants}
-    if manifest.simulation.control and not manifest.seed_round:
-        policies[CONTROL_POLICY] = run.policy(0, SEED_POLICY)
-    return policies
-
-
-def games_played(manifest: Manifest, policy: str) -> int:
-    """Games ``policy`` plays: the seed policy (round 0's deployment, then the control every round)
-    ``control_games``, the round's selected policies ``games``."""
-    sim = manifest.simulation
-    seed_policy = policy == CONTROL_POLICY or (manifest.seed_round and policy == SEED_POLICY)
-    return (sim.control_games or sim.games) if seed_policy else sim.games
-
-
-def part_path(manifest: Manifest, shard: int, n_shards: int) -> Path:
-    return RunDir.of(manifest).round(manifest.round) / DEPLOY_FOLDER / f"part-{shard:05d}-of-{n_shards:05d}.parquet"
-
-
 def shard_spec(manifest: Manifest, shard: int, n_shards: int) -> str:
-    run = RunDir.of(manifest)
+    run = manifest.run_dir
     return spec_hash({
         "simulation": manifest.simulation.model_dump(mode="json", exclude={"shards", "batch"}),
         "shard": shard, "of": n_shards, "round": manifest.round, "policy_template": manifest.policy_template,
-        "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
+        "model": model_fingerprint(manifest.model, run.fingerprint_memo),
         "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
-        "policies": {name: file_digest(path) for name, path in deployed_policies(manifest).items()},
+        "policies": {name: file_digest(path) for name, path in manifest.deployed_policies().items()},
         "descriptions": file_digest(manifest.simulation.kilogram / "dense.json")})
 
 
-def _current(path: Path, spec: str) -> bool:
-    return parquet_metadata(path).get(SPEC_HASH_KEY) == spec
+def current(manifest: Manifest, shard: int, n_shards: int) -> bool:
+    path = manifest.run_dir.deploy_part(manifest.round, shard, n_shards)
+    return parquet_metadata(path).get(SPEC_HASH_KEY) == shard_spec(manifest, shard, n_shards)
 
 
-def done_shards(manifest: Manifest, n_shards: int) -> set[int]:
+def done(manifest: Manifest) -> set[str]:
     """Shards whose part is current (none before every deployed policy was selected)."""
-    if not all((p / "adapter_config.json").is_file() for p in deployed_policies(manifest).values()):
+    n = manifest.simulation.shards
+    if not all((p / "adapter_config.json").is_file() for p in manifest.deployed_policies().values()):
         return set()
-    return {s for s in range(n_shards)
-            if _current(part_path(manifest, s, n_shards), shard_spec(manifest, s, n_shards))}
+    return {shard_key(s, n) for s in range(n) if current(manifest, s, n)}
 
 
 def _descriptions(manifest: Manifest) -> dict[str, list[str]]:
@@ -131,29 +106,26 @@ def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *,
     return records
 
 
-def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
+def run(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     """Play shard ``shard`` of ``n_shards`` with every deployed policy; returns games played per policy."""
-    if not 0 <= shard < n_shards:
-        raise ValueError(f"--shard {shard}: expected 0 to {n_shards - 1}")
-    sim, path = manifest.simulation, part_path(manifest, shard, n_shards)
-    policies = deployed_policies(manifest)
+    check_shard(shard, n_shards)
+    sim, path = manifest.simulation, manifest.run_dir.deploy_part(manifest.round, shard, n_shards)
+    policies = manifest.deployed_policies()
     for name, adapter in policies.items():
         if not (adapter / "adapter_config.json").is_file():
             raise DeployError(f"policy {name}: no selected adapter in '{adapter}'; run the select stage first")
-    spec = shard_spec(manifest, shard, n_shards)
-    if _current(path, spec):
+    if current(manifest, shard, n_shards):
         console.print(f"{path} is current, skipped")
         return {}
+    spec = shard_spec(manifest, shard, n_shards)
     descriptions = _descriptions(manifest)
     settings = sim.speaker_settings()
-    processor = load_processor(manifest.model)
-    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(manifest.model)
-    encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)
+    encoder = load_encoder(manifest.model, manifest.data.images)
     template = policy_template(manifest.policy_template)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, played = [], {}
     for name, adapter in policies.items():
-        numbers = list(range(shard, games_played(manifest, name), n_shards))
+        numbers = list(range(shard, manifest.games_played(name), n_shards))
         model = load_policy(manifest.model, adapter=adapter).to(device).eval()
         torch.manual_seed(int(hashlib.blake2b(f"{sim.seed}/{manifest.round}/{shard}/{name}".encode(),
                                               digest_size=4).hexdigest(), 16))
@@ -174,36 +146,11 @@ def run_shard(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     return played
 
 
-def collected_spec(manifest: Manifest, n_shards: int) -> str:
-    return spec_hash({"parts": [shard_spec(manifest, s, n_shards) for s in range(n_shards)]})
 
 
-def is_collected(manifest: Manifest, n_shards: int) -> bool:
-    if len(done_shards(manifest, n_shards)) < n_shards:
-        return False
-    folder = RunDir.of(manifest).round(manifest.round)
-    return (_current(folder / DEPLOYED_FILE, collected_spec(manifest, n_shards))
-            and _current(folder / TRUTH_FILE, collected_spec(manifest, n_shards)))
+def tasks(manifest: Manifest) -> list[Task]:
+    n = manifest.simulation.shards
+    return [Task(shard_key(s, n), run, (manifest, s, n)) for s in range(n)]
 
 
-def truth_table(games: pl.DataFrame) -> pl.DataFrame:
-    """(game_id, turn_id, truth) of simulated games with the simulator's ``truth`` list."""
-    return (games.select("game_id", "truth").with_columns(turn_id=pl.int_ranges(pl.col("truth").list.len()))
-            .explode("truth", "turn_id").select("game_id", "turn_id", "truth"))
-
-
-def collect(manifest: Manifest, n_shards: int) -> pl.DataFrame:
-    """Check every part and write round-R/deployed.parquet and round-R/deployed_truth.parquet."""
-    parts = []
-    for shard in range(n_shards):
-        path = part_path(manifest, shard, n_shards)
-        if not _current(path, shard_spec(manifest, shard, n_shards)):
-            raise DeployError(f"{path}: missing or out of date; run the deploy stage's shard {shard} again")
-        parts.append(pl.read_parquet(path))
-    games = pl.concat(parts).sort("policy_name", "game_id")
-    folder = RunDir.of(manifest).round(manifest.round)
-    truth = truth_table(games)
-    stamp = {SPEC_HASH_KEY: collected_spec(manifest, n_shards)}
-    atomic_write_parquet(truth, folder / TRUTH_FILE, stamp)
-    atomic_write_parquet(games.drop("truth"), folder / DEPLOYED_FILE, stamp)
-    return games
+STAGE = Stage("deploy", upstream=("select",), tasks=tasks, done=done, applies=lambda m: m.simulation is not None)

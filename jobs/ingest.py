@@ -1,50 +1,26 @@
-"""Ingest stage: public-layout logs -> interactions.parquet, turns.parquet (+ quarantine.parquet)."""
+"""Ingest stage: the logs of every earlier round -> data/{interactions,turns,quarantine}.parquet.
+
+Bad rows go to quarantine (never dropped silently); p is recomputed where the logs lack it and the manifest
+asks (``data.propensity: recompute``, training/propensity.py).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from respect_hpc.training.propensity import check_deployed, recompute
-from respect_hpc.core.hashing import file_digest, spec_hash
-from respect_hpc.domain.policies import PUBLIC_POLICIES
-from respect_hpc.data.logs import IngestResult, ingest
-from respect_hpc.domain.policies import CONTROL_POLICY
+from jobs.registry import Stage, Task
 from respect_hpc.config.schema import Manifest
+from respect_hpc.core.hashing import file_digest, spec_hash
+from respect_hpc.core.io import SPEC_HASH_KEY, parquet_metadata
+from respect_hpc.data.logs import ingest, write_tables
+from respect_hpc.domain.policies import CONTROL_POLICY, PUBLIC_POLICIES
 from respect_hpc.model.loading import model_fingerprint
-from respect_hpc.core.rundir import RunDir
-from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.training.propensity import check_deployed, recompute
 
-INTERACTIONS_FILE = "interactions.parquet"
-TURNS_FILE = "turns.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
+KEY = "ingest"
 
 
-def run(sources: list[str | Path], out_dir: str | Path, metadata: dict[str, str] | None = None,
-        **options) -> IngestResult:
-    """Read and check ``sources`` and write the normalised tables into ``out_dir``.
-
-    ``options`` are those of :func:`respect_hpc.data.logs.read_interactions`; with
-    ``quarantine=True`` refused rows go to quarantine.parquet.
-    """
-    result = ingest(sources, **options)
-    write(result, result.turns, Path(out_dir), metadata)
-    return result
-
-
-def write(result: IngestResult, turns, out_dir: Path, metadata: dict[str, str] | None) -> None:
-    """The tables of an ingest, turns.parquet last: the stage's marker."""
-    atomic_write_parquet(result.interactions, out_dir / INTERACTIONS_FILE)
-    quarantine = out_dir / QUARANTINE_FILE
-    if result.quarantine.height:
-        atomic_write_parquet(result.quarantine, quarantine)
-    else:
-        quarantine.unlink(missing_ok=True)
-    atomic_write_parquet(turns, out_dir / TURNS_FILE, metadata)
-
-
-def _options(manifest: Manifest) -> dict:
-    """The public policy names, and every name the manifest gives a policy (variants, their lineages, the
-    simulated deployment's control) are accepted."""
+def options(manifest: Manifest) -> dict:
+    """The reading options of the round's logs: the public policy names, and every name the manifest gives a
+    policy (variants, their lineages, the simulated deployment's control), are accepted."""
     named = {*(v.name for v in manifest.variants), *(p for v in manifest.variants for p in v.policies or ())}
     if manifest.simulation is not None:
         named.add(CONTROL_POLICY)
@@ -52,25 +28,29 @@ def _options(manifest: Manifest) -> dict:
             "policies": sorted({*PUBLIC_POLICIES, *named})}
 
 
-def stage_hash(manifest: Manifest) -> str:
+def spec(manifest: Manifest) -> str:
     recomputed = manifest.data.propensity == "recompute"  # p then depends on the deployed policies too
-    return spec_hash({"sources": [file_digest(p) for p in manifest.data.interactions], **_options(manifest),
+    return spec_hash({"sources": [file_digest(p) for p in manifest.data.interactions], **options(manifest),
                       "deployed": {k: file_digest(v) for k, v in sorted(manifest.data.deployed.items())}
                       if recomputed else None,
-                      "model": model_fingerprint(manifest.model, RunDir.of(manifest).root / "cache" /
-                                                 "fingerprints.json") if recomputed else None})
+                      "model": model_fingerprint(manifest.model, manifest.run_dir.fingerprint_memo)
+                      if recomputed else None})
 
 
-def is_done(manifest: Manifest) -> bool:
-    turns = RunDir.of(manifest).data / TURNS_FILE
-    return turns.is_file() and parquet_metadata(turns).get(SPEC_HASH_KEY) == stage_hash(manifest)
+def done(manifest: Manifest) -> set[str]:
+    turns = manifest.run_dir.data.turns
+    return {KEY} if turns.is_file() and parquet_metadata(turns).get(SPEC_HASH_KEY) == spec(manifest) else set()
 
 
-def stage(manifest: Manifest) -> str:
-    """The ingest stage of a round: the logs of every earlier round (p recomputed where they lack it and the
-    manifest asks); returns the accounting line."""
-    result = ingest(manifest.data.interactions, **_options(manifest))
-    check_deployed(manifest, result.turns)
-    turns = recompute(manifest, result.turns)
-    write(result, turns, RunDir.of(manifest).data, {SPEC_HASH_KEY: stage_hash(manifest)})
+def run(manifest: Manifest) -> str:
+    """Read and check the round's logs, recompute missing p where asked, write the tables; returns the
+    accounting line (rows in = rows out + rows quarantined)."""
+    result = ingest(manifest.data.interactions, **options(manifest))
+    check_deployed(manifest.data, result.turns)
+    turns = recompute(manifest.data, manifest.model, manifest.policy_template, result.turns)
+    write_tables(result, manifest.run_dir.data, {SPEC_HASH_KEY: spec(manifest)}, turns)
     return f"{result.accounting()}; {result.turns.height} turns"
+
+
+STAGE = Stage("ingest", upstream=(), tasks=lambda m: [Task(KEY, run, (m,))], done=done,
+              applies=lambda m: not m.seed_round)

@@ -1,42 +1,36 @@
-"""Metrics stage: interactions and turns tables -> round metrics table."""
+"""Metrics stage: the ingested logs -> round-R/metrics/round_metrics.parquet (success, turns, language per
+policy and round, with bootstrap intervals)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 
-from jobs.ingest import INTERACTIONS_FILE, TURNS_FILE
-from respect_hpc.core.hashing import file_digest, spec_hash
+from jobs.registry import Stage, Task
 from respect_hpc.config.schema import Manifest
-from respect_hpc.report.round_metrics import N_RESAMPLES, round_metrics
-from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.report.round_metrics import round_metrics
 
-METRICS_FILE = "round_metrics.parquet"
+KEY = "metrics"
 
 
-def run(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, n_resamples: int = N_RESAMPLES,
-        metadata: dict[str, str] | None = None) -> pl.DataFrame:
-    """Compute round metrics from an ingest stage's tables and write them to ``out_dir``."""
-    data_dir = Path(data_dir)
-    metrics = round_metrics(pl.read_parquet(data_dir / INTERACTIONS_FILE), pl.read_parquet(data_dir / TURNS_FILE),
-                            seed=seed, n_resamples=n_resamples)
-    atomic_write_parquet(metrics, Path(out_dir) / METRICS_FILE, metadata)
+def spec(manifest: Manifest) -> str:
+    data = manifest.run_dir.data
+    return spec_hash({"interactions": file_digest(data.interactions), "turns": file_digest(data.turns)})
+
+
+def done(manifest: Manifest) -> set[str]:
+    path = manifest.run_dir.round_metrics(manifest.round)
+    return {KEY} if path.is_file() and parquet_metadata(path).get(SPEC_HASH_KEY) == spec(manifest) else set()
+
+
+def run(manifest: Manifest) -> pl.DataFrame:
+    """The metrics of the logged rounds so far."""
+    data = manifest.run_dir.data
+    metrics = round_metrics(pl.read_parquet(data.interactions), pl.read_parquet(data.turns))
+    atomic_write_parquet(metrics, manifest.run_dir.round_metrics(manifest.round), {SPEC_HASH_KEY: spec(manifest)})
     return metrics
 
 
-def stage_hash(manifest: Manifest) -> str:
-    data = RunDir.of(manifest).data
-    return spec_hash({"interactions": file_digest(data / INTERACTIONS_FILE), "turns": file_digest(data / TURNS_FILE)})
-
-
-def is_done(manifest: Manifest) -> bool:
-    path = RunDir.of(manifest).metrics(manifest.round) / METRICS_FILE
-    return path.is_file() and parquet_metadata(path).get(SPEC_HASH_KEY) == stage_hash(manifest)
-
-
-def stage(manifest: Manifest) -> pl.DataFrame:
-    """The metrics stage of a round: metrics of the logged rounds so far."""
-    run_dir = RunDir.of(manifest)
-    return run(run_dir.data, run_dir.metrics(manifest.round), metadata={SPEC_HASH_KEY: stage_hash(manifest)})
+STAGE = Stage("metrics", upstream=("ingest",), tasks=lambda m: [Task(KEY, run, (m,))], done=done,
+              applies=lambda m: not m.seed_round)

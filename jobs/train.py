@@ -1,13 +1,11 @@
-"""Train stage: one task per (variant, seed), run as a submitit Checkpointable array task.
+"""Train stage: one task per (variant, sweep cell, seed), run as a submitit Checkpointable array task.
 
-:func:`prepare` builds a task's training set, validation turns and settings and
-refuses bad input before any GPU time (an empty training set, a missing previous
-adapter, images the folder lacks, a batch the world cannot divide). A
-:class:`TrainTask` runs :func:`respect_hpc.training.trainer.train` in each of its processes;
-on SIGUSR2 (preemption, or the time limit coming) it finishes the optimizer step,
-saves a checkpoint and hands over to submitit, which requeues it; the requeued
-task resumes from that checkpoint. A finished task writes ``done.json`` with the
-hash of its spec, and a rerun with the same spec skips it.
+:func:`prepare` builds a task's training set, validation turns and settings and refuses bad input before
+any GPU time (an empty training set, a missing previous adapter, images the folder lacks, a batch the world
+cannot divide). A :class:`TrainTask` runs :func:`respect_hpc.training.trainer.train` in each of its
+processes; on SIGUSR2 (preemption, or the time limit coming) it finishes the optimizer step, saves a
+checkpoint and hands over to submitit, which requeues it; the requeued task resumes from that checkpoint. A
+finished task writes ``done.json`` with the hash of its spec, and a rerun with the same spec skips it.
 """
 
 from __future__ import annotations
@@ -24,17 +22,18 @@ import submitit
 import torch
 from rich.console import Console
 
-from jobs.decode import FEEDBACK_FILE
-from jobs.ingest import TURNS_FILE
-from respect_hpc.data.datasets import source_counts, training_set, validation_turns
-from respect_hpc.core.hashing import file_digest, spec_hash
-from respect_hpc.data.logs import ingest
+from jobs.registry import Stage, Task
 from respect_hpc.config.schema import Manifest, Variant
-from respect_hpc.model.loading import is_multimodal, model_fingerprint
-from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import atomic_write_parquet, atomic_write_text
+from respect_hpc.core.rundir import DEFAULT_CELL, TaskDir
+from respect_hpc.data.datasets import source_counts, training_set, validation_turns
+from respect_hpc.data.logs import ingest
+from respect_hpc.model.loading import is_multimodal_model, model_fingerprint
+from respect_hpc.training.checkpoints import clear_task, finished, outputs_problem
 from respect_hpc.training.selection import rank
-from respect_hpc.training.trainer import DONE_FILE, METRICS_FILE, SOURCES_FILE, TrainingError, TrainSpec, accumulation_steps, adapter_problem, clear_task, train
+from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps
+from respect_hpc.training.trainer import train
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -44,37 +43,29 @@ class Prepared:
     spec: TrainSpec
     examples: pl.DataFrame
     validation: pl.DataFrame
-    spec_hash: str
+
+
+def task_key(variant: str, cell: str, seed: int) -> str:
+    return f"{variant}/seed-{seed}" if cell == DEFAULT_CELL else f"{variant}@{cell}/seed-{seed}"
 
 
 def variant_of(manifest: Manifest, name: str) -> Variant:
-    for variant in manifest.variants:
-        if variant.name == name:
-            return variant
-    raise TrainingError(f"--variant {name}: the manifest has no such variant; expected one of "
-                        f"{', '.join(v.name for v in manifest.variants)}")
+    variant = manifest.variant(name)
+    if variant is None:
+        raise TrainingError(f"--variant {name}: the manifest has no such variant; expected one of "
+                            f"{', '.join(v.name for v in manifest.variants)}")
+    return variant
 
 
-def task_dir(manifest: Manifest, variant: str, seed: int, cell: str = "default") -> Path:
-    """round-R/train/<variant>/seed-<s>, or round-R/train/<variant>@<cell>/seed-<s> in a sweep."""
-    name = variant if cell == "default" else f"{variant}@{cell}"
-    return RunDir.of(manifest).round(manifest.round) / "train" / name / f"seed-{seed}"
+def task_dir(manifest: Manifest, variant: str, seed: int, cell: str = DEFAULT_CELL) -> TaskDir:
+    return manifest.run_dir.task(manifest.round, variant, cell, seed)
 
 
-def previous_adapter(manifest: Manifest, variant: Variant) -> Path:
-    return variant.previous_adapter or RunDir.of(manifest).previous_policy(manifest.round, variant.name)
-
-
-def inputs(manifest: Manifest) -> tuple[Path, Path]:
-    run = RunDir.of(manifest)
-    return run.data / TURNS_FILE, run.round(manifest.round) / FEEDBACK_FILE
-
-
-def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "default") -> str:
+def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFAULT_CELL) -> str:
     """The hash of a task's spec: settings, model, and the digests of every input it reads."""
     variant = variant_of(manifest, variant_name)
-    adapter = previous_adapter(manifest, variant) if variant.continues else None
-    run = RunDir.of(manifest)
+    adapter = manifest.previous_adapter(variant) if variant.continues else None
+    run = manifest.run_dir
     return spec_hash({
         "variant": variant.model_dump(mode="json"), "seed": seed, "cell": cell,
         "hp": manifest.objective(variant, cell).model_dump(mode="json"),
@@ -82,24 +73,25 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = "def
                                                                       "image_order"}),
         "validation": manifest.validation.model_dump(mode="json"),
         "policy_template": manifest.policy_template, "images": str(manifest.data.images),
-        "model": model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json"),
+        "model": model_fingerprint(manifest.model, run.fingerprint_memo),
         "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
-        "inputs": [file_digest(p) for p in (*inputs(manifest), manifest.data.seed_data, manifest.data.validation,
-                                            adapter)]})
+        "inputs": [file_digest(p) for p in (run.data.turns, run.round_feedback(manifest.round),
+                                            manifest.data.seed_data, manifest.data.validation, adapter)]})
 
 
 def _turns_of(path: Path | None) -> pl.DataFrame | None:
     return None if path is None else ingest([path], policies=None).turns
 
 
-def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "default") -> Prepared:
+def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFAULT_CELL) -> Prepared:
     """Everything one task needs, checked; raises TrainingError naming what is wrong."""
     variant = variant_of(manifest, variant_name)
     hp = manifest.objective(variant, cell)
     resources = manifest.cluster.stages["train"]
     accumulation_steps(hp.effective_batch, hp.micro_batch, resources.processes * resources.nodes,
                        f"training.{variant.objective}")
-    turns_path, feedback_path = inputs(manifest)
+    run = manifest.run_dir
+    turns_path, feedback_path = run.data.turns, run.round_feedback(manifest.round)
     for path, stage in ((turns_path, "ingest"), (feedback_path, "decode")):
         if not path.is_file() and not manifest.seed_round:
             raise TrainingError(f"{path}: missing; run the {stage} stage first")
@@ -107,7 +99,7 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
         raise TrainingError("data.validation: required for training (human-human games for checkpoint selection)")
     adapter = None
     if variant.continues:
-        adapter = previous_adapter(manifest, variant)
+        adapter = manifest.previous_adapter(variant)
         if not (adapter / "adapter_config.json").is_file():
             raise TrainingError(f"variant {variant.name}: continues from the previous round's adapter, but "
                                 f"'{adapter}' holds none (set previous_adapter, or init: base)")
@@ -115,27 +107,19 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = "defau
     examples = training_set(logged, _turns_of(manifest.data.seed_data), variant=variant, hp=hp, seed=seed,
                             augmentation=manifest.training.d0_augmentation)
     validation = validation_turns(_turns_of(manifest.data.validation), limit=manifest.validation.turns)
-    from transformers import AutoConfig
-
-    if is_multimodal(AutoConfig.from_pretrained(manifest.model.path, gguf_file=manifest.model.gguf_file)):
+    if is_multimodal_model(manifest.model):
         _check_images(manifest, examples, "training examples")
         _check_images(manifest, validation, "data.validation")
-    spec_hash = task_hash(manifest, variant.name, seed, cell)
-    run = RunDir.of(manifest)
-    vision_cache = (run.round(manifest.round) / "vision-cache"
-                    / model_fingerprint(manifest.model, run.root / "cache" / "fingerprints.json")[:16]
+    vision_cache = (run.vision_cache(manifest.round, model_fingerprint(manifest.model, run.fingerprint_memo)[:16])
                     if manifest.training.vision_cache else None)
     constrained = manifest.validation.constrained
     constrained = variant.objective == "kto" if constrained is None else constrained
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
-                     out=task_dir(manifest, variant.name, seed, cell), adapter=adapter,
-                     zero_stage=manifest.training.zero_stage, checkpoint_every=manifest.training.checkpoint_every,
-                     validation=manifest.validation.model_copy(update={"constrained": constrained}), cell=cell,
-                     gradient_checkpointing=manifest.training.gradient_checkpointing,
-                     packing=manifest.training.packing, image_order=manifest.training.image_order,
-                     vision_cache=vision_cache, spec_hash=spec_hash)
-    return Prepared(spec, examples, validation, spec_hash)
+                     out=task_dir(manifest, variant.name, seed, cell), training=manifest.training,
+                     validation=manifest.validation.model_copy(update={"constrained": constrained}), adapter=adapter,
+                     vision_cache=vision_cache, cell=cell, spec_hash=task_hash(manifest, variant.name, seed, cell))
+    return Prepared(spec, examples, validation)
 
 
 def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:
@@ -148,30 +132,7 @@ def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:
         raise TrainingError(f"{what}: {len(missing)} images are not in data.images '{folder}', e.g. {missing[0]}")
 
 
-def outputs_problem(out: Path) -> str | None:
-    """What is wrong with a finished task's outputs that later stages trust (every epoch's adapter), or None."""
-    try:
-        epochs = json.loads((out / DONE_FILE).read_text()).get("epochs")
-    except (OSError, ValueError):
-        return f"'{out / DONE_FILE}' is unreadable"
-    for epoch in range(1, (epochs or 0) + 1):
-        problem = adapter_problem(out / "epochs" / f"epoch-{epoch:03d}")
-        if problem:
-            return f"epoch {epoch}: {problem}"
-    return None if epochs else f"'{out / DONE_FILE}' names no epochs"
-
-
-def is_done(out: Path, spec_hash: str) -> bool:
-    """The task finished under this spec and its epoch adapters are intact."""
-    done = out / DONE_FILE
-    try:
-        recorded = json.loads(done.read_text()).get("spec_hash") if done.is_file() else None
-    except ValueError:
-        return False
-    return recorded == spec_hash and outputs_problem(out) is None
-
-
-def _distributed_env() -> None:
+def set_distributed_env() -> None:
     """RANK, WORLD_SIZE, MASTER_ADDR/PORT for torch.distributed: from submitit inside a job, else one process."""
     try:
         env = submitit.JobEnvironment()
@@ -216,33 +177,35 @@ class StopRequest:
 class TrainTask(submitit.helpers.Checkpointable):
     """One training task as a submitit callable: requeued with the same arguments when preempted."""
 
-    def __init__(self, manifest: Manifest, variant: str, seed: int, cell: str = "default"):
+    def __init__(self, manifest: Manifest, variant: str, seed: int, cell: str = DEFAULT_CELL):
         self.manifest, self.variant, self.seed, self.cell = manifest, variant, seed, cell
 
     def __call__(self) -> dict:
         torch.set_num_threads(self.manifest.cluster.stages["train"].cpus)
         prepared = prepare(self.manifest, self.variant, self.seed, self.cell)
         out = prepared.spec.out
-        if is_done(out, prepared.spec_hash):
-            console.print(f"{self.variant} seed {self.seed}: done already ({out / DONE_FILE}), skipped")
-            return json.loads((out / DONE_FILE).read_text())
-        if (out / DONE_FILE).is_file() and outputs_problem(out):
+        if finished(out, prepared.spec.spec_hash):
+            console.print(f"{self.variant} seed {self.seed}: done already ({out.done}), skipped")
+            return json.loads(out.done.read_text())
+        if out.done.is_file() and outputs_problem(out):
             console.print(f"{self.variant} seed {self.seed}: {outputs_problem(out)}; training again from the start")
             clear_task(out)
-        _distributed_env()
+        set_distributed_env()
         main = os.environ.get("RANK", "0") == "0"
         stop = StopRequest()
         console.print(f"{self.variant} seed {self.seed}: {prepared.examples.height} examples "
-                      f"({_source_counts(prepared.examples)}), {prepared.validation.height} validation turns -> {out}")
+                      f"({_source_counts(prepared.examples)}), {prepared.validation.height} validation turns -> "
+                      f"{out.root}")
         outcome = train(prepared.spec, prepared.examples, prepared.validation, stop.is_set,
                         progress=console.print if main else (lambda _: None))
         if outcome == "stopped":
             stop.hand_over()
-        result = {"variant": self.variant, "cell": self.cell, "seed": self.seed, "spec_hash": prepared.spec_hash,
-                  "examples": prepared.examples.height, "epochs": prepared.spec.hp.epochs, **best_epoch(out)}
+        result = {"variant": self.variant, "cell": self.cell, "seed": self.seed,
+                  "spec_hash": prepared.spec.spec_hash, "examples": prepared.examples.height,
+                  "epochs": prepared.spec.hp.epochs, **best_epoch(out)}
         if main:
-            atomic_write_parquet(source_counts(prepared.examples), out / SOURCES_FILE)  # for reports
-            atomic_write_text(json.dumps(result, indent=1), out / DONE_FILE)
+            atomic_write_parquet(source_counts(prepared.examples), out.sources)  # for reports
+            atomic_write_text(json.dumps(result, indent=1), out.done)
         return result
 
 
@@ -251,14 +214,22 @@ def _source_counts(examples: pl.DataFrame) -> str:
                      for r in source_counts(examples).iter_rows(named=True))
 
 
-def best_epoch(out: Path) -> dict:
+def best_epoch(out: TaskDir) -> dict:
     """The epoch with the highest validation exact match (ties: lower loss, then earlier)."""
-    epochs = pl.read_parquet(out / METRICS_FILE).filter(pl.col("val_exact_match").is_not_null())
+    epochs = pl.read_parquet(out.metrics).filter(pl.col("val_exact_match").is_not_null())
     best = rank(epochs).row(0, named=True)
     return {"best_epoch": best["epoch"], "val_exact_match": best["val_exact_match"], "val_loss": best["val_loss"]}
 
 
-def run_task(manifest: Manifest, variant: str, seed: int, cell: str = "default") -> dict:
+def run(manifest: Manifest, variant: str, seed: int, cell: str = DEFAULT_CELL) -> dict:
     """Run one task in this process (world size 1)."""
     return TrainTask(manifest, variant, seed, cell)()
 
+
+def done(manifest: Manifest) -> set[str]:
+    return {task_key(v, c, s) for v, c, s in manifest.training_tasks()
+            if finished(task_dir(manifest, v, s, c), task_hash(manifest, v, s, c))}
+
+
+STAGE = Stage("train", upstream=("ingest", "merge"), done=done,
+              tasks=lambda m: [Task(task_key(v, c, s), TrainTask(m, v, s, c)) for v, c, s in m.training_tasks()])

@@ -1,13 +1,42 @@
-"""Shared fixtures: hand-made games in the public layouts, written to real files."""
+"""Shared fixtures: hand-made games in the public layouts, written to real files, and the command line run in
+this process."""
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-KILOGRAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "kilogram"
+REPO = Path(__file__).resolve().parents[1]
+KILOGRAM = REPO.parent / "shared" / "data" / "kilogram"
 CONTEXT = [f"page-{c}.png" for c in "ABCDEFGHIJ"]
+
+
+@dataclass(frozen=True)
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, cwd: Path | None = None) -> Done:
+    """``respect-hpc ARGS`` in this process (typer's CliRunner): its exit status, stdout and stderr. Tests where a
+    real process is the point (signals, kills, the installed entry point) start one themselves."""
+    from typer.testing import CliRunner
+
+    from respect_hpc.cli import app
+
+    here = Path.cwd()
+    os.chdir(cwd or here)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(here)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug: its traceback, not an exit status
+    return Done(result.exit_code, result.stdout, result.stderr)
 
 
 def game(game_id="g1", **fields):
@@ -45,9 +74,9 @@ def kilogram():
 def taught_decoder(tmp_path_factory):
     """A tiny IDEFICS2-8B replica taught to answer decoder prompts as IDEFICS2-8B does, plus the logs it saw."""
     from respect_hpc.data.logs import ingest
-    from respect_hpc.simulation.teaching import teach_label_words
-    from respect_hpc.model.replica import replica_like
     from respect_hpc.domain.synthetic import synthesize
+    from respect_hpc.model.replica import replica_like
+    from respect_hpc.simulation.teaching import teach_label_words
 
     root = tmp_path_factory.mktemp("decoder")
     logs = root / "round-0.parquet"
@@ -64,8 +93,8 @@ def round_inputs(root: Path, games: int, model: Path | None = None,
 
     Images are the real KiloGram tangrams when ../shared/data/kilogram is present, else procedural ones.
     """
-    from respect_hpc.model.replica import replica_like
     from respect_hpc.domain.synthetic import draw_procedural_images, load_image_bank, synthesize
+    from respect_hpc.model.replica import replica_like
 
     bank = load_image_bank(KILOGRAM if (KILOGRAM / "dense10.json").is_file() else None)
     paths = {"images": KILOGRAM / "tangram_pngs"}
@@ -87,21 +116,24 @@ def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary,
                 policies: dict[str, float] | None = None) -> Path:
     """A round ready to train (:func:`round_inputs`, ingested), with decoded feedback written directly:
     heuristic labels standing in for the decode stage."""
-    import jobs.ingest
+    from respect_hpc.core.rundir import RunDir
+    from respect_hpc.data.logs import ingest, write_tables
     from respect_hpc.domain.prompts import LABEL_VALUES
     from respect_hpc.domain.synthetic import follow_up_label
 
     inputs = round_inputs(root, games, model, policies)
     logs, d0, validation, images, model = (inputs[k] for k in ("logs", "d0", "validation", "images", "model"))
-    run = root / "runs" / "t"
-    turns = jobs.ingest.run([logs], run / "data", policies=None).turns.filter("has_follow_up")
+    run = RunDir(root / "runs" / "t")
+    result = ingest([logs], policies=None)
+    write_tables(result, run.data)
+    turns = result.turns.filter("has_follow_up")
     feedback = pl.concat([turns.select(
         "game_turn_id", "round", "policy", kind=pl.lit(kind),
         label=pl.Series([LABEL_VALUES[follow_up_label(f, labels)]
                          for f in turns["follow_up"]], dtype=pl.Int8))
         for kind, labels in (("binary", ("Positive", "Negative")), ("ternary", ("Positive", "Neutral", "Negative")))])
-    (run / "round-1").mkdir(parents=True)
-    feedback.write_parquet(run / "round-1" / "feedback.parquet")
+    run.round(1).mkdir(parents=True)
+    feedback.write_parquet(run.round_feedback(1))
     manifest = root / "round.yaml"
     manifest.write_text(f"""experiment: t
 round: 1
@@ -129,3 +161,54 @@ def idefics2_interface(tmp_path_factory):
     from respect_hpc.model.replica import write_interface
 
     return write_interface("idefics2-8b", tmp_path_factory.mktemp("idefics2-8b"))
+
+
+def write_decode_round(root: Path, model: Path, logs: list[Path], round_: int = 1, shards: int = 2,
+                       chunk_rows: int = 4096) -> Path:
+    """A manifest of round ``round_`` that decodes ``logs`` with ``model`` in ``shards`` (binary and ternary
+    variants), nothing run yet."""
+    import textwrap
+
+    path = root / f"round-{round_}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        experiment: test
+        round: {round_}
+        workdir: {root / 'runs'}
+        data: {{interactions: [{', '.join(map(str, logs))}]}}
+        model: {{path: {model}, dtype: fp32}}
+        decoder: {{shards: {shards}, batch_tokens: 1024, chunk_rows: {chunk_rows}}}
+        variants:
+          - {{name: b-fft, feedback: binary, objective: fft}}
+          - {{name: t-fft, feedback: ternary, objective: fft}}
+        """))
+    return path
+
+
+def write_logged_round(root: Path, model: Path, executor: str = "local", extra_variants: str = "") -> Path:
+    """Synthetic logs, D_0, validation games and a manifest naming them and ``model`` (no stage run yet).
+
+    ``model`` is the session's tiny model taught to answer with label words (conftest.taught_decoder):
+    a random-weight one may label a whole round negative, leaving FFT nothing to train on."""
+    inputs = round_inputs(root, games=10, model=model)
+    manifest = root / "round.yaml"
+    manifest.write_text(f"""experiment: tiny
+round: 1
+workdir: {root / 'runs'}
+data:
+  interactions: [{inputs['logs']}]
+  seed_data: {inputs['d0']}
+  validation: {inputs['validation']}
+  images: {inputs['images']}
+model: {{path: {inputs['model']}, dtype: fp32}}
+decoder: {{shards: 2, batch_tokens: 2048}}
+variants:
+  - {{name: b-fft, feedback: binary, objective: fft}}
+{extra_variants}seeds: [1, 2]
+training:
+  fft: {{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}}
+  kto: {{epochs: 1, effective_batch: 8, micro_batch: 4, warmup_steps: 1}}
+  zero_stage: null
+cluster:
+  executor: {executor}
+""")
+    return manifest

@@ -18,18 +18,29 @@ from pathlib import Path
 
 import submitit
 
-from respect_hpc.cluster import executors as launch
+from jobs.registry import ORDER, upstream_of
+from respect_hpc.cluster import executors
+from respect_hpc.cluster.plan import PlannedStage, build, mark_done
+from respect_hpc.cluster.plan import plan as round_plan
+from respect_hpc.cluster.scheduler import (
+    ACTIVE,
+    FAILED,
+    SchedulerState,
+    last_error_line,
+    latest_tasks,
+    local_state,
+    log_path,
+    record,
+    slurm_states,
+)
 from respect_hpc.config.schema import Manifest
-from respect_hpc.cluster.plan import STAGES, UPSTREAM, Stage, Task, build, downstream_of_todo, mark_done
-from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.errors import RespectError
 from respect_hpc.core.io import atomic_write_text
-from respect_hpc.cluster.scheduler import ACTIVE, FAILED, SchedulerState, last_error_line, latest_tasks, local_state, log_path, record, slurm_states
 
-MANIFEST_FILE = "manifest.lock.json"
 DEFAULT_MAX_ARRAY_SIZE = 1001
 
 
-class ControllerError(RuntimeError):
+class ControllerError(RespectError, RuntimeError):
     """A round that cannot be submitted (still running, failed tasks without --retry) or that failed."""
 
 
@@ -40,18 +51,9 @@ def max_array_size() -> int:
     return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
 
 
-def array_chunks(tasks: list[Task], max_size: int) -> list[list[Task]]:
+def array_chunks(tasks: list, max_size: int) -> list[list]:
     """Tasks cut into arrays of at most ``max_size`` (one sbatch call each)."""
     return [tasks[i:i + max_size] for i in range(0, len(tasks), max_size)]
-
-
-def sbatch_script(manifest: Manifest, stage: str, n_tasks: int) -> str:
-    """The sbatch script of a stage's array, as submitit would write it."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    ex = launch.executor(manifest, stage, "slurm")
-    return _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, map_count=n_tasks,
-                               **ex.parameters)
 
 
 @dataclass
@@ -68,7 +70,7 @@ class TaskStatus:
         return self.state.upper() in ACTIVE
 
 
-def _with_upstream_failures(rows: list[TaskStatus]) -> list[TaskStatus]:
+def with_upstream_failures(rows: list[TaskStatus]) -> list[TaskStatus]:
     """A task cancelled without a reason from the scheduler (sacct may not keep one) whose upstream stage has a
     failed task was cancelled by its dependency: say so, naming the failure."""
     failed: dict[str, TaskStatus] = {}
@@ -76,27 +78,51 @@ def _with_upstream_failures(rows: list[TaskStatus]) -> list[TaskStatus]:
         if r.state == "failed":
             failed.setdefault(r.stage, r)
     for i, row in enumerate(rows):
-        cause = next((failed[s] for s in UPSTREAM[row.stage] if s in failed), None)
+        cause = next((failed[s] for s in sorted(upstream_of(row.stage)) if s in failed), None)
         if row.state == "cancelled" and row.detail == "cancelled" and cause is not None:
             rows[i] = TaskStatus(row.stage, row.key, "cancelled", f"an upstream task failed ({cause.stage} "
                                  f"{cause.key}): its dependency was never satisfied", row.log)
     return rows
 
 
+def task_status(stage: str, key: str, rec: dict, scheduler: SchedulerState) -> TaskStatus:
+    """A submitted task whose output is not current, from its job record (job id, log folder) and the
+    scheduler's state: out of date (it ended well, yet its output is missing or stale), failed (with its last
+    error line), cancelled (with the scheduler's reason), pending or running."""
+    log = str(log_path(rec["folder"], rec["job_id"]))
+    state = scheduler.state
+    error = last_error_line(Path(log), errors_only=True)
+    if state == "COMPLETED" or (state == "ENDED" and not error):
+        return TaskStatus(stage, key, "out of date", "its output is missing, damaged or stale: a run redoes it", log)
+    if state in FAILED or state == "ENDED":
+        return TaskStatus(stage, key, "failed", error or last_error_line(Path(log)), log)
+    if state.startswith("CANCELLED"):
+        reason = scheduler.reason if scheduler.reason not in ("", "None") else "cancelled"
+        return TaskStatus(stage, key, "cancelled", reason, log)
+    if state in ACTIVE:
+        return TaskStatus(stage, key, state.lower(), scheduler.reason if state == "PENDING" else "", log)
+    return TaskStatus(stage, key, state.lower(), "", log)
+
+
+def dependencies(stage: str, arrays: dict[str, list[str]]) -> list[str]:
+    """The arrays a stage's array waits for (afterok): those submitted for the stages it reads, directly or
+    through another stage."""
+    return [job_id for name in sorted(upstream_of(stage)) for job_id in arrays.get(name, [])]
+
+
 class Controller:
     def __init__(self, manifest: Manifest, executor: str | None = None, report=print):
         self.manifest, self.report = manifest, report
         self.kind = executor or manifest.cluster.executor
-        self.run_dir = RunDir.of(manifest)
-        self.round_dir = self.run_dir.round(manifest.round)
+        self.run_dir = manifest.run_dir
 
     # -- planning -----------------------------------------------------------------------------------
-    def plan(self) -> list[Stage]:
+    def plan(self) -> list[PlannedStage]:
         """Every stage with its done tasks marked; work in a stage makes the later stages' work to do."""
-        return downstream_of_todo(mark_done(self.manifest, build(self.manifest)))
+        return round_plan(self.manifest)
 
-    def status(self, stages: list[Stage] | None = None) -> list[TaskStatus]:
-        recorded = latest_tasks(self.round_dir)
+    def status(self, stages: list[PlannedStage] | None = None) -> list[TaskStatus]:
+        recorded = latest_tasks(self.run_dir.jobs_record(self.manifest.round))
         slurm = slurm_states([r["job_id"] for r in recorded.values() if r["executor"] == "slurm"])
         rows = []
         for stage in stages or self.plan():
@@ -111,28 +137,11 @@ class Controller:
                     continue
                 scheduler = (slurm.get(rec["job_id"], SchedulerState("UNKNOWN")) if rec["executor"] == "slurm"
                              else local_state(rec["job_id"]))
-                rows.append(self._row(stage.name, task.key, rec, scheduler))
-        return _with_upstream_failures(rows)
-
-    def _row(self, stage: str, key: str, rec: dict, scheduler: SchedulerState) -> TaskStatus:
-        log = str(log_path(rec["folder"], rec["job_id"]))
-        state = scheduler.state
-        error = last_error_line(Path(log), errors_only=True)
-        if state == "COMPLETED" or (state == "ENDED" and not error):
-            # the job ended well (or was stopped without an error), yet its output is not current
-            return TaskStatus(stage, key, "out of date", "its output is missing, damaged or stale: a run redoes it",
-                              log)
-        if state in FAILED or state == "ENDED":
-            return TaskStatus(stage, key, "failed", error or last_error_line(Path(log)), log)
-        if state.startswith("CANCELLED"):
-            reason = scheduler.reason if scheduler.reason not in ("", "None") else "cancelled"
-            return TaskStatus(stage, key, "cancelled", reason, log)
-        if state in ACTIVE:
-            return TaskStatus(stage, key, state.lower(), scheduler.reason if state == "PENDING" else "", log)
-        return TaskStatus(stage, key, state.lower(), "", log)
+                rows.append(task_status(stage.name, task.key, rec, scheduler))
+        return with_upstream_failures(rows)
 
     # -- submitting ---------------------------------------------------------------------------------
-    def check_previous(self, retry: bool, stages: list[Stage]) -> None:
+    def check_previous(self, retry: bool, stages: list[PlannedStage]) -> None:
         """Refuse while tasks of this round are still queued or running, and after failures without --retry."""
         rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "out of date")]
         active = [r for r in rows if r.active]
@@ -147,9 +156,9 @@ class Controller:
                                   f"(e.g. {first.stage} {first.key}: {first.detail or first.state}); fix the cause, "
                                   "then run again with --retry to resubmit only those")
 
-    def submit(self, stage: Stage, after: list[str]) -> dict[str, submitit.Job]:
+    def submit(self, stage: PlannedStage, after: list[str]) -> dict[str, submitit.Job]:
         """One array per chunk of the stage's tasks to do; records the job ids."""
-        ex = launch.executor(self.manifest, stage.name, self.kind)
+        ex = executors.executor(self.manifest, stage.name, self.kind)
         if self.kind == "slurm" and after:
             ex.update_parameters(dependency="afterok:" + ":".join(after))
         chunks = array_chunks(stage.todo, max_array_size() if self.kind == "slurm" else len(stage.todo) or 1)
@@ -158,7 +167,8 @@ class Controller:
             with ex.batch():
                 submitted = [ex.submit(task.call, *task.args) for task in chunk]
             jobs.update({task.key: job for task, job in zip(chunk, submitted)})
-        record(self.round_dir, stage.name, self.kind, {k: j.job_id for k, j in jobs.items()}, ex.folder)
+        record(self.run_dir.jobs_record(self.manifest.round), stage.name, self.kind,
+               {k: j.job_id for k, j in jobs.items()}, ex.folder)
         return jobs
 
     def run(self, *, detach: bool = False, retry: bool = False) -> dict[str, int]:
@@ -173,18 +183,18 @@ class Controller:
                                   f"selection); the round has {len(train.tasks)} training tasks")
         self.check_previous(retry, stages)
         self.run_dir.make_private()
-        atomic_write_text(self.manifest.model_dump_json(indent=1), self.run_dir.root / MANIFEST_FILE)
+        atomic_write_text(self.manifest.model_dump_json(indent=1), self.run_dir.manifest_lock)
         if self.kind == "slurm":
             return self._run_chained(stages, detach)
         return self._run_in_turn()
 
-    def _run_chained(self, stages: list[Stage], detach: bool) -> dict[str, int]:
+    def _run_chained(self, stages: list[PlannedStage], detach: bool) -> dict[str, int]:
         arrays: dict[str, list[str]] = {}
         submitted: dict[str, dict[str, submitit.Job]] = {}
         for stage in stages:
             if not stage.todo:
                 continue
-            after = [job_id for name in UPSTREAM[stage.name] for job_id in arrays.get(name, [])]
+            after = dependencies(stage.name, arrays)
             submitted[stage.name] = self.submit(stage, after)
             arrays[stage.name] = sorted({j.job_id.split("_")[0] for j in submitted[stage.name].values()})
             self.report(f"{stage.name}: {len(stage.todo)} of {len(stage.tasks)} tasks submitted as "
@@ -226,7 +236,7 @@ class Controller:
                         del pending[(name, key)]
                         progress.advance(bars[name])
                 time.sleep(0.5 if pending else 0)
-        for name in (s for s in STAGES if s in submitted):
+        for name in (s for s in ORDER if s in submitted):
             failures = []
             for key, job in submitted[name].items():
                 if job.state.startswith("CANCELLED") or job.exception() is not None:

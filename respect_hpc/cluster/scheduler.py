@@ -1,8 +1,7 @@
 """What the controller submitted and what became of it: a lock, job records, task states.
 
-    <run dir>/controller.lock            who is submitting now (pid, host, since)
-    <run dir>/manifest.lock.json         the resolved manifest of the latest submission
-    <run dir>/round-R/jobs.json          every submission: stage, task key -> job id, log folder
+The run directory (core/rundir.py) names the files: ``controller.lock`` (who is submitting now: pid, host,
+since) and each round's ``jobs.json`` (every submission: stage, task key -> job id, log folder).
 
 Task states come from the scheduler (squeue for live jobs, sacct for ended ones)
 for Slurm jobs, and from the process table for local ones; a task whose
@@ -21,15 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from respect_hpc.core.errors import RespectError
 from respect_hpc.core.io import atomic_write_text
 
-LOCK_FILE = "controller.lock"
-JOBS_FILE = "jobs.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "READY"}
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-class LockError(RuntimeError):
+class LockError(RespectError, RuntimeError):
     """Another controller holds the run directory."""
 
 
@@ -55,8 +53,8 @@ def _alive(pid: int) -> bool:
 class RunLock:
     """An exclusive lock file; a lock left by a controller that is gone (same host, dead pid) is taken over."""
 
-    def __init__(self, root: Path, report=print):
-        self.path, self.report = root / LOCK_FILE, report
+    def __init__(self, path: Path, report=print):
+        self.path, self.report = path, report
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +91,9 @@ def _write_json(path: Path, data) -> None:
     atomic_write_text(json.dumps(data, indent=1), path)
 
 
-def read_jobs(round_dir: Path) -> list[dict]:
-    """The round's job records; a damaged file is set aside (never a crash): its tasks count as not
-    submitted, and their outputs alone decide what is done."""
-    path = round_dir / JOBS_FILE
+def read_jobs(path: Path) -> list[dict]:
+    """A round's job records (``path``: its jobs.json); a damaged file is set aside (never a crash): its tasks
+    count as not submitted, and their outputs alone decide what is done."""
     if not path.is_file():
         return []
     try:
@@ -114,17 +111,16 @@ def read_jobs(round_dir: Path) -> list[dict]:
     return []
 
 
-def record(round_dir: Path, stage: str, executor: str, tasks: dict[str, str], folder: Path) -> None:
-    """Add one submission (an array of ``tasks``: key -> job id) to the round's job records."""
-    round_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(round_dir / JOBS_FILE, read_jobs(round_dir) + [
+def record(path: Path, stage: str, executor: str, tasks: dict[str, str], folder: Path) -> None:
+    """Add one submission (an array of ``tasks``: key -> job id) to a round's job records (``path``)."""
+    _write_json(path, read_jobs(path) + [
         {"stage": stage, "executor": executor, "tasks": tasks, "folder": str(folder), "submitted": _now()}])
 
 
-def latest_tasks(round_dir: Path) -> dict[tuple[str, str], dict]:
+def latest_tasks(path: Path) -> dict[tuple[str, str], dict]:
     """(stage, task key) -> its newest submission: job id, executor, log folder."""
     latest = {}
-    for submission in read_jobs(round_dir):
+    for submission in read_jobs(path):
         for key, job_id in submission["tasks"].items():
             latest[(submission["stage"], key)] = {"job_id": job_id, "executor": submission["executor"],
                                                   "folder": submission["folder"]}
@@ -150,21 +146,26 @@ def _expand(job_id: str) -> list[str]:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, SchedulerState]:
-    """States of Slurm jobs and array tasks: squeue's for the jobs slurmctld still holds (the live truth),
-    sacct's for the others. Accounting lags the controller, so around a requeue sacct can still show the
-    ended attempt of a job that squeue already lists as pending again."""
+    """States of Slurm jobs and array tasks, from sacct and squeue (:func:`read_states`)."""
     if not job_ids:
         return {}
     ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
-    found: dict[str, SchedulerState] = {}
     sacct = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,Reason"],
                            capture_output=True, text=True)
-    if sacct.returncode == 0:
-        for job, state, reason in _fields(sacct.stdout):
-            for one in _expand(job):
-                found[one] = SchedulerState(state.split()[0] if state else "UNKNOWN", reason)
     squeue = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%r"], capture_output=True, text=True)
-    for job, state, reason in _fields(squeue.stdout):
+    return read_states(sacct.stdout if sacct.returncode == 0 else None, squeue.stdout)
+
+
+def read_states(sacct: str | None, squeue: str) -> dict[str, SchedulerState]:
+    """Task states from what ``sacct -n -P -X -o JobID,State,Reason`` and ``squeue -h -r -o %i|%T|%r`` print
+    (``sacct``: None where accounting did not answer): squeue's for the jobs slurmctld still holds (the live
+    truth), sacct's for the others. Accounting lags the controller, so around a requeue sacct can still show
+    the ended attempt of a job that squeue already lists as pending again."""
+    found: dict[str, SchedulerState] = {}
+    for job, state, reason in _fields(sacct or ""):
+        for one in _expand(job):
+            found[one] = SchedulerState(state.split()[0] if state else "UNKNOWN", reason)
+    for job, state, reason in _fields(squeue):
         found[job] = SchedulerState(state, reason)
     return found
 

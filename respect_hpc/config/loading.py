@@ -10,14 +10,17 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from respect_hpc.config.schema import Manifest
+from respect_hpc.config.schema import Manifest, PathKind
+from respect_hpc.core.errors import RespectError
 
 
-class ManifestError(ValueError):
+class ManifestError(RespectError, ValueError):
     """A manifest with problems; ``problems`` holds one ``FILE:LINE: path: message`` line each."""
 
     def __init__(self, problems: list[str]):
@@ -90,36 +93,67 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _paths(manifest: Manifest) -> list[tuple[tuple, Path, str]]:
-    """The paths a manifest names: (loc, path, "file" | "folder" | "any")."""
-    found = [(("data", "interactions", i), p, "any") for i, p in enumerate(manifest.data.interactions)]
-    for name, kind in (("seed_data", "any"), ("validation", "any"), ("images", "folder")):
-        value = getattr(manifest.data, name)
-        if value is not None:
-            found.append((("data", name), value, kind))
-    found.append((("model", "path"), manifest.model.path, "any"))
-    if manifest.decoder.model is not None:
-        found.append((("decoder", "model", "path"), manifest.decoder.model.path, "any"))
-    for kind, path in manifest.decoder.labels.items():
-        found.append((("decoder", "labels", kind), path, "file"))
-    for name, path in manifest.data.deployed.items():
-        found.append((("data", "deployed", name), path, "folder"))
-    for i, variant in enumerate(manifest.variants):
-        if variant.previous_adapter is not None:
-            found.append((("variants", i, "previous_adapter"), variant.previous_adapter, "folder"))
-    if manifest.simulation is not None:
-        found.append((("simulation", "kilogram"), manifest.simulation.kilogram / "dense.json", "file"))
-    return found
+def _unwrap(annotation) -> tuple[object, PathKind | None]:
+    """An annotation without Annotated and Optional: (the type, its PathKind marker if any)."""
+    kind = None
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation, *metadata = get_args(annotation)
+            kind = next((m for m in metadata if isinstance(m, PathKind)), kind)
+        elif get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            return annotation, kind
+
+
+def path_fields(value, model: type[BaseModel], loc: tuple = ()):
+    """Every path field of ``value`` (a validated model, or its raw dict when ``value`` is a dict): yields
+    (loc, path or raw value, PathKind), found by walking ``model``'s schema."""
+    for name, field in model.model_fields.items():
+        item = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+        if item is None:
+            continue
+        annotation, kind = _unwrap(field.annotation)  # pydantic keeps a field's own Annotated metadata apart
+        kind = kind or next((m for m in field.metadata if isinstance(m, PathKind)), None)
+        origin, args = get_origin(annotation), get_args(annotation)
+        if kind is not None:
+            yield loc + (name,), item, kind
+        elif origin is list and args:
+            inner, inner_kind = _unwrap(args[0])
+            for i, element in enumerate(item if isinstance(item, list) else []):
+                if inner_kind is not None:
+                    yield loc + (name, i), element, inner_kind
+                elif isinstance(inner, type) and issubclass(inner, BaseModel):
+                    yield from path_fields(element, inner, loc + (name, i))
+        elif origin is dict and len(args) == 2:
+            _, inner_kind = _unwrap(args[1])
+            if inner_kind is not None and isinstance(item, dict):
+                yield from ((loc + (name, key), element, inner_kind) for key, element in item.items())
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from path_fields(item, annotation, loc + (name,))
+
+
+def _path_problem(target: Path, kind: PathKind) -> str | None:
+    """What is wrong with a path a manifest names, by the kind its field asks for, or None."""
+    if kind.kind == "output":
+        return f"expected a folder, got a file '{target}'" if target.exists() and not target.is_dir() else None
+    if kind.inside is not None and target.is_dir():
+        target, kind = target / kind.inside, PathKind("file")
+    if not target.exists():
+        return f"no such file or folder '{target / kind.inside if kind.inside else target}'"
+    if kind.kind == "folder" and not target.is_dir():
+        return f"expected a folder, got a file '{target}'"
+    if kind.kind == "file" and not target.is_file():
+        return f"expected a file, got '{target}'"
+    return None
 
 
 def _missing_previous(manifest: Manifest) -> list[tuple[tuple, str]]:
     """Variants that continue from the previous round's selected policy when the run directory holds none."""
-    from respect_hpc.core.rundir import RunDir
-
     found = []
     for i, variant in enumerate(manifest.variants):
         if variant.continues and variant.previous_adapter is None and manifest.round > 0:
-            folder = RunDir.of(manifest).previous_policy(manifest.round, variant.name)
+            folder = manifest.previous_adapter(variant)
             if not (folder / "adapter_config.json").is_file():
                 found.append((("variants", i, "init"), f"continues from round {manifest.round - 1}'s selected policy, "
                               f"but '{folder}' holds no adapter: run that round, set previous_adapter, or init: base"))
@@ -131,37 +165,25 @@ def _join(base: Path, value: str) -> str:
 
 
 def _resolve(data: object, base: Path) -> object:
-    """Resolve the relative paths of a raw manifest against its folder."""
+    """A raw manifest with every relative path resolved against its folder (``workdir`` defaults to runs/)."""
     if not isinstance(data, dict):
         return data
-    data = dict(data)
-    sections = {"data": ("interactions", "seed_data", "validation", "images"), "model": ("path",)}
-    for section, keys in sections.items():
-        if isinstance(data.get(section), dict):
-            data[section] = part = dict(data[section])
-            for key in keys:
-                value = part.get(key)
-                if isinstance(value, str):
-                    part[key] = _join(base, value)
-                elif isinstance(value, list):
-                    part[key] = [_join(base, v) if isinstance(v, str) else v for v in value]
-    if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("model"), dict):
-        data["decoder"] = {**data["decoder"], "model": _resolve({"model": data["decoder"]["model"]}, base)["model"]}
-    if isinstance(data.get("data"), dict) and isinstance(data["data"].get("deployed"), dict):
-        data["data"] = {**data["data"], "deployed": {k: _join(base, v) if isinstance(v, str) else v
-                                                     for k, v in data["data"]["deployed"].items()}}
-    if isinstance(data.get("decoder"), dict) and isinstance(data["decoder"].get("labels"), dict):
-        data["decoder"] = {**data["decoder"], "labels": {k: _join(base, v) if isinstance(v, str) else v
-                                                         for k, v in data["decoder"]["labels"].items()}}
-    if isinstance(data.get("variants"), list):
-        data["variants"] = [{**v, "previous_adapter": _join(base, v["previous_adapter"])}
-                            if isinstance(v, dict) and isinstance(v.get("previous_adapter"), str) else v
-                            for v in data["variants"]]
-    if isinstance(data.get("simulation"), dict) and isinstance(data["simulation"].get("kilogram"), str):
-        data["simulation"] = {**data["simulation"], "kilogram": _join(base, data["simulation"]["kilogram"])}
-    if isinstance(data.get("workdir", "runs"), str):
-        data["workdir"] = _join(base, data.get("workdir", "runs"))
+    data = {**data, "workdir": data.get("workdir", "runs")}
+    for loc, value, _ in list(path_fields(data, Manifest)):
+        if isinstance(value, str):
+            _set(data, loc, _join(base, value))
     return data
+
+
+def _set(data: dict, loc: tuple, value: str) -> None:
+    """Set the value at ``loc`` in a raw manifest, copying each container on the way (the input stays as
+    it was)."""
+    node = data
+    for part in loc[:-1]:
+        child = node[part]
+        node[part] = child = dict(child) if isinstance(child, dict) else list(child)
+        node = child
+    node[loc[-1]] = value
 
 
 def _duplicate_keys(node: yaml.Node | None, path: tuple = ()) -> list[tuple[tuple, int]]:
@@ -179,9 +201,10 @@ def _duplicate_keys(node: yaml.Node | None, path: tuple = ()) -> list[tuple[tupl
     return []
 
 
-def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
-    """Read and validate a manifest; raises :class:`ManifestError` listing every problem."""
-    path = Path(path)
+def _read_yaml(path: Path) -> tuple[yaml.Node | None, object]:
+    """A YAML file's node tree (for line numbers) and its data; ManifestError naming the line otherwise."""
+    if path.exists() and not path.is_file():
+        raise ManifestError([f"{path}:1: (file): not a regular file"])
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -191,12 +214,41 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         raise ManifestError([f"{path}:{line}: (file): not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                              f"offset {exc.start})"]) from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
         raise ManifestError([f"{path}:{line}: (yaml): {getattr(exc, 'problem', None) or exc}"]) from None
+
+
+def load_part(path: str | Path, kind, key: str | None = None):
+    """A YAML file holding one part of a manifest (``kind``: a pydantic model or a type such as
+    ``list[Variant]``; under ``key`` where given, e.g. a cluster profile's ``cluster``), validated and
+    reported as :func:`load_manifest` reports (FILE:LINE: field: problem)."""
+    path = Path(path)
+    root, raw = _read_yaml(path)
+    problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in _duplicate_keys(root)]
+    if key is not None:
+        if not isinstance(raw, dict) or key not in raw:
+            raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping with a '{key}' section"])
+        raw = raw[key]
+    try:
+        value = TypeAdapter(kind).validate_python(raw)
+    except ValidationError as exc:
+        prefix = (key,) if key else ()
+        for error in exc.errors():
+            loc = prefix + tuple(error["loc"])
+            problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {_message(error, [])}")
+        value = None
+    if problems:
+        raise ManifestError(problems)
+    return value
+
+
+def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest; raises :class:`ManifestError` listing every problem."""
+    path = Path(path)
+    root, raw = _read_yaml(path)
     problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in _duplicate_keys(root)]
     if not isinstance(raw, dict):
         raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping of manifest sections"])
@@ -208,16 +260,10 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
             loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {_message(error, _fields_at(loc))}")
     if check_files and manifest is not None:
-        for loc, target, kind in _paths(manifest):
-            if not target.exists():
-                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: no such file or folder '{target}'")
-            elif kind == "folder" and not target.is_dir():
-                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: expected a folder, got a file '{target}'")
-            elif kind == "file" and not target.is_file():
-                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: expected a file, got '{target}'")
-    if check_files and manifest is not None and manifest.workdir.exists() and not manifest.workdir.is_dir():
-        problems.append(f"{path}:{_line_of(root, ('workdir',))}: workdir: expected a folder, got a file "
-                        f"'{manifest.workdir}'")
+        for loc, target, kind in path_fields(manifest, Manifest):
+            problem = _path_problem(target, kind)
+            if problem:
+                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}")
     if check_files and manifest is not None and not problems:  # where the run directory is must be settled first
         problems += [f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}"
                      for loc, problem in _missing_previous(manifest)]

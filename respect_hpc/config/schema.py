@@ -10,15 +10,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from respect_hpc.core.rundir import RunDir
 from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS
-from respect_hpc.domain.policies import SEED_POLICY
-from respect_hpc.domain.prompts import (DECODER_TEMPLATES, DEFAULT_DECODER_TEMPLATE, DEFAULT_POLICY_TEMPLATE,
-                                        POLICY_TEMPLATES)
+from respect_hpc.domain.policies import CONTROL_POLICY, SEED_POLICY
+from respect_hpc.domain.prompts import (
+    DECODER_TEMPLATES,
+    DEFAULT_DECODER_TEMPLATE,
+    DEFAULT_POLICY_TEMPLATE,
+    POLICY_TEMPLATES,
+)
 
 Objective = Literal["fft", "rl", "kto", "seed"]  # seed: the seed round's policy, on D_0 alone
 FeedbackKind = Literal["binary", "ternary"]
@@ -50,7 +56,21 @@ def _safe_constraint(value: str) -> str:
 
 
 SafeName = Annotated[str, AfterValidator(_safe)]
+@dataclass(frozen=True)
+class PathKind:
+    """What a path field must name when the manifest is checked: ``any`` existing file or folder, a ``file``,
+    a ``folder`` (holding ``inside`` where given), or an ``output`` that is made (never checked). Every path
+    field is resolved against the manifest's folder; loading.py finds them by walking the schema."""
+
+    kind: str
+    inside: str | None = None
+
+
 PlainPath = Annotated[Path, AfterValidator(_plain_path)]
+InputPath = Annotated[PlainPath, PathKind("any")]
+InputFile = Annotated[PlainPath, PathKind("file")]
+InputFolder = Annotated[PlainPath, PathKind("folder")]
+OutputPath = Annotated[PlainPath, PathKind("output")]
 MAX_SEED = 2**31 - 1
 MAX_SHARDS = 100_000
 
@@ -73,23 +93,23 @@ class Strict(BaseModel):
 
 
 class DataSection(Strict):
-    interactions: list[PlainPath] = Field(default_factory=list, description=(
+    interactions: list[InputPath] = Field(default_factory=list, description=(
         "interaction logs of the rounds so far (Parquet or JSON lines, public layout; files or folders); none: "
         "the seed round (round 0), which trains the seed policy on D_0 alone"))
-    seed_data: PlainPath | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
+    seed_data: InputPath | None = Field(None, description="D_0: successful human-human turns used as rehearsal")
     propensity: Literal["logged", "recompute"] = Field(
         "logged", description="p, the probability the deployed policy gave each action: as logged, or "
                               "recomputed where the logs lack it (the ingest stage; needs deployed)")
-    deployed: dict[SafeName, PlainPath] = Field(
+    deployed: dict[SafeName, InputFolder] = Field(
         default_factory=dict, description="the adapter of each deployed policy, by the name the logs give it "
                                           "(policy_name): what p is recomputed under")
-    validation: PlainPath | None = Field(None, description="human-human validation games for checkpoint selection")
-    images: PlainPath | None = Field(None, description="folder of the tangram PNGs named in the logs")
+    validation: InputPath | None = Field(None, description="human-human validation games for checkpoint selection")
+    images: InputFolder | None = Field(None, description="folder of the tangram PNGs named in the logs")
     max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=26, description="turn limit of a game")
 
 
 class ModelSection(Strict):
-    path: PlainPath = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
+    path: InputPath = Field(description="local folder of a transformers checkpoint (or of a GGUF file)")
     gguf_file: SafeName | None = Field(None, description="GGUF file name inside path, when the model is one")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     image_size: int = Field(224, ge=14, le=4096, description="edge in pixels images are resized to (official: 224, "
@@ -104,7 +124,7 @@ class DecoderSection(Strict):
     shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks that decoding is split into")
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
     chunk_rows: int = Field(4096, ge=1, description="windows scored and streamed to disk at a time")
-    labels: dict[FeedbackKind, PlainPath] = Field(
+    labels: dict[FeedbackKind, InputFile] = Field(
         default_factory=dict, description="decoded labels to use instead of decoding that kind: a Parquet or "
                                           "JSON-lines file in the public feedback_decoder_binary/ternary layout "
                                           "(game_turn_id, predictions -1/0/1), e.g. the paper's own")
@@ -224,7 +244,7 @@ class Variant(Strict):
     init: Literal["base", "previous"] | None = Field(
         None, description="train from the base model (default for fft, rl) or continue from the "
                           "previous round's selected adapter (default for kto)")
-    previous_adapter: PlainPath | None = Field(None, description="default: the previous round's policies/<name>")
+    previous_adapter: InputFolder | None = Field(None, description="default: the previous round's policies/<name>")
     policies: list[SafeName] | None = Field(
         None, min_length=1, description="the lineage: logged policies (as the logs name them) whose turns this "
                                         "variant trains on, e.g. [sft, bp] (the round-0 policy and the variant's "
@@ -248,7 +268,7 @@ class SimulationSection(Strict):
     """A simulated deployment after selection (simulator.py): the round's selected policies play games with
     a simulated speaker on the KiloGram tangrams, logged as the public interaction layout with p."""
 
-    kilogram: PlainPath = Field(description="the KiloGram folder: dense.json (about 50 human descriptions of 74 "
+    kilogram: Annotated[PlainPath, PathKind("folder", inside="dense.json")] = Field(description="the KiloGram folder: dense.json (about 50 human descriptions of 74 "
                                             "tangrams) and tangram_pngs/ (data.images must name it)")
     games: int = Field(100, ge=1, le=1_000_000, description="simulated games each deployed policy plays")
     shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks the games are split into")
@@ -331,7 +351,7 @@ class ClusterSection(Strict):
 class Manifest(Strict):
     experiment: SafeName
     round: int = Field(ge=0)
-    workdir: PlainPath = Field(Path("runs"), description="where run directories are created (relative to the "
+    workdir: OutputPath = Field(Path("runs"), description="where run directories are created (relative to the "
                                                          "manifest's folder, like every path in it)")
     data: DataSection
     model: ModelSection
@@ -393,6 +413,10 @@ class Manifest(Strict):
                 Hyperparameters.model_validate({key: v})
         return value
 
+    def training_tasks(self) -> list[tuple[str, str, int]]:
+        """Every training task of the round: (variant, sweep cell, seed)."""
+        return [(v.name, cell, seed) for v in self.variants for cell in self.cells() for seed in self.seeds]
+
     def cells(self) -> dict[str, dict]:
         """The sweep's cells by name (``lora_r-16_learning_rate-0.0003``), or the one cell ``default``."""
         if not self.sweep:
@@ -436,6 +460,47 @@ class Manifest(Strict):
             raise ValueError(f"max_turns {value.max_turns} is more than data.max_turns {data.max_turns}, the turn "
                              "limit the round's ingest holds the deployed games to: raise data.max_turns")
         return value
+
+    @property
+    def run_dir(self) -> RunDir:
+        """Where the round's outputs go: ``<workdir>/<experiment>``."""
+        return RunDir(self.workdir / self.experiment)
+
+    def previous_adapter(self, variant: Variant) -> Path:
+        """What a continuing variant starts from: its ``previous_adapter``, else its policy of the round before;
+        in round 1, the seed policy every variant starts from."""
+        if variant.previous_adapter is not None:
+            return variant.previous_adapter
+        return self.run_dir.policy(self.round - 1, SEED_POLICY if self.round == 1 else variant.name)
+
+    def deployed_policies(self) -> dict[str, Path]:
+        """A simulated deployment's policies, name -> adapter: each variant's selected policy of this round,
+        and the control (the seed policy, never retrained) after the seed round."""
+        run = self.run_dir
+        policies = {v.name: run.policy(self.round, v.name) for v in self.variants}
+        if self.simulation is not None and self.simulation.control and not self.seed_round:
+            policies[CONTROL_POLICY] = run.policy(0, SEED_POLICY)
+        return policies
+
+    def games_played(self, policy: str) -> int:
+        """Simulated games ``policy`` plays: the seed policy (round 0's deployment, then the control every
+        round) ``control_games``, the round's selected policies ``games``."""
+        sim = self.simulation
+        seed_policy = policy == CONTROL_POLICY or (self.seed_round and policy == SEED_POLICY)
+        return (sim.control_games or sim.games) if seed_policy else sim.games
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def decoder_model(self) -> ModelSection:
+        """The feedback decoder: the original base model unless the manifest names another."""
+        return self.decoder.model or self.model
+
+    @property
+    def feedback_kinds(self) -> list[str]:
+        """The feedback kinds the variants train on, in order."""
+        return sorted({v.feedback for v in self.variants})
 
     def objective(self, variant: Variant, cell: str = "default") -> Hyperparameters:
         """A variant's hyperparameters in a sweep cell."""

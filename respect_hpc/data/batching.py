@@ -15,6 +15,7 @@ import random
 import polars as pl
 
 UNPACKED_SOURCES = ("augmented",)  # synthetic turns: not a prefix of any turn of their game
+REHEARSAL = ("d0", "augmented")  # sources trained with label-smoothed cross-entropy in every variant, as a task
 
 
 def sequences(examples: pl.DataFrame, *, packing: str) -> list[list[int]]:
@@ -26,6 +27,11 @@ def sequences(examples: pl.DataFrame, *, packing: str) -> list[list[int]]:
     games = (indexed.filter(~pl.col("source").is_in(UNPACKED_SOURCES)).sort("turn_id")
              .group_by("source", "game_id", maintain_order=True).agg("_row")["_row"].to_list())
     return sorted([[i] for i in alone] + games)
+
+
+def task_of(source: str) -> str:
+    """The task an example's micro-batches belong to: D_0 (rehearsal) apart from the logged turns."""
+    return "d0" if source in REHEARSAL else "log"
 
 
 def epoch_batches(lengths: list[int], micro_batch: int, step_batches: int, seed: int, epoch: int,

@@ -18,8 +18,9 @@ import random
 
 import polars as pl
 
-from respect_hpc.data.logs import selection_after
 from respect_hpc.config.schema import Hyperparameters, Variant
+from respect_hpc.core.errors import RespectError
+from respect_hpc.data.logs import selection_after
 from respect_hpc.domain.multiref import Action, format_action, letters_of
 
 REWARDS = {1: 1.0, 0: 0.0, -1: -0.1}
@@ -39,7 +40,7 @@ EXAMPLE_COLUMNS = ("game_turn_id", "game_id", "turn_id", "source", "round", "pol
                    "action", "prob_action", "label", "reward", "weight")
 
 
-class DatasetError(ValueError):
+class DatasetError(RespectError, ValueError):
     """A training set that cannot be built (an empty one, say), with the variant it is for."""
 
 

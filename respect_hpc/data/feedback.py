@@ -15,13 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 
 from respect_hpc import __version__
-from respect_hpc.domain.prompts import LABEL_VALUES, DecoderTemplate
+from respect_hpc.config.schema import DecoderSection
+from respect_hpc.core.errors import RespectError
+from respect_hpc.core.io import parquet_metadata
+from respect_hpc.core.rundir import FeedbackDir, part_name
+from respect_hpc.domain.prompts import LABEL_VALUES, DecoderTemplate, decoder_template
 
 # One row per decoded window.
 LABELS = pl.Schema({
@@ -45,7 +51,7 @@ _PART = re.compile(r"part-(\d{5})-of-(\d{5})\.parquet$")
 SPEC_KEY = "respect_hpc.spec"
 
 
-class MergeError(ValueError):
+class MergeError(RespectError, ValueError):
     """A set of part files that does not make a whole, current, disjoint decoded table."""
 
 
@@ -72,10 +78,6 @@ def window_keys(turns: pl.DataFrame, template: DecoderTemplate, fingerprint: str
 def shard_of(n_shards: int) -> pl.Expr:
     """The shard of each window: a deterministic function of its key alone."""
     return pl.col("key").str.slice(0, 8).str.to_integer(base=16) % n_shards
-
-
-def part_name(shard: int, n_shards: int) -> str:
-    return f"part-{shard:05d}-of-{n_shards:05d}.parquet"
 
 
 def shard_spec(key: str, template: DecoderTemplate, fingerprint: str, shard: int, n_shards: int,
@@ -159,3 +161,62 @@ def precomputed_labels(frame: pl.DataFrame, kind: str, source: str) -> pl.DataFr
     if repeated.height:
         raise MergeError(f"{source}: game_turn_id {repeated['game_turn_id'][0]} has more than one label")
     return labels.drop("_raw")
+
+
+@dataclass(frozen=True)
+class KindPlan:
+    """What one feedback kind (binary or ternary) needs decoded in a round."""
+
+    kind: str
+    template_key: str
+    fingerprint: str
+    decoder_key: str
+    folder: FeedbackDir
+    round_: int
+    windows: pl.DataFrame   # every decodable turn of the round, with its key and shard
+    earlier: pl.DataFrame   # cached labels from earlier rounds
+    pending: pl.DataFrame   # unique windows no earlier round decoded
+
+    def part(self, shard: int, n_shards: int) -> Path:
+        return self.folder.part(self.round_, shard, n_shards)
+
+    def reused(self, shard: int) -> int:
+        """Windows of a shard whose label an earlier round decoded."""
+        return self.windows.filter(pl.col("shard") == shard).join(self.earlier, on="key", how="semi").height
+
+    def spec(self, shard: int, n_shards: int) -> dict:
+        return shard_spec(self.decoder_key, decoder_template(self.template_key), self.fingerprint, shard, n_shards,
+                          self.shard_keys(shard))
+
+    def shard_keys(self, shard: int) -> pl.Series:
+        return self._by_shard.get(shard, pl.Series("key", [], pl.String))
+
+    @cached_property
+    def _by_shard(self) -> dict[int, pl.Series]:
+        return {s: frame["key"] for (s,), frame in self.pending.partition_by("shard", as_dict=True).items()}
+
+
+def plan_decoding(turns: pl.DataFrame, decoder: DecoderSection, kinds: list[str], fingerprint: str, folder_of,
+                  round_: int, n_shards: int) -> list[KindPlan]:
+    """Per feedback kind of ``kinds`` that ``decoder`` decodes (not given as labels): the round's windows,
+    what earlier rounds decoded (the labels in ``folder_of(decoder key)``), and what is left, in shards."""
+    plans = []
+    for kind in sorted(set(kinds) - set(decoder.labels)):
+        template = decoder_template(decoder.templates[kind])
+        d_key = decoder_key(template, fingerprint)
+        folder = folder_of(d_key)
+        windows = window_keys(turns, template, fingerprint).with_columns(shard=shard_of(n_shards))
+        cache = folder.labels
+        earlier = (pl.read_parquet(cache).filter(pl.col("decoded_in_round") < round_)
+                   if cache.is_file() and parquet_metadata(cache) else pl.DataFrame(schema=LABELS))  # damaged: redo
+        pending = windows.join(earlier, on="key", how="anti").unique("key", keep="first", maintain_order=True)
+        plans.append(KindPlan(kind, template.key, fingerprint, d_key, folder, round_, windows, earlier, pending))
+    return plans
+
+
+def label_counts(feedback: pl.DataFrame) -> pl.DataFrame:
+    """Decoded labels per round, policy and kind: the end-of-stage summary."""
+    return (feedback.group_by("kind", "round", "policy")
+            .agg(*(pl.col("label_word").eq(w).sum().alias(w.lower()) for w in ("Positive", "Neutral", "Negative")),
+                 pl.len().alias("windows"))
+            .sort("kind", "round", "policy"))

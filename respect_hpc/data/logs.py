@@ -17,9 +17,11 @@ from pathlib import Path
 
 import polars as pl
 
-from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS, LETTERS
+from respect_hpc.core.errors import RespectError
+from respect_hpc.core.io import atomic_write_parquet
+from respect_hpc.core.rundir import DataDir
 from respect_hpc.data.tables import INTERACTIONS, QUARANTINE, TURNS
-
+from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS, LETTERS
 from respect_hpc.domain.policies import PUBLIC_POLICIES
 
 INTERACTION_LAYOUT = {"game_id", "chat", "clicks", "context", "targets", "end", "policy_name", "round"}
@@ -87,7 +89,7 @@ def _is_turn_layout(columns: set[str] | dict) -> bool:
     return "chat" not in columns and any(c in columns for c in TURN_LAYOUT - INTERACTION_LAYOUT)
 
 
-class IngestError(ValueError):
+class IngestError(RespectError, ValueError):
     """A source that cannot be read, or a bad row when quarantine is off."""
 
 
@@ -528,3 +530,15 @@ def ingest(sources: list[str | Path], **options) -> IngestResult:
     """Read, check and explode sources (options as :func:`read_interactions`)."""
     interactions, refused, records = read_interactions(sources, **options)
     return IngestResult(interactions, explode_turns(interactions), refused, records)
+
+
+def write_tables(result: IngestResult, folder: DataDir, metadata: dict[str, str] | None = None,
+                 turns: pl.DataFrame | None = None) -> None:
+    """An ingest's tables in ``folder`` (``turns``: the turns table to write, default the result's), the
+    turns table last: the marker that the others are complete."""
+    atomic_write_parquet(result.interactions, folder.interactions)
+    if result.quarantine.height:
+        atomic_write_parquet(result.quarantine, folder.quarantine)
+    else:
+        folder.quarantine.unlink(missing_ok=True)
+    atomic_write_parquet(result.turns if turns is None else turns, folder.turns, metadata)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from respect_hpc.core.errors import RespectError
+
 LETTERS = string.ascii_uppercase
 DEFAULT_MAX_TURNS = 10
 
 
-class ActionError(ValueError):
+class ActionError(RespectError, ValueError):
     """A malformed action string or an action that does not fit the game state."""
 
 
@@ -138,11 +140,6 @@ def mismatched_click(action: str, selected: frozenset[str]) -> str:
     raise AssertionError("unreachable: two different clicks cannot both equal one action")
 
 
-def canonicalise(text: str, n_images: int = 10) -> str:
-    """Parse and format: the canonical text of any valid action string."""
-    return format_action(parse_action(text, n_images))
-
-
 def apply_action(selection: frozenset[str], action: Action) -> frozenset[str]:
     """The selection after an action; refuses clicks that change nothing."""
     already = action.select & selection
@@ -152,11 +149,6 @@ def apply_action(selection: frozenset[str], action: Action) -> frozenset[str]:
     if missing:
         raise ActionError(f"deselects what is not selected: {' '.join(sorted(missing))}")
     return (selection - action.deselect) | action.select
-
-
-def action_between(before: frozenset[str], after: frozenset[str]) -> Action:
-    """The action that turns one selection into the next."""
-    return Action(deselect=before - after, select=after - before)
 
 
 def is_success(selection: frozenset[str], targets: frozenset[str]) -> bool:

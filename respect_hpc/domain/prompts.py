@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from respect_hpc.core.errors import RespectError
 from respect_hpc.domain.multiref import LETTERS
 
 NO_ACTION = "nothing"   # how an empty action (no click) is written in a prompt
 
 
-class PromptError(ValueError):
+class PromptError(RespectError, ValueError):
     """An unknown template name or a window that cannot be rendered."""
 
 

@@ -19,7 +19,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS, Action, images_of, is_success
+from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS, Action, ActionError, apply_action, game_over, images_of
 
 APPROVALS = ("yes", "good", "correct", "great", "perfect", "nice", "yes!", "good job")
 NEXT = ("now", "next", "and", "now pick", "next one is", "also")
@@ -116,7 +116,7 @@ class SimulatedGame:
 
     @property
     def over(self) -> bool:
-        return is_success(self.selection, self.targets) or len(self.truths) >= self.settings.max_turns
+        return game_over(self.selection, self.targets, len(self.truths), self.settings.max_turns)
 
     def _describe(self, image: str) -> str:
         return self.rng.choice(self.descriptions[image])
@@ -133,13 +133,16 @@ class SimulatedGame:
 
     def act(self, deselect: frozenset[str], select: frozenset[str]) -> str | None:
         """The listener's action (images); returns the speaker's reaction, or None when the game is over."""
-        valid = not (select & self.selection) and deselect <= self.selection
-        done = (select or deselect) and valid
+        try:  # an action that clicks what it cannot (selects what is selected...) does nothing
+            after = apply_action(self.selection, Action(deselect, select))
+        except ActionError:
+            after = None
+        done = bool(select or deselect) and after is not None
         good = done and select <= self.targets and not (deselect & self.targets)
         if good and select and self.settings.credit == "asked":
             good = select == {self.asked}  # another target stays selected but is corrected
         if done:
-            self.selection = (self.selection - deselect) | select
+            self.selection = after
         self.truths.append(1 if good else -1 if done else 0)
         if self.over:
             return None

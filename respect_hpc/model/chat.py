@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from respect_hpc.core.errors import RespectError
 from respect_hpc.domain.prompts import DecoderTemplate, answer_message, decoder_question, decoder_window
 
 _PROBE = "respect-hpc probe 7qz"
 
 
-class ChatError(ValueError):
+class ChatError(RespectError, ValueError):
     """A template that cannot render a prompt the way the project needs it."""
 
 

@@ -1,8 +1,8 @@
 """Load models from local folders (base, processor, LoRA policy) and fingerprint them.
 
-A model is a transformers checkpoint folder (a causal LM, or an Idefics2-style
-image-text-to-text model) or a GGUF file in a folder. Nothing is fetched from a
-hub; tiny models with a real interface come from :mod:`respect_hpc.model.replica`.
+A model is a transformers checkpoint folder (a causal LM, or an image-text-to-text model of a known family,
+model/families/) or a GGUF file in a folder. Nothing is fetched from a hub; tiny models with a real
+interface come from :mod:`respect_hpc.model.replica`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ from pathlib import Path
 
 import torch
 
-from respect_hpc.core.hashing import bytes_digest
 from respect_hpc.config.schema import ModelSection
+from respect_hpc.core.errors import RespectError
+from respect_hpc.core.hashing import bytes_digest
 from respect_hpc.core.io import atomic_write_text
+from respect_hpc.model.families import Family, family_of
+from respect_hpc.model.policy_inputs import PolicyEncoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
-class ModelError(ValueError):
+class ModelError(RespectError, ValueError):
     """A model folder that cannot be used, with what is wrong and where."""
 
 
@@ -33,6 +36,22 @@ def _check_folder(spec: ModelSection) -> None:
     if not spec.gguf_file and not (spec.path / "config.json").is_file():
         raise ModelError(f"model.path: '{spec.path}' has no config.json (not a transformers checkpoint; "
                          "for a GGUF file set model.gguf_file)")
+
+
+def model_family(spec: ModelSection) -> Family:
+    """The family of a model folder (a GGUF file is a text-only causal LM)."""
+    _check_folder(spec)
+    if spec.gguf_file:
+        return family_of({})
+    try:
+        config = json.loads((spec.path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path: cannot read '{spec.path / 'config.json'}' ({exc})") from None
+    return family_of(config if isinstance(config, dict) else {})
+
+
+def is_multimodal_model(spec: ModelSection) -> bool:
+    return model_family(spec).multimodal
 
 
 def load_tokenizer(spec: ModelSection):
@@ -48,21 +67,20 @@ def load_tokenizer(spec: ModelSection):
     return tokenizer
 
 
-def is_multimodal(config) -> bool:
-    return hasattr(config, "vision_config") and hasattr(config, "text_config")
+def _load_model(spec: ModelSection, family: Family):
+    """The checkpoint's weights in the manifest's dtype, as the family's model class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText if family.multimodal else AutoModelForCausalLM
+    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantised
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
 
 
 def load_text_model(spec: ModelSection, device: str | torch.device = "cpu"):
     """A model for text-only use (the feedback decoder): the LM of a multimodal checkpoint works too."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    _check_folder(spec)
-    config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
-    cls = AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
-    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantised
-        model.hf_quantizer.remove_quantization_config(model)
-    return model.to(device).eval()
+    return _load_model(spec, model_family(spec)).to(device).eval()
 
 
 def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
@@ -92,36 +110,25 @@ def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-_PAPER_LORA = r"(?!.*vision_model\.).*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
-LORA_PLACEMENTS = {
-    # q, k, v, gate, up, down projections everywhere but the vision model: the text model, the
-    # modality projector and the perceiver resampler (every layer of a text-only LM)
-    "paper": _PAPER_LORA,
-    # also the vision model's out_proj, fc1, fc2
-    "enhanced": rf"{_PAPER_LORA}|.*vision_model\..*\.(out_proj|fc1|fc2)",
-}
-
-
 def load_processor(spec: ModelSection):
-    """The processor of a multimodal checkpoint, or None for a text LM.
+    """The processor of a multimodal checkpoint, or None for a text LM; images are processed at
+    ``model.image_size`` with ``model.image_splitting`` (the family maps them onto its processor)."""
+    from transformers import AutoProcessor
 
-    Images are processed at ``model.image_size`` with ``model.image_splitting`` whatever the
-    checkpoint's processor config says (IDEFICS2-8B ships 980 px with splitting; the
-    official ReSpect runs 224 px without).
-    """
-    from transformers import AutoConfig, AutoProcessor
-
-    _check_folder(spec)
-    if not is_multimodal(AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)):
+    family = model_family(spec)
+    if not family.multimodal:
         return None
     processor = AutoProcessor.from_pretrained(spec.path)
-    images = processor.image_processor
-    if not hasattr(images, "do_image_splitting"):
-        raise ModelError(f"model.path: the processor in '{spec.path}' ({type(images).__name__}) is not an "
-                         "IDEFICS2-style image processor (no do_image_splitting)")
-    images.do_image_splitting = spec.image_splitting
-    images.size = {"longest_edge": spec.image_size, "shortest_edge": spec.image_size}
+    family.configure_processor(processor, spec.image_size, spec.image_splitting)
     return processor
+
+
+def load_encoder(spec: ModelSection, images: Path | None) -> PolicyEncoder:
+    """The policy's input encoder for a model: its processor (multimodal) or tokenizer (text), images read
+    from ``images``."""
+    processor = load_processor(spec)
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(spec)
+    return PolicyEncoder(processor, tokenizer, images, model_family(spec))
 
 
 def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: float = 0.1, placement: str = "paper",
@@ -134,14 +141,9 @@ def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: floa
     reentrant checkpointing; enabled before PEFT wraps the model).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    _check_folder(spec)
-    config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
-    cls = AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
-    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    family = model_family(spec)
+    model = _load_model(spec, family)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -150,6 +152,6 @@ def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: floa
             raise ModelError(f"previous adapter: no adapter_config.json in '{adapter}'")
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     torch.manual_seed(seed)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_PLACEMENTS[placement],
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=family.lora_targets[placement],
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

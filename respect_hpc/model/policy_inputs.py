@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from respect_hpc.model.chat import PolicyText, policy_text, token_ids, without_images
+from respect_hpc.core.errors import RespectError
 from respect_hpc.domain.multiref import LETTERS, Action, format_action, letters_of, parse_action
 from respect_hpc.domain.prompts import PolicyTemplate, policy_messages
+from respect_hpc.model.chat import PolicyText, policy_text, token_ids, without_images
+from respect_hpc.model.families import Family
 
 
-class PolicyDataError(ValueError):
+class PolicyDataError(RespectError, ValueError):
     """An example that cannot be shown to the policy (a missing image, say)."""
 
 
@@ -82,18 +84,18 @@ class PolicyEncoder:
     """Turns policy views into model inputs as the model's processor does, each image's pixels processed once.
 
     Texts come from the model's chat template (:mod:`respect_hpc.model.chat`); the processor
-    adds BOS and expands each ``<image>`` into its image tokens (``image_seq_len`` per
-    crop; five crops with image splitting), and :meth:`check` makes sure the pixels
+    adds BOS and expands each image placeholder into its image tokens (the family's tokens per
+    crop; with IDEFICS2 five crops with image splitting), and :meth:`check` makes sure the pixels
     carry exactly as many crops as the text has image tokens for.
     """
 
-    def __init__(self, processor, tokenizer, image_folder: Path | None, multimodal: bool):
-        self.processor, self.tokenizer = processor, tokenizer
-        self.image_folder, self.multimodal = image_folder, multimodal
+    def __init__(self, processor, tokenizer, image_folder: Path | None, family: Family):
+        self.processor, self.tokenizer, self.family = processor, tokenizer, family
+        self.image_folder, self.multimodal = image_folder, family.multimodal
         self._pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        end = tokenizer.convert_tokens_to_ids(family.end_of_turn) if family.end_of_turn else None
         self.end_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>") if multimodal else None
+        self.image_token_id = tokenizer.convert_tokens_to_ids(family.image_token) if self.multimodal else None
 
     def texts(self, view: PolicyView, with_action: bool = True) -> PolicyText:
         messages = view.messages if self.multimodal else without_images(view.messages)
@@ -153,10 +155,10 @@ class PolicyEncoder:
             return
         tokens = item.input_ids.count(self.image_token_id)
         crops = sum(self.pixels(name)[0].shape[0] for name in item.images)
-        per_crop = self.processor.image_seq_len
+        per_crop = self.family.image_tokens_per_crop(self.processor)
         if tokens != crops * per_crop:
             raise PolicyDataError(
-                f"image tokens do not match the pixels: the prompt has {tokens} <image> tokens, the "
+                f"image tokens do not match the pixels: the prompt has {tokens} {self.family.image_token} tokens, the "
                 f"{len(item.images)} images give {crops} crops x {per_crop} = {crops * per_crop} (check "
                 "model.image_splitting and the processor's image_seq_len)")
 

@@ -9,17 +9,15 @@ image-token counts as the model a manifest will train.
 
 - :func:`replica_from` scales down any local checkpoint folder (its tokenizer,
   processor and template files are copied as they are).
-- :func:`write_interface` writes the interface of a known model without weights:
-  ``idefics2-8b`` (rebuilt offline from public parts: the Mistral v1
-  SentencePiece model that the ``mistral-common`` wheel ships, IDEFICS2-8B's
-  special tokens, chat template, processor and generation configs) and
-  ``idefics2-8b-text`` (its Mistral-7B language model as a causal LM with the
-  same tokenizer and template, a text-only policy).
+- :func:`write_interface` writes the interface of a known model without weights, as
+  its family rebuilds it offline (model/families/: ``idefics2-8b`` from the Mistral
+  v1 SentencePiece model that the ``mistral-common`` wheel ships, IDEFICS2-8B's
+  special tokens, chat template, processor and generation configs;
+  ``idefics2-8b-text``, its Mistral-7B language model as a causal LM).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -27,96 +25,26 @@ from pathlib import Path
 
 import torch
 
-IDEFICS2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
-    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
-    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-IDEFICS2_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]  # ids 32000-32002
-
-_MISTRAL_7B_TEXT = {
-    "model_type": "mistral", "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-}
-IDEFICS2_8B_CONFIG = {
-    "architectures": ["Idefics2ForConditionalGeneration"], "model_type": "idefics2", "image_token_id": 32001,
-    "tie_word_embeddings": False, "use_cache": True,
-    "text_config": _MISTRAL_7B_TEXT,
-    "vision_config": {"model_type": "idefics2_vision", "hidden_size": 1152, "intermediate_size": 4304,
-                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 980, "patch_size": 14,
-                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-06},
-    "perceiver_config": {"model_type": "idefics2_perceiver", "hidden_act": "silu", "resampler_n_latents": 64,
-                         "resampler_depth": 3, "resampler_n_heads": 16, "resampler_head_dim": 96,
-                         "num_key_value_heads": 4},
-}
-IDEFICS2_8B_GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 32002], "pad_token_id": 0,
-                          "bad_words_ids": [[32000], [32001]]}
-IDEFICS2_8B_IMAGE_PROCESSOR = {"do_image_splitting": True, "size": {"longest_edge": 980, "shortest_edge": 378},
-                               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2,
-                               "rescale_factor": 1 / 255, "do_convert_rgb": True, "do_pad": True}
-INTERFACES = ("idefics2-8b", "idefics2-8b-text")
+from respect_hpc.core.errors import RespectError
+from respect_hpc.model.families import family_of, interface_family
 
 # The widths and depths of a replica; every other setting is the source's.
 TEXT_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2}
 VISION_SIZE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-PERCEIVER_SIZE = {"resampler_depth": 1, "resampler_n_heads": 2, "resampler_head_dim": 16, "num_key_value_heads": 1}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
-class ReplicaError(ValueError):
+class ReplicaError(RespectError, ValueError):
     """A source folder that cannot be scaled down, with what is missing."""
-
-
-def mistral_v1_sentencepiece() -> Path:
-    """The Mistral-7B v0.1 SentencePiece model shipped inside the ``mistral-common`` wheel."""
-    spec = importlib.util.find_spec("mistral_common")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1" if spec else None
-    if path is None or not path.is_file():
-        raise ReplicaError("the Mistral v1 tokenizer needs the 'mistral-common' package "
-                           "(pip install mistral-common sentencepiece protobuf)")
-    return path
-
-
-def _idefics2_tokenizer():
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(mistral_v1_sentencepiece(), Path(tmp) / "tokenizer.model")
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS2_SPECIAL_TOKENS})
-    tokenizer.chat_template = IDEFICS2_CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids(IDEFICS2_SPECIAL_TOKENS)
-    if ids != [32000, 32001, 32002] or len(tokenizer) != 32003:
-        raise ReplicaError(f"rebuilt IDEFICS2 tokenizer has special tokens at {ids} and {len(tokenizer)} tokens; "
-                           "expected 32000-32002 and 32003")
-    return tokenizer
 
 
 def write_interface(like: str, folder: str | Path) -> Path:
     """The full-size config, tokenizer, processor and generation config of a known model, without weights."""
-    from transformers import Idefics2ImageProcessor, Idefics2Processor
-
-    if like not in INTERFACES:
-        raise ReplicaError(f"--like {like!r}: expected one of {', '.join(INTERFACES)}")
+    family = interface_family(like)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = _idefics2_tokenizer()
-    if like == "idefics2-8b":
-        config = IDEFICS2_8B_CONFIG
-        Idefics2Processor(image_processor=Idefics2ImageProcessor(**IDEFICS2_8B_IMAGE_PROCESSOR), tokenizer=tokenizer,
-                          image_seq_len=64, chat_template=IDEFICS2_CHAT_TEMPLATE).save_pretrained(folder)
-    else:
-        config = {"architectures": ["MistralForCausalLM"], **_MISTRAL_7B_TEXT}
-    tokenizer.save_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(IDEFICS2_8B_GENERATION, indent=2))
+    family.write_interface(like, folder)
     return folder
 
 
@@ -147,9 +75,9 @@ def scaled_config(config: dict, text_sizes: dict = TEXT_SIZE, vision_sizes: dict
         out = {**config, "text_config": text}
         if "vision_config" in config:
             out["vision_config"] = _scaled(config["vision_config"], vision_sizes)
-        if "perceiver_config" in config:
-            out["perceiver_config"] = {**_scaled(config["perceiver_config"], PERCEIVER_SIZE),
-                                       "hidden_size": text["hidden_size"]}
+        for section, sizes in family_of(config).replica_sizes.items():  # e.g. IDEFICS2's perceiver
+            if section in config:
+                out[section] = {**_scaled(config[section], sizes), "hidden_size": text["hidden_size"]}
         return out
     if not any(k in config for k in TEXT_SIZE):
         raise ReplicaError("config.json names none of " + ", ".join(TEXT_SIZE) + ": cannot scale this model down")
@@ -163,7 +91,7 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
     benchmarks use larger ones). ``image_tokens`` changes how many tokens the perceiver resampler gives an
     image (the config's latents and the processor's ``image_seq_len`` together; IDEFICS2-8B: 64), for a
     policy that must train many steps on a CPU."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     source, folder = Path(source), Path(folder)
     if not (source / "config.json").is_file():
@@ -179,16 +107,17 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
             shutil.copy(path, folder / path.name)
     if image_tokens is not None:
         processor_file = folder / "processor_config.json"
-        if "perceiver_config" not in config or not processor_file.is_file():
-            raise ReplicaError(f"image_tokens: '{source}' has no perceiver resampler and processor config")
-        config["perceiver_config"]["resampler_n_latents"] = image_tokens
+        family = family_of(config)
+        if family.set_image_tokens is None or not processor_file.is_file():
+            raise ReplicaError(f"image_tokens: the {family.name} family of '{source}' sets no image token count "
+                               "(or the folder has no processor config)")
         processor = json.loads(processor_file.read_text())
-        processor_file.write_text(json.dumps({**processor, "image_seq_len": image_tokens}, indent=2))
+        family.set_image_tokens(config, processor, image_tokens)
+        processor_file.write_text(json.dumps(processor, indent=2))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     loaded = AutoConfig.from_pretrained(folder)
-    multimodal = hasattr(loaded, "vision_config") and hasattr(loaded, "text_config")
     torch.manual_seed(seed)
-    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    cls = AutoModelForImageTextToText if family_of(config).multimodal else AutoModelForCausalLM
     model = cls.from_config(loaded, dtype=torch.float32)
     if (source / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
@@ -198,7 +127,7 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
 
 def replica_like(like: str, folder: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
                  vision: tuple[int, int] = (32, 2), image_tokens: int | None = None) -> Path:
-    """A tiny random-weight model with the interface of ``like`` (see :data:`INTERFACES`)."""
+    """A tiny random-weight model with the interface of ``like`` (see ``families.interfaces()``)."""
     with tempfile.TemporaryDirectory() as tmp:
         return replica_from(write_interface(like, tmp), folder, seed=seed, hidden_size=hidden_size, layers=layers,
                             vision=vision, image_tokens=image_tokens)

@@ -23,13 +23,22 @@ from dataclasses import dataclass
 
 import torch
 
-from respect_hpc.model.chat import render, token_ids
+from respect_hpc.core.errors import RespectError
 from respect_hpc.domain.prompts import DecoderTemplate, text
+from respect_hpc.model.chat import decoder_text, render, token_ids
 
 _PROBE = "Answer a single word."
 
 
-class DecoderError(ValueError):
+def decoder_prompts(windows, template: DecoderTemplate, tokenizer) -> list[str]:
+    """The decoder prompt of each window (rows with previous_action, utterance, action, follow_up; a Polars
+    frame or a list of such dicts), rendered through the tokenizer's chat template."""
+    rows = windows.iter_rows(named=True) if hasattr(windows, "iter_rows") else windows
+    return [decoder_text(tokenizer, template, r["previous_action"], r["utterance"], r["action"], r["follow_up"])
+            for r in rows]
+
+
+class DecoderError(RespectError, ValueError):
     """A tokenizer that cannot score the template's label words."""
 
 
@@ -159,6 +168,6 @@ class FeedbackScorer:
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
             texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, text in zip(batch, texts):
-                answers[i] = parse_label(text, self.template.labels)
+            for i, answer in zip(batch, texts):
+                answers[i] = parse_label(answer, self.template.labels)
         return answers

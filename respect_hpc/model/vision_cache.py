@@ -86,15 +86,22 @@ class CachedVision(torch.nn.Module):
         return BaseModelOutput(last_hidden_state=torch.stack([states[k] for k in keys]).to(device))
 
 
-def cache_vision(model: torch.nn.Module, folder: Path | None) -> CachedVision | None:
-    """Put a :class:`CachedVision` in place of ``model``'s frozen vision model; None (nothing changed) for a
-    model without one, or whose vision parameters train."""
-    for name, module in model.named_modules():
-        if name.endswith("vision_model") and not isinstance(module, CachedVision):
-            if any(p.requires_grad for p in module.parameters()):
-                return None
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            cached = CachedVision(module, folder)
-            setattr(parent, name.rsplit(".", 1)[-1], cached)
-            return cached
-    return None
+def vision_tower(model: torch.nn.Module, tower: str | None) -> tuple[str, torch.nn.Module] | None:
+    """The vision model of ``model`` (module name ending in ``tower``, the family's) and its name, or None."""
+    if tower is None:
+        return None
+    return next(((name, module) for name, module in model.named_modules()
+                 if name.split(".")[-1] == tower and not isinstance(module, CachedVision)), None)
+
+
+def cache_vision(model: torch.nn.Module, folder: Path | None, tower: str | None) -> CachedVision | None:
+    """Put a :class:`CachedVision` in place of ``model``'s frozen vision model (named ``tower`` by its family);
+    None (nothing changed) for a model without one, or whose vision parameters train."""
+    found = vision_tower(model, tower)
+    if found is None or any(p.requires_grad for p in found[1].parameters()):
+        return None
+    name, module = found
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    cached = CachedVision(module, folder)
+    setattr(parent, name.rsplit(".", 1)[-1], cached)
+    return cached

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import polars as pl
 
-LABEL_NAMES = {1: "positive", 0: "neutral", -1: "negative"}
-
 
 def heuristic_label() -> pl.Expr:
     """1 for an action whose selections are all targets and whose deselections are none, else -1."""

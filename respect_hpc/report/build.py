@@ -15,12 +15,13 @@ from pathlib import Path
 
 import polars as pl
 
-from respect_hpc.report.audit import confusion, decoder_quality, heuristic_agreement
+from respect_hpc.core.io import SCHEMA_VERSION
+from respect_hpc.core.rundir import RunDir
 from respect_hpc.data.feedback import FEEDBACK
 from respect_hpc.data.logs import IngestError, explode_turns, read_interactions, source_files
-from respect_hpc.report.round_metrics import N_RESAMPLES, round_metrics
 from respect_hpc.data.tables import INTERACTIONS, TURNS
-from respect_hpc.core.io import SCHEMA_VERSION
+from respect_hpc.report.audit import confusion, decoder_quality, heuristic_agreement
+from respect_hpc.report.round_metrics import N_RESAMPLES, round_metrics
 from respect_hpc.report.turn_metrics import EMBEDDINGS, TURN_EVAL, missing_embeddings, turn_metrics
 
 TRAINING_DATA = pl.Schema({"round": pl.Int64, "variant": pl.String, "cell": pl.String, "seed": pl.Int64,
@@ -51,44 +52,40 @@ def _schema_version(path: Path) -> int | None:
 
 
 def _collect_run(root: Path, found: Collected) -> None:
-    data = root / "data" / "interactions.parquet"
-    version = _schema_version(data)
+    """A run directory's tables, read through its layout (core/rundir.py)."""
+    run = RunDir(root)
+    version = _schema_version(run.data.interactions)
     if version != SCHEMA_VERSION:
         found.missing.append(f"{root}: run directory of schema version {version}; this respect-hpc reads version "
                              f"{SCHEMA_VERSION}: skipped")
         return
-    found.interactions.append(pl.read_parquet(data).cast(dict(INTERACTIONS)))
-    rounds = sorted(root.glob("round-*"))
-    for kind, pattern in (("decoded feedback", "feedback.parquet"), ("selection", "selection.parquet")):
-        tables = [p for r in rounds if (p := r / pattern).is_file()]
+    found.interactions.append(pl.read_parquet(run.data.interactions).cast(dict(INTERACTIONS)))
+    rounds = run.rounds()
+    for kind, path_of, pattern in (("decoded feedback", run.round_feedback, "feedback.parquet"),
+                                   ("selection", run.selection, "selection.parquet")):
+        tables = [p for r in rounds if (p := path_of(r)).is_file()]
         if not tables:
             found.missing.append(f"{root}: no {kind} table (round-*/{pattern})")
         for path in tables:
-            if pattern == "feedback.parquet":
+            if path_of == run.round_feedback:
                 found.feedback.append(pl.read_parquet(path).cast(dict(FEEDBACK)))
             else:
                 found.selection.append(pl.read_parquet(path).select(TRAINING.names()).cast(dict(TRAINING)))
-    curves = sorted(root.glob("round-*/train/*/seed-*/metrics.parquet"))
-    if not curves:
+    tasks = [t for t in run.trained_tasks() if t.folder.metrics.is_file()]
+    if not tasks:
         found.missing.append(f"{root}: no training metrics (round-*/train/<variant>/seed-<s>/metrics.parquet)")
-    for path in curves:
-        frame = pl.read_parquet(path)
-        epochs = frame.filter(pl.col("val_exact_match").is_not_null())
+    for task in tasks:
+        epochs = pl.read_parquet(task.folder.metrics).filter(pl.col("val_exact_match").is_not_null())
         found.training.append(epochs.select(
-            pl.lit(int(path.parents[3].name.split("-")[1])).alias("round"),
-            pl.lit(path.parents[1].name.split("@")[0]).alias("variant"),
-            (pl.col("cell") if "cell" in frame.columns else pl.lit("default")).alias("cell"),
-            pl.lit(int(path.parent.name.split("-")[1])).alias("seed"),
-            "epoch", "val_exact_match", "val_loss").cast(dict(TRAINING)))
-    for path in sorted(root.glob("round-*/train/*/seed-*/sources.parquet")):
-        found.training_data.append(pl.read_parquet(path).rename({"round": "logged_round"}).select(
-            pl.lit(int(path.parents[3].name.split("-")[1])).alias("round"),
-            pl.lit(path.parents[1].name.split("@")[0]).alias("variant"),
-            pl.lit(path.parents[1].name.split("@")[1] if "@" in path.parents[1].name else "default").alias("cell"),
-            pl.lit(int(path.parent.name.split("-")[1])).alias("seed"),
-            "source", "policy", "logged_round", "examples", "positive", "negative").cast(dict(TRAINING_DATA)))
-    evals = sorted(root.glob("round-*/turn_eval.parquet"))
-    found.evals += [pl.read_parquet(p).select(TURN_EVAL.names()).cast(dict(TURN_EVAL)) for p in evals]
+            pl.lit(task.round).alias("round"), pl.lit(task.variant).alias("variant"), pl.lit(task.cell).alias("cell"),
+            pl.lit(task.seed).alias("seed"), "epoch", "val_exact_match", "val_loss").cast(dict(TRAINING)))
+        if task.folder.sources.is_file():
+            found.training_data.append(pl.read_parquet(task.folder.sources).rename({"round": "logged_round"}).select(
+                pl.lit(task.round).alias("round"), pl.lit(task.variant).alias("variant"),
+                pl.lit(task.cell).alias("cell"), pl.lit(task.seed).alias("seed"),
+                "source", "policy", "logged_round", "examples", "positive", "negative").cast(dict(TRAINING_DATA)))
+    found.evals += [pl.read_parquet(p).select(TURN_EVAL.names()).cast(dict(TURN_EVAL))
+                    for r in rounds if (p := run.turn_eval(r)).is_file()]
 
 
 def _label(column: str) -> pl.Expr:
@@ -137,7 +134,7 @@ def _collect_file(path: Path, found: Collected) -> None:
 def collect(sources: list[str | Path]) -> Collected:
     found = Collected()
     for source in map(Path, sources):
-        if (source / "data" / "interactions.parquet").is_file():
+        if RunDir(source).data.interactions.is_file():
             _collect_run(source, found)
             continue
         try:
@@ -228,8 +225,8 @@ def build(sources: list[str | Path], embeddings: Path | None = None, *, seed: in
 
 def write(report: Report, out: Path) -> Path:
     """Tables as Parquet and CSV, plots as PNG, and report.html that embeds them all."""
-    from respect_hpc.report.plots import render
     from respect_hpc.core.io import atomic_write_parquet
+    from respect_hpc.report.plots import render
 
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for name, table in report.tables.items():

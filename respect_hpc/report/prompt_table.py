@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import polars as pl
 
-from respect_hpc.model.chat import decoder_text, policy_text, without_images
 from respect_hpc.data.datasets import with_history
+from respect_hpc.domain.prompts import (
+    DEFAULT_DECODER_TEMPLATE,
+    DEFAULT_POLICY_TEMPLATE,
+    decoder_template,
+    policy_template,
+)
+from respect_hpc.model.chat import decoder_text, policy_text, without_images
 from respect_hpc.model.policy_inputs import policy_view
-from respect_hpc.domain.prompts import DEFAULT_DECODER_TEMPLATE, DEFAULT_POLICY_TEMPLATE, decoder_template, policy_template
-
-COLUMNS = ("game_turn_id", "policy", "policy_target", "decoder_binary", "decoder_ternary")
 
 
 def prompt_rows(turns: pl.DataFrame, tokenizer, *, images: bool = True, limit: int | None = None,

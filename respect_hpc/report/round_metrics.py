@@ -18,7 +18,8 @@ import zlib
 import numpy as np
 import polars as pl
 
-N_RESAMPLES = 10_000
+from respect_hpc.report import N_RESAMPLES  # noqa: F401  (re-exported: the default of every interval here)
+
 CONFIDENCE = 0.95
 
 RESET_PATTERN = (r"\b(?:reset|restart|from scratch|all over|start over|"

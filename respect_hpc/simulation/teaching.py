@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from respect_hpc.config.schema import ModelSection
-from respect_hpc.model.loading import load_processor, load_text_model, load_tokenizer
 from respect_hpc.domain.prompts import DECODER_TEMPLATES
+from respect_hpc.model.loading import load_text_model, load_tokenizer
 
 DECODER_LESSON_SKILL = 0.5  # the simulated setting's decoder learns on games of a person often wrong
 DECODER_LESSON_STEPS = 1000  # fewer can leave it calling most rejections positive
@@ -29,8 +29,8 @@ def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> N
     (:func:`synthetic.follow_up_label`) on ``turns`` (a turns table), written as the official
     decoder's answers (`` Positive.``, `` Neutral``, `` Negative.``) and its end of utterance.
     """
-    from respect_hpc.model.chat import decoder_text, token_ids
     from respect_hpc.domain.synthetic import follow_up_label
+    from respect_hpc.model.chat import decoder_text, token_ids
 
     spec = ModelSection(path=folder, dtype="fp32")
     tokenizer, model = load_tokenizer(spec), load_text_model(spec)
@@ -88,8 +88,8 @@ def listener_examples(rng: random.Random, descriptions: dict[str, list[str]], se
     (:func:`~respect_hpc.domain.simulator.right_action`) after up to ``max_history`` turns of a person of ``skill``:
     first requests, confirmations, corrections, undos."""
     from respect_hpc.domain.multiref import Action, format_action, letters_of
-    from respect_hpc.model.policy_inputs import policy_view
     from respect_hpc.domain.simulator import SimulatedGame, human_action, right_action
+    from respect_hpc.model.policy_inputs import policy_view
 
     def in_letters(game, images: tuple[frozenset[str], frozenset[str]]) -> str:
         deselect, select = images
@@ -125,19 +125,19 @@ def teach_listener(folder: Path, image_folder: Path, descriptions: dict[str, lis
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForImageTextToText
 
-    from respect_hpc.training.objectives import cross_entropy_loss, score_actions
-    from respect_hpc.model.policy_inputs import PolicyEncoder, answer_logits
     from respect_hpc.domain.prompts import policy_template
-    from respect_hpc.model.vision_cache import cache_vision
+    from respect_hpc.model.loading import load_encoder
+    from respect_hpc.model.policy_inputs import answer_logits
+    from respect_hpc.model.vision_cache import cache_vision, vision_tower
+    from respect_hpc.training.objectives import cross_entropy_loss, score_actions
 
     spec = ModelSection(path=folder, dtype="fp32", image_size=image_size)
-    processor = load_processor(spec)
-    encoder = PolicyEncoder(processor, processor.tokenizer, image_folder, multimodal=True)
+    encoder = load_encoder(spec, image_folder)
     prompt = policy_template(template)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-    model.model.vision_model.requires_grad_(False)
-    vision = model.model.vision_model
-    cache_vision(model, None)
+    name, vision = vision_tower(model, encoder.family.vision_tower)
+    vision.requires_grad_(False)
+    cache_vision(model, None, encoder.family.vision_tower)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     rng, losses = random.Random(f"teach-listener/{seed}"), []
@@ -153,7 +153,7 @@ def teach_listener(folder: Path, image_folder: Path, descriptions: dict[str, lis
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
-    model.model.vision_model = vision
+    model.set_submodule(name, vision)  # the vision model as built, not its cache
     model.eval()
     model.save_pretrained(folder)
     return losses

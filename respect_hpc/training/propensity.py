@@ -9,13 +9,13 @@ from __future__ import annotations
 import polars as pl
 import torch
 
+from respect_hpc.config.schema import DataSection, ModelSection
 from respect_hpc.data.datasets import with_history
 from respect_hpc.data.logs import IngestError
-from respect_hpc.config.schema import Manifest
-from respect_hpc.model.loading import load_policy, load_processor, load_tokenizer
-from respect_hpc.training.objectives import score_actions
-from respect_hpc.model.policy_inputs import PolicyEncoder, answer_logits, policy_view
 from respect_hpc.domain.prompts import policy_template
+from respect_hpc.model.loading import load_encoder, load_policy
+from respect_hpc.model.policy_inputs import answer_logits, policy_view
+from respect_hpc.training.objectives import score_actions
 
 BATCH = 8
 
@@ -25,14 +25,14 @@ def unlogged(turns: pl.DataFrame) -> pl.DataFrame:
     return turns.filter(pl.col("prob_action").is_null() & (pl.col("action") != ""))
 
 
-def check_deployed(manifest: Manifest, turns: pl.DataFrame) -> None:
+def check_deployed(data: DataSection, turns: pl.DataFrame) -> None:
     """Refuses, before any model is loaded, logs without p that the manifest cannot recompute it for."""
     missing = unlogged(turns)
     if missing.is_empty():
         return
-    if manifest.data.propensity != "recompute":
+    if data.propensity != "recompute":
         return  # training refuses RL and KTO examples without p, naming them
-    lacking = sorted(set(missing["policy"]) - set(manifest.data.deployed))
+    lacking = sorted(set(missing["policy"]) - set(data.deployed))
     if lacking:
         example = missing.filter(pl.col("policy") == lacking[0])["game_turn_id"][0]
         raise IngestError(f"data.deployed: no adapter for policy {', '.join(lacking)}, whose logged turns have no p "
@@ -40,21 +40,21 @@ def check_deployed(manifest: Manifest, turns: pl.DataFrame) -> None:
 
 
 @torch.no_grad()
-def recompute(manifest: Manifest, turns: pl.DataFrame, progress=print) -> pl.DataFrame:
-    """``turns`` with p filled in for every action the logs give none (``data.propensity: recompute``)."""
+def recompute(data: DataSection, model_spec: ModelSection, template_key: str, turns: pl.DataFrame,
+              progress=print) -> pl.DataFrame:
+    """``turns`` with p filled in for every action the logs give none (``data.propensity: recompute``), under
+    the adapters of ``data.deployed`` on the base model ``model_spec``, prompts in ``template_key``."""
     missing = unlogged(turns)
-    if manifest.data.propensity != "recompute" or missing.is_empty():
+    if data.propensity != "recompute" or missing.is_empty():
         return turns
-    check_deployed(manifest, turns)
-    template = policy_template(manifest.policy_template)
-    processor = load_processor(manifest.model)
-    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(manifest.model)
-    encoder = PolicyEncoder(processor, tokenizer, manifest.data.images, processor is not None)
+    check_deployed(data, turns)
+    template = policy_template(template_key)
+    encoder = load_encoder(model_spec, data.images)
     history = with_history(turns).join(missing.select("game_turn_id"), on="game_turn_id", how="semi")
     found = []
     for policy, rows in history.group_by("policy", maintain_order=True):
-        adapter = manifest.data.deployed[policy[0]]
-        model = load_policy(manifest.model, adapter=adapter).eval()
+        adapter = data.deployed[policy[0]]
+        model = load_policy(model_spec, adapter=adapter).eval()
         rows = rows.to_dicts()
         for start in range(0, len(rows), BATCH):
             chunk = rows[start:start + BATCH]

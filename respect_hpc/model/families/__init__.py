@@ -1,0 +1,71 @@
+"""Model families: what is specific to each kind of checkpoint, in one object the rest of the code asks.
+
+A :class:`Family` names a checkpoint's image and end-of-turn tokens, the LoRA target modules of each
+placement, where its vision tower lives (for the vision feature cache), how the manifest's image settings
+map onto its processor, and how a tiny replica of it is scaled down. :func:`family_of` picks the family from
+a checkpoint's ``config.json`` (its ``model_type``). A text-only causal LM (the feedback decoder, a text
+policy) is the ``causal-lm`` family whatever its architecture.
+
+Where a new family goes: a module here that builds its :class:`Family`, listed in :data:`FAMILIES`.
+Nothing here imports torch or transformers: ``validate`` and ``--help`` stay light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from respect_hpc.core.errors import RespectError
+
+
+class FamilyError(RespectError, ValueError):
+    """A checkpoint of a family respect-hpc does not know."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]          # config.json's model_type values of the family
+    multimodal: bool
+    lora_targets: dict[str, str]          # LoRA placement -> regex of target module names (PEFT)
+    end_of_turn: str | None = None        # the token that ends a chat message, where the tokenizer has one
+    image_token: str | None = None        # the placeholder the processor expands into image tokens
+    vision_tower: str | None = None       # the last part of the frozen vision model's module name
+    configure_processor: Callable | None = None  # (processor, image_size, image_splitting) -> None
+    image_tokens_per_crop: Callable | None = None  # processor -> tokens one crop becomes
+    replica_sizes: dict[str, dict] = field(default_factory=dict)  # config section -> widths and depths
+    interfaces: tuple[str, ...] = ()      # names `tiny-model --like` rebuilds offline
+    write_interface: Callable | None = None  # (name, folder) -> None: config, tokenizer, processor, no weights
+    set_image_tokens: Callable | None = None  # (config, processor config, tokens) -> None, for fast replicas
+
+
+def families() -> list[Family]:
+    """Every known family (imported here: the family modules import this one for :class:`Family`)."""
+    from respect_hpc.model.families import causal_lm, idefics2
+
+    return [idefics2.FAMILY, causal_lm.FAMILY]
+
+
+def family_of(config: dict) -> Family:
+    """The family of a checkpoint's config (``config.json`` as a dict); refuses an unknown multimodal one."""
+    model_type = config.get("model_type")
+    for family in families():
+        if model_type in family.model_types:
+            return family
+    if "vision_config" in config or "text_config" in config:
+        known = ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in families() if f.multimodal)
+        raise FamilyError(f"model type {model_type!r} is not a multimodal family respect-hpc knows; known: {known}")
+    return next(f for f in families() if f.name == "causal-lm")
+
+
+def interfaces() -> tuple[str, ...]:
+    """The models `tiny-model --like` can rebuild offline."""
+    return tuple(name for family in families() for name in family.interfaces)
+
+
+def interface_family(like: str) -> Family:
+    """The family that rebuilds the interface named ``like``."""
+    for family in families():
+        if like in family.interfaces:
+            return family
+    raise FamilyError(f"--like {like!r}: expected one of {', '.join(interfaces())}")

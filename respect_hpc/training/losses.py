@@ -1,0 +1,113 @@
+"""Each trained action's loss, by the variant's objective, and KTO's reference point (objectives.py has the
+formulas; this module feeds them the model's scores of a micro-batch).
+
+D_0's rows are trained with label-smoothed cross-entropy whatever the objective; logged rows by the
+variant's: FFT cross-entropy (label smoothing = the entropy weight), REINFORCE or KTO. KTO's z is measured
+once per optimizer step, before its update, on a mismatched single click of each of the step's logged
+examples, against the starting policy's scores of the same clicks (computed once per task and kept in the
+task folder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from respect_hpc.core.io import atomic_write_parquet
+from respect_hpc.data.batching import REHEARSAL
+from respect_hpc.domain.multiref import letters_of, mismatched_click
+from respect_hpc.model.policy_inputs import answer_logits, policy_view
+from respect_hpc.training.batches import TaskData
+from respect_hpc.training.objectives import ActionScores, cross_entropy_loss, kto_loss, reinforce_loss, score_actions
+from respect_hpc.training.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """A micro-batch's loss (its share of the step's mean over answers, scaled for accumulation), the mean
+    loss of its logged actions (D_0 rows left out; 0 without any) and the mean entropy term U, for the
+    metrics table."""
+
+    total: torch.Tensor
+    objective: torch.Tensor
+    entropy: torch.Tensor
+
+
+class Losses:
+    """The losses of one task's micro-batches under its model (``model()`` returns it unwrapped)."""
+
+    def __init__(self, spec: TrainSpec, data: TaskData, accelerator, model):
+        self.spec, self.hp, self.data = spec, spec.hp, data
+        self.accelerator, self.model = accelerator, model
+        self.mismatch_reference = self._mismatch_reference() if spec.objective == "kto" else {}
+
+    def action_losses(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, ActionScores]:
+        """Each answer's loss: D_0 rows by label-smoothed cross-entropy, logged rows by the variant's objective;
+        ``z``: KTO's reference point for this step."""
+        hp = self.hp
+        scores = score_actions(answer_logits(self.model, batch), batch["targets"], batch["target_mask"],
+                               hp.temperature)
+        rehearsal = batch["rehearsal"].to(scores.logprob.device)
+        if self.spec.objective == "rl":
+            per_action = reinforce_loss(scores, batch["reward"], batch["propensity"], entropy_weight=hp.entropy_weight)
+        elif self.spec.objective == "kto":
+            per_action = kto_loss(scores, batch["propensity"], batch["desirable"], batch["weight"], z=z, beta=hp.beta,
+                                  entropy_weight=hp.entropy_weight)
+        else:  # fft (the seed round's rows are all D_0)
+            per_action = cross_entropy_loss(scores, label_smoothing=hp.entropy_weight)
+        return torch.where(rehearsal, cross_entropy_loss(scores, label_smoothing=hp.label_smoothing),
+                           per_action), scores
+
+    def loss(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None, scale: float = 1.0) -> LossParts:
+        """The micro-batch's answers' summed loss times ``scale`` (the step's micro-batches over its answers:
+        the step's gradient is then its mean over answers)."""
+        per_action, scores = self.action_losses(batch, z)
+        logged = per_action.detach()[~batch["rehearsal"].to(per_action.device)]
+        return LossParts(per_action.sum() * scale, logged.mean() if logged.numel() else torch.zeros(()),
+                         scores.uniform.detach().mean())
+
+    # -- KTO's reference point -------------------------------------------------------------------------
+    def mismatch_logprobs(self, rows: list[dict]) -> list[float]:
+        """log pi(a'|x) of each row's mismatched click under the model as it is (no gradient, no dropout), in
+        the logged image order, as the reference was scored: z then measures the policy, not the shuffling."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        values = []
+        encoder, device = self.data.encoder, self.accelerator.device
+        with torch.no_grad():
+            for start in range(0, len(rows), self.hp.micro_batch):
+                chunk = [{**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
+                                                                                      row["context"]))}
+                         for row in rows[start:start + self.hp.micro_batch]]
+                encoded = [encoder.encode(policy_view(row, self.data.template)) for row in chunk]
+                batch = {k: v.to(device) for k, v in encoder.collate(encoded).items()}
+                values += score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"],
+                                        self.hp.temperature).logprob.tolist()
+        model.train(was_training)
+        return values
+
+    def _mismatch_reference(self) -> dict[str, float]:
+        """KTO's reference for the mismatched clicks: the starting policy (the adapter the variant continues from,
+        which deployed the newest round) scores each logged example's click once, in the logged image order."""
+        path = self.spec.out.mismatch_reference
+        with self.accelerator.main_process_first():
+            if not path.is_file():
+                logged = [row for row in self.data.examples if row["source"] not in REHEARSAL]
+                atomic_write_parquet(pl.DataFrame({"game_turn_id": [r["game_turn_id"] for r in logged],
+                                                   "logprob": self.mismatch_logprobs(logged)},
+                                                  schema={"game_turn_id": pl.String, "logprob": pl.Float64}), path)
+        table = pl.read_parquet(path)
+        return dict(zip(table["game_turn_id"], table["logprob"]))
+
+    def reference_point(self, micro_batches: list[list[int]]) -> torch.Tensor:
+        """KTO's z for one optimizer step, before its update, over every process's logged examples of the step."""
+        rows = self.data.logged_rows(micro_batches)
+        now = self.mismatch_logprobs(rows)
+        difference = sum(n - self.mismatch_reference[r["game_turn_id"]] for n, r in zip(now, rows))
+        values = torch.tensor([difference, float(len(rows))], device=self.accelerator.device)
+        total, count = self.accelerator.reduce(values, "sum").tolist()
+        return torch.tensor(max(0.0, total / count) if count else 0.0)

@@ -1,0 +1,260 @@
+"""Feedback decoding on a tiny IDEFICS2-8B replica: scoring vs generation, shards, kills, merge, cache."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import cli, write_decode_round
+
+import jobs.decode
+import jobs.merge
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.config.schema import ModelSection
+from respect_hpc.data.feedback import MergeError, part_name
+from respect_hpc.data.logs import ingest
+from respect_hpc.domain.prompts import DECODER_TEMPLATES, DecoderTemplate, decoder_template
+from respect_hpc.domain.synthetic import synthesize
+from respect_hpc.model.chat import decoder_text
+from respect_hpc.model.loading import ModelError, load_text_model, load_tokenizer
+from respect_hpc.model.scorer import (
+    DecoderError,
+    FeedbackScorer,
+    label_token_ids,
+    parse_label,
+    shared_prefix_length,
+    token_budget_batches,
+)
+
+
+def prompts_of(logs: Path, template: DecoderTemplate, tokenizer, policies=("sft", "bp")) -> list[str]:
+    turns = ingest([logs], policies=policies).turns.filter("has_follow_up")
+    return [decoder_text(tokenizer, template, t["previous_action"], t["utterance"], t["action"], t["follow_up"])
+            for t in turns.iter_rows(named=True)]
+
+
+@pytest.fixture(scope="module")
+def loaded(taught_decoder):
+    spec = ModelSection(path=taught_decoder[0], dtype="fp32")
+    return load_text_model(spec), load_tokenizer(spec)
+
+
+@pytest.fixture(scope="module")
+def fresh_logs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fresh") / "logs.parquet"
+    synthesize(25, seed=21, policies={"bp": 0.6}, rounds=[0]).write_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("key", sorted(DECODER_TEMPLATES))
+def test_scoring_and_greedy_generation_agree(loaded, fresh_logs, key):
+    model, tokenizer = loaded
+    template = decoder_template(key)
+    prompts = prompts_of(fresh_logs, template, tokenizer)
+    scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=2048)
+    scored = sorted((s for batch in scorer.score(prompts) for s in batch), key=lambda s: s.index)
+    assert [s.index for s in scored] == list(range(len(prompts)))
+    generated = scorer.generate(prompts)
+    assert [s.label for s in scored] == generated
+    assert len(set(generated)) >= 2  # the fixture exercises more than one label
+
+
+def test_prefix_cache_gives_the_full_forward_numbers(loaded, fresh_logs):
+    model, tokenizer = loaded
+    template = decoder_template("respect-ternary@2")
+    prompts = prompts_of(fresh_logs, template, tokenizer)[:40]
+    runs = {}
+    for prefix_cache in (True, False):
+        scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=prefix_cache)
+        runs[prefix_cache] = np.array([s.logprobs for s in sorted(
+            (s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
+    np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)
+
+
+def test_token_budget_batches_cover_every_prompt_once():
+    lengths = [5, 90, 17, 33, 33, 120, 2, 64]
+    batches = token_budget_batches(lengths, 128)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
+        assert lengths[batch[0]] == max(lengths[i] for i in batch)
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # at least one token of each row runs
+
+
+def test_labels_are_scored_on_the_tokens_idefics2_emits_after_assistant(loaded):
+    """After ``Assistant:`` IDEFICS2-8B answers `` Positive.`` = ``▁Pos itive .``: ``▁Pos`` must count."""
+    model, tokenizer = loaded
+    ids = label_token_ids(tokenizer, ("Positive", "Neutral", "Negative"))
+    pieces = [set(tokenizer.convert_ids_to_tokens(i)) for i in ids]
+    assert "▁Pos" in pieces[0] and "▁Ne" in pieces[1] and "▁Neg" in pieces[2]
+    template = decoder_template("respect-ternary@2")
+    prompt = decoder_text(tokenizer, template, None, "the bird", "select C", "no, the other one")
+    answer = model.generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    first = int(answer[0, -3])  # the first token the taught replica emits
+    assert tokenizer.convert_ids_to_tokens(first).startswith("▁")  # spaced after the colon, as IDEFICS2-8B's
+    assert any(first in i for i in ids)
+
+
+def test_label_words_the_tokenizer_cannot_tell_apart(loaded):
+    _, tokenizer = loaded
+    clash = DecoderTemplate("clash", 1, "q", "a", ("Positive", "positive"))
+    with pytest.raises(DecoderError, match="label word 'positive' starts with no token of its own"):
+        label_token_ids(tokenizer, clash.labels)
+    assert parse_label(" Negative.", ("Positive", "Negative")) == 1
+    assert parse_label("maybe", ("Positive", "Negative")) is None
+
+
+def test_model_errors_are_clear(tmp_path, taught_decoder):
+    with pytest.raises(ModelError, match=f"model.path: no such folder '{tmp_path / 'none'}'"):
+        load_tokenizer(ModelSection(path=tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_text_model(ModelSection(path=tmp_path / "empty"))
+    copy = shutil.copytree(taught_decoder[0], tmp_path / "no-template")
+    (copy / "chat_template.jinja").unlink()
+    config = (copy / "tokenizer_config.json").read_text()
+    assert "chat_template" not in config
+    with pytest.raises(ModelError, match="has no chat template"):
+        load_tokenizer(ModelSection(path=copy))
+
+
+@pytest.fixture
+def round_one(tmp_path, taught_decoder):
+    model, logs = taught_decoder
+    return tmp_path, write_decode_round(tmp_path, model, [logs])
+
+
+def test_a_shard_killed_mid_way_leaves_nothing_and_only_it_is_redone(round_one):
+    root, manifest = round_one
+    slow = write_decode_round(root, load_manifest(manifest).model.path, load_manifest(manifest).data.interactions,
+                          chunk_rows=8)
+    done = cli("decode", slow, "--shard", "1", "--num-shards", "2")
+    assert done.returncode == 0, done.stderr
+    parts = root / "runs" / "test" / "feedback"
+    part_1 = sorted(parts.glob("*/round-1/" + part_name(1, 2)))
+    assert len(part_1) == 2  # binary and ternary
+    stamps = [p.stat().st_mtime_ns for p in part_1]
+
+    victim = subprocess.Popen([sys.executable, "-m", "respect_hpc.cli", "decode", str(slow), "--shard", "0",
+                               "--num-shards", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 0 for p in parts.glob(f"*/round-1/.{part_name(0, 2)}.*.tmp")):
+        assert victim.poll() is None, "the shard finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not list(parts.glob(f"*/round-1/{part_name(0, 2)}"))  # no partial output under the final name
+
+    rerun = cli("decode", slow)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr.count("is current, skipped") == 2
+    assert [p.stat().st_mtime_ns for p in part_1] == stamps
+    assert len(list(parts.glob(f"*/round-1/{part_name(0, 2)}"))) == 2
+    assert not list(parts.glob("*/round-1/.*.tmp"))
+    assert (root / "runs" / "test" / "round-1" / "feedback.parquet").is_file()
+
+
+def test_merge_refuses_missing_stale_and_duplicated_parts(round_one):
+    root, manifest = round_one
+    m = load_manifest(manifest)
+    assert cli("decode", manifest).returncode == 0
+    folder = next((root / "runs" / "test" / "feedback").glob("respect-binary*")) / "round-1"
+    first, second = folder / part_name(0, 2), folder / part_name(1, 2)
+    keep = second.read_bytes()
+
+    second.unlink()
+    with pytest.raises(MergeError, match=f"{second}: missing or unreadable: rerun decode --shard 1 --num-shards 2"):
+        jobs.merge.run(m, 2)
+
+    shutil.copy(first, second)
+    with pytest.raises(MergeError, match=f"{second}: holds shard 0 of 2, a duplicate of {part_name(0, 2)}"):
+        jobs.merge.run(m, 2)
+
+    second.write_bytes(keep)
+    jobs.merge.run(m, 2)  # whole again
+    turns_path = root / "runs" / "test" / "data" / "turns.parquet"
+    turns = pl.read_parquet(turns_path)
+    turns.filter(pl.col("game_turn_id") != turns["game_turn_id"][0]).write_parquet(turns_path)
+    with pytest.raises(MergeError, match="stale \\(made from other windows, decoder or code\\)"):
+        jobs.merge.run(m, 2)
+
+
+def test_a_second_round_reuses_the_first_rounds_labels(round_one, taught_decoder, tmp_path):
+    root, manifest = round_one
+    done = cli("decode", manifest, "--check", "30")
+    assert done.returncode == 0, done.stderr
+    assert "0 reused from earlier rounds" in done.stderr
+    report = next(line for line in done.stdout.splitlines() if line.startswith("greedy generation agrees"))
+    agree, checked = map(int, report.split(" on ")[1].split(" windows")[0].split("/"))
+    assert checked == 60 and agree >= 57  # the check mode's own report; exact agreement is tested above
+    first = pl.read_parquet(root / "runs" / "test" / "round-1" / "feedback.parquet")
+
+    new_logs = tmp_path / "round-1-logs.parquet"
+    synthesize(20, seed=5, policies={"bp": 0.6}, rounds=[1]).write_parquet(new_logs)
+    second_manifest = write_decode_round(root, taught_decoder[0], [taught_decoder[1], new_logs], round_=2)
+    (root / "runs" / "test" / "data").rename(root / "runs" / "test" / "data-round-1")  # ingest anew
+    done = cli("decode", second_manifest)
+    assert done.returncode == 0, done.stderr
+    per_kind = first.height // 2
+    assert done.stderr.count("reused from earlier rounds") == 4
+    reused = [int(line.split(", ")[1].split(" reused")[0]) for line in done.stderr.splitlines()
+              if "reused from earlier rounds" in line]
+    assert sum(reused) == 2 * per_kind  # each kind reuses every round-0 window, split over its two shards
+    second = pl.read_parquet(root / "runs" / "test" / "round-2" / "feedback.parquet")
+    assert second.filter(pl.col("round") == 0).sort("kind", "game_turn_id").select("key", "label").equals(
+        first.sort("kind", "game_turn_id").select("key", "label"))
+    assert set(second["decoded_in_round"]) == {1, 2}
+    assert "decoded feedback" in done.stdout
+
+
+def test_decode_shards_run_with_the_local_executor(round_one):
+    root, manifest = round_one
+    done = cli("decode", manifest, "--submit", "--executor", "local")
+    assert done.returncode == 0, done.stderr
+    assert "decode: 2 job(s)" in done.stderr and "(local)" in done.stderr
+    assert len(list((root / "runs" / "test" / "feedback").glob("*/round-1/part-*-of-00002.parquet"))) == 4
+    assert (root / "runs" / "test" / "logs" / "decode").is_dir()
+
+
+def test_precomputed_labels_replace_decoding_that_kind(tmp_path, taught_decoder, capsys):
+    """decoder.labels.binary in the public feedback_decoder_binary layout: no binary decoding; the labels as given,
+    windows without one reported; the ternary kind is still decoded."""
+    import jobs.ingest
+
+    model, logs = taught_decoder
+    path = write_decode_round(tmp_path, model, [logs], shards=1)
+    turns = ingest([logs]).turns.filter("has_follow_up")
+    given = turns.select("game_turn_id").with_row_index().with_columns(
+        predictions=pl.when(pl.col("index") % 3 == 0).then(-1).otherwise(1),
+        labels=pl.lit(1), text=pl.lit("")).drop("index")
+    given.slice(1).write_parquet(tmp_path / "binary.parquet")  # the first window has no label
+    path.write_text(path.read_text().replace("decoder: {", f"decoder: {{labels: {{binary: {tmp_path / 'binary.parquet'}}}, "))
+    m = load_manifest(path)
+    jobs.ingest.run(m)
+    assert [p.kind for p in jobs.decode.plans(m, 1)] == ["ternary"]  # binary is not decoded
+    jobs.decode.run(m, 0, 1)
+    capsys.readouterr()
+    feedback = jobs.merge.run(m, 1)
+    assert f"decoder.labels.binary: 1 of {turns.height} windows have no label" in " ".join(capsys.readouterr().err.split())
+    binary = feedback.filter(pl.col("kind") == "binary").sort("game_turn_id")
+    expected = given.slice(1).sort("game_turn_id")
+    assert binary["game_turn_id"].to_list() == expected["game_turn_id"].to_list()
+    assert binary["label"].to_list() == expected["predictions"].to_list()
+    assert set(binary["label_word"]) == {"Positive", "Negative"}
+    assert feedback.filter(pl.col("kind") == "ternary").height == turns.height  # decoded as before
+    assert jobs.merge.done(m) == {"merge"}
+    given.with_columns(predictions=pl.lit(0)).write_parquet(tmp_path / "binary.parquet")
+    assert not jobs.merge.done(m)  # another file: merge again
+    with pytest.raises(MergeError, match=r"decoder.labels.binary '.*binary.parquet': row 1: predictions: expected one "
+                                         r"of -1, 1 for binary feedback, got 0"):
+        jobs.merge.run(m, 1)
+    pl.concat([given, given.head(1)]).write_parquet(tmp_path / "binary.parquet")
+    with pytest.raises(MergeError, match="has more than one label"):
+        jobs.merge.run(m, 1)

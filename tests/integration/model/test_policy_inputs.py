@@ -1,0 +1,151 @@
+"""Policy inputs: image-order shuffling renames every letter consistently; batches and padding."""
+
+import pytest
+
+from respect_hpc.domain.multiref import image_of, parse_action
+from respect_hpc.domain.prompts import policy_template
+from respect_hpc.model.policy_inputs import answer_logits, image_order, policy_view, rename_action
+
+CONTEXT = [f"img-{i}.png" for i in range(10)]
+ROW = {"game_turn_id": "g_2", "context": CONTEXT, "chats": ["the bird", "no, the dog", "and the cat"],
+       "previous_actions": ["select A", "deselect A select C"],
+       "previous_selections": [[], ["img-0.png"]], "currently_selected": ["img-2.png"],
+       "action": "select E"}
+
+
+def test_rename_action_follows_the_images():
+    order = list(reversed(CONTEXT))
+    renamed = rename_action("deselect A select C J", CONTEXT, order)
+    action = parse_action(renamed)
+    assert {image_of(x, order) for x in action.deselect} == {"img-0.png"}
+    assert {image_of(x, order) for x in action.select} == {"img-2.png", "img-9.png"}
+    assert rename_action("", CONTEXT, order) == ""
+
+
+def test_image_order_is_seeded_per_seed_epoch_and_example():
+    a = image_order(CONTEXT, 1, 0, "g_2")
+    assert a == image_order(CONTEXT, 1, 0, "g_2") and sorted(a) == sorted(CONTEXT)
+    assert len({tuple(image_order(CONTEXT, 1, e, "g_2")) for e in range(5)}) == 5
+
+
+def test_policy_view_renames_context_history_and_target_together():
+    order = image_order(CONTEXT, 3, 1, "g_2")
+    view = policy_view(ROW, policy_template("respect-listener@1"), order)
+    assert view.images == order
+    letter = "ABCDEFGHIJ"[order.index("img-4.png")]
+    assert view.action == f"select {letter}"
+    texts = [p["text"] for m in view.messages for p in m["content"] if p["type"] == "text"]
+    c = "ABCDEFGHIJ"[order.index("img-2.png")]
+    assert f"{c} currently selected" in texts
+    assert [p["text"] for m in view.messages if m["role"] == "assistant" for p in m["content"]] == [
+        rename_action(a, CONTEXT, order) for a in ROW["previous_actions"]]
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    from respect_hpc.model.replica import replica_like
+
+    return replica_like("idefics2-8b", tmp_path_factory.mktemp("replica") / "model")
+
+
+def encoder_for(replica, images, **model_options):
+    from respect_hpc.config.schema import ModelSection
+    from respect_hpc.model.loading import load_encoder
+
+    return load_encoder(ModelSection(path=replica, dtype="fp32", **model_options), images)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    for i, name in enumerate(CONTEXT):
+        Image.new("RGB", (300 + 10 * i, 280), (20 * i, 100, 200)).save(folder / name)
+    return folder
+
+
+def forward(replica, batch):
+    from transformers import AutoModelForImageTextToText
+
+    return answer_logits(AutoModelForImageTextToText.from_pretrained(replica), batch)
+
+
+def test_the_stock_processor_config_is_overridden_with_the_official_image_settings(replica, images):
+    """IDEFICS2-8B ships 980 px with image splitting; the official recipe runs 224 px, one crop an image."""
+    import json
+
+    shipped = json.loads((replica / "processor_config.json").read_text())["image_processor"]
+    assert shipped["do_image_splitting"] is True and shipped["size"]["longest_edge"] == 980
+    encoder = encoder_for(replica, images)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    tokenizer = encoder.tokenizer
+    assert item.input_ids[0] == tokenizer.bos_token_id and item.input_ids[1] != tokenizer.bos_token_id
+    (start, length), = item.answers
+    assert start + length == len(item.input_ids)
+    assert tokenizer.convert_ids_to_tokens(item.input_ids[start:]) == [
+        "▁select", "▁E", "<end_of_utterance>"]
+    assert item.input_ids.count(encoder.image_token_id) == 10 * 64
+    encoder.check(item)
+    batch = encoder.collate([item, item])
+    assert tuple(batch["pixel_values"].shape) == (2, 10, 3, 224, 224)
+    assert forward(replica, batch).shape == (2, 3, 32003)  # the positions that predict the answer
+
+
+def test_image_splitting_when_a_manifest_asks_for_it(replica, images):
+    encoder = encoder_for(replica, images, image_splitting=True, image_size=224)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    assert item.input_ids.count(encoder.image_token_id) == 10 * 5 * 64
+    encoder.check(item)
+    batch = encoder.collate([item])
+    assert batch["pixel_values"].shape[1] == 50  # five crops an image, in prompt order
+    assert forward(replica, batch).shape == (1, 3, 32003)
+
+
+def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(replica, images):
+    from respect_hpc.model.policy_inputs import PolicyDataError
+
+    encoder = encoder_for(replica, images)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    encoder.processor.image_processor.do_image_splitting = True  # pixels now come in five crops an image
+    with pytest.raises(PolicyDataError, match=r"^image tokens do not match the pixels: the prompt has 640 <image> "
+                                              r"tokens, the 10 images give 50 crops x 64 = 3200 \(check "):
+        encoder.check(item)
+
+
+def test_the_policy_generates_over_the_official_15_tokens_and_only_legal_actions_when_constrained(replica, images):
+    """A random-weight replica, IDEFICS2-8B's tokenizer: sampling over the legal tokens (the letters, select, des,
+    elect, </s>, <end_of_utterance>) and, constrained, every generated action is legal in its turn's state."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from respect_hpc.domain.multiref import action_prefix
+    from respect_hpc.model.generation import ActionLogits, GameState, legal_token_ids
+
+    encoder = encoder_for(replica, images)
+    view = policy_view(ROW, policy_template("respect-listener@1"))
+    legal = legal_token_ids(encoder, view)
+    pieces = encoder.tokenizer.convert_ids_to_tokens(legal)
+    assert sorted(pieces) == sorted([f"▁{x}" for x in "ABCDEFGHIJ"] + ["▁select", "▁des", "elect", "</s>",
+                                                                      "<end_of_utterance>"])
+    model = AutoModelForImageTextToText.from_pretrained(replica).eval()
+    prompt = encoder.prompt_ids(view)
+    images = encoder.image_batch([view.images] * 8)
+    inputs = {"input_ids": torch.tensor([prompt] * 8), "attention_mask": torch.ones(8, len(prompt), dtype=torch.long),
+              "pixel_values": images["pixel_values"], "pixel_attention_mask": images["pixel_attention_mask"]}
+    ends = {encoder.end_id, encoder.tokenizer.eos_token_id}
+    state = GameState(10, frozenset({"C"}))  # img-2 is selected before this turn
+    for constrained in (False, True):
+        torch.manual_seed(0)
+        processor = ActionLogits(encoder.tokenizer, legal, ends, len(prompt), [state] * 8 if constrained else None)
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                             logits_processor=[processor], pad_token_id=encoder.tokenizer.pad_token_id,
+                             eos_token_id=sorted(ends))
+        generated = out[:, len(prompt):]
+        assert set(generated.flatten().tolist()) <= set(legal) | {encoder.tokenizer.pad_token_id}
+        texts = encoder.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        legal_actions = [action_prefix(t, 10, state.selected) == "complete" for t in texts]
+        if constrained:
+            assert all(legal_actions), texts
+        else:
+            assert not all(legal_actions), texts  # a random policy left alone says something illegal

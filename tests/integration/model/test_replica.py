@@ -1,0 +1,103 @@
+"""Replicas: tiny random-weight models with a real model's interface (``respect-hpc tiny-model``)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from respect_hpc.model.families.idefics2 import IDEFICS2_CHAT_TEMPLATE
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "respect_hpc.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def like(tmp_path_factory):
+    out = tmp_path_factory.mktemp("like") / "idefics2"
+    done = cli("tiny-model", out, "--like", "idefics2-8b")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_like_idefics2_8b_has_the_real_interface(like):
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+    processor = AutoProcessor.from_pretrained(like)
+    tokenizer = processor.tokenizer
+    assert len(tokenizer) == 32003
+    assert tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [
+        32000, 32001, 32002]
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (
+        "<unk>", 0, 1, 2)
+    assert tokenizer.chat_template == IDEFICS2_CHAT_TEMPLATE
+    ids = tokenizer("User: hi<end_of_utterance>\nAssistant: deselect B select J<end_of_utterance>")["input_ids"]
+    assert ids[0] == 1 and ids[-6:] == [634, 17960, 365, 5339, 475, 32002]  # OFFICIAL-RECIPE.md (a)
+    shipped = json.loads((like / "processor_config.json").read_text())
+    assert shipped["image_seq_len"] == 64
+    assert shipped["image_processor"]["do_image_splitting"] is True
+    assert shipped["image_processor"]["size"] == {"longest_edge": 980, "shortest_edge": 378}
+    assert processor.image_seq_len == 64
+    config = AutoConfig.from_pretrained(like)
+    assert config.model_type == "idefics2" and config.text_config.model_type == "mistral"
+    assert config.text_config.vocab_size == 32003 and config.image_token_id == 32001
+    assert config.perceiver_config.resampler_n_latents == 64 and config.vision_config.patch_size == 14
+    assert config.text_config.hidden_size == 64 and config.text_config.num_hidden_layers == 2
+    assert GenerationConfig.from_pretrained(like).eos_token_id == [2, 32002]
+    weights = load_file(like / "model.safetensors")
+    assert sum(w.numel() for w in weights.values()) < 6_000_000
+
+
+def test_from_a_checkpoint_keeps_its_interface_files_and_scales_the_rest(like, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in like.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"].update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32)
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "special_tokens_map.json").write_text('{"note": "kept as it is"}')
+    out = tmp_path / "replica"
+    done = cli("tiny-model", out, "--from", source, "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                 "generation_config.json", "special_tokens_map.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    scaled = json.loads((out / "config.json").read_text())
+    assert scaled["text_config"]["hidden_size"] == 64 and scaled["text_config"]["num_hidden_layers"] == 2
+    assert scaled["text_config"]["vocab_size"] == 32003 and scaled["perceiver_config"]["hidden_size"] == 64
+    mine, theirs = load_file(out / "model.safetensors"), load_file(like / "model.safetensors")
+    assert mine.keys() == theirs.keys()
+    assert any(not mine[k].equal(theirs[k]) for k in mine)  # seed 3, not seed 0
+
+
+def test_text_only_interface(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = tmp_path / "text"
+    assert cli("tiny-model", out, "--like", "idefics2-8b-text").returncode == 0
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "mistral" and config.vocab_size == 32003 and config.hidden_size == 64
+    assert AutoTokenizer.from_pretrained(out).chat_template == IDEFICS2_CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give exactly one of --like NAME or --from MODEL_DIR"),
+    (["--like", "idefics2-8b", "--from", "x"], "give exactly one of --like NAME or --from MODEL_DIR"),
+    (["--like", "llava"], "--like 'llava': expected one of idefics2-8b, idefics2-8b-text"),
+    (["--from", "{tmp}/nowhere"], "has no config.json (not a transformers checkpoint folder)"),
+])
+def test_bad_requests_are_refused_in_one_line(tmp_path, args, message):
+    done = cli("tiny-model", tmp_path / "out", *[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_occupied_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    done = cli("tiny-model", tmp_path / "out", "--like", "idefics2-8b")
+    assert done.returncode == 2 and "exists and is not an empty folder" in done.stderr
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"

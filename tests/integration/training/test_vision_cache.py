@@ -1,0 +1,89 @@
+"""The frozen vision model's outputs, cached: the same logits as without, each crop computed once per round
+(memory, then disk, shared by tasks), a damaged file computed again, never where the vision model trains."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import write_round
+
+import jobs.train
+from respect_hpc.config.loading import load_manifest
+from respect_hpc.core.rundir import TaskDir
+from respect_hpc.model.loading import load_policy
+from respect_hpc.model.policy_inputs import answer_logits
+from respect_hpc.model.vision_cache import CachedVision, cache_vision
+from respect_hpc.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def round_files(tmp_path_factory):
+    from respect_hpc.model.replica import replica_like
+
+    root = tmp_path_factory.mktemp("vision")
+    return write_round(root, model=replica_like("idefics2-8b", root / "model"))
+
+
+def trainer_for(round_files, out, vision_cache, **hp):
+    m = load_manifest(round_files)
+    prepared = jobs.train.prepare(m, "b-fft", 1)
+    assert prepared.spec.vision_cache is not None  # on by default for the paper's placement
+    spec = dataclasses.replace(prepared.spec, out=TaskDir(out), vision_cache=vision_cache,
+                               hp=prepared.spec.hp.model_copy(update={"lora_dropout": 0.0, **hp}))
+    jobs.train.set_distributed_env()
+    return Trainer(spec, prepared.examples, prepared.validation)
+
+
+def logits_of(trainer, sequences):
+    with torch.no_grad():
+        return answer_logits(trainer.model, trainer.data.batch(sequences, epoch=0))
+
+
+def test_cached_features_give_the_same_logits_and_each_crop_is_computed_once(round_files, tmp_path):
+    folder = tmp_path / "cache"
+    with trainer_for(round_files, tmp_path / "plain", None) as plain:
+        assert plain.vision_cache is None
+        expected = [logits_of(plain, [s]) for s in range(3)]
+    with trainer_for(round_files, tmp_path / "cached", folder) as trainer:
+        cache = trainer.vision_cache
+        assert isinstance(cache, CachedVision)
+        first = [logits_of(trainer, [s]) for s in range(3)]
+        images = {name for s in range(3) for i in trainer.data.sequences[s] for name in trainer.data.examples[i]["context"]}
+        assert cache.computed == len(images)  # one crop an image at 224 px; repeats across sequences reused
+        assert len(list(folder.glob("*.safetensors"))) == len(images) and not list(folder.glob(".*tmp"))
+        again = [logits_of(trainer, [s]) for s in range(3)]
+        assert cache.computed == len(images)
+        for a, b, c in zip(expected, first, again):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0) and torch.equal(b, c)
+    damaged = sorted(folder.glob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with trainer_for(round_files, tmp_path / "fresh", folder) as fresh:  # another task of the round: from disk
+        assert [torch.allclose(a, logits_of(fresh, [s]), atol=1e-5, rtol=0) for s, a in enumerate(expected)] == [
+            True] * 3
+        assert fresh.vision_cache.computed == 1  # the damaged file only, written again whole
+        assert damaged.stat().st_size > 1000
+
+
+def test_training_through_the_cache_gives_the_gradients_of_the_plain_model(round_files, tmp_path):
+    """The connector (modality projection, perceiver) after the vision model still trains: same gradients."""
+    grads = []
+    for cache in (None, tmp_path / "cache"):
+        with trainer_for(round_files, tmp_path / str(cache is None), cache) as trainer:
+            parts = trainer.losses.loss(trainer.data.batch([0, 1], epoch=0))
+            trainer.accelerator.backward(parts.total)
+            grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                          if p.requires_grad and p.grad is not None})
+    plain, cached = grads
+    assert any("connector" in n and "lora_A" in n for n in plain)
+    assert plain.keys() == cached.keys()
+    assert all(torch.allclose(plain[n], cached[n], atol=1e-6, rtol=1e-4) for n in plain)
+
+
+def test_a_vision_model_that_trains_is_never_cached(round_files, tmp_path):
+    m = load_manifest(round_files)
+    enhanced = load_policy(m.model, placement="enhanced")
+    assert cache_vision(enhanced, tmp_path, "vision_model") is None
+    assert not any(isinstance(x, CachedVision) for x in enhanced.modules())
+    paper = load_policy(m.model, placement="paper")
+    assert isinstance(cache_vision(paper, tmp_path, "vision_model"), CachedVision)
+    assert sum(isinstance(x, CachedVision) for x in paper.modules()) == 1
