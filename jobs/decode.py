@@ -14,7 +14,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -22,12 +21,13 @@ from jobs.registry import Stage, Task, check_shard, shard_key
 from respect_hpc.config.schema import Manifest
 from respect_hpc.core.hashing import spec_hash
 from respect_hpc.core.io import SPEC_HASH_KEY
+from respect_hpc.core.text import log_console
 from respect_hpc.data.feedback import LABELS, SPEC_KEY, KindPlan, is_current, labels_frame, plan_decoding
 from respect_hpc.domain.prompts import LABEL_VALUES, decoder_template
 from respect_hpc.model.loading import load_text_model, load_tokenizer, model_fingerprint
 from respect_hpc.model.scorer import FeedbackScorer, decoder_prompts
 
-console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in SLURM logs
+console = log_console()
 
 
 def plans(manifest: Manifest, n_shards: int | None = None) -> list[KindPlan]:

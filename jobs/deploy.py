@@ -18,13 +18,13 @@ import random
 
 import polars as pl
 import torch
-from rich.console import Console
 
 from jobs.registry import Stage, Task, check_shard, shard_key
 from respect_hpc.config.schema import Manifest
 from respect_hpc.core.errors import RespectError
 from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.core.text import log_console
 from respect_hpc.domain.multiref import Action, ActionError, format_action, letters_of, parse_action
 from respect_hpc.domain.prompts import policy_template
 from respect_hpc.domain.simulator import SimulatedGame, action_images, description_pool, interaction_row
@@ -33,7 +33,7 @@ from respect_hpc.model.generation import GameState, generate_actions, legal_toke
 from respect_hpc.model.loading import load_encoder, load_policy, model_fingerprint
 from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
 
-console = Console(stderr=True)
+console = log_console()
 
 
 class DeployError(RespectError, RuntimeError):
@@ -48,7 +48,8 @@ def shard_spec(manifest: Manifest, shard: int, n_shards: int) -> str:
         "model": model_fingerprint(manifest.model, run.fingerprint_memo),
         "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
         "policies": {name: file_digest(path) for name, path in manifest.deployed_policies().items()},
-        "descriptions": file_digest(manifest.simulation.kilogram / "dense.json")})
+        "descriptions": file_digest(manifest.simulation.kilogram / "dense.json"),
+        "images": file_digest(manifest.data.images)})
 
 
 def current(manifest: Manifest, shard: int, n_shards: int) -> bool:

@@ -10,18 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-from rich.console import Console
 
 from jobs.registry import Stage, Task
 from respect_hpc.config.schema import Manifest
 from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
+from respect_hpc.core.text import log_console
 from respect_hpc.data.feedback import FEEDBACK, LABELS, MergeError, check_parts, plan_decoding, precomputed_labels
 from respect_hpc.domain.prompts import LABEL_VALUES
 from respect_hpc.model.loading import model_fingerprint
 
 KEY = "merge"
-console = Console(stderr=True, soft_wrap=True)
+console = log_console()
 
 
 def precomputed(manifest: Manifest) -> dict[str, Path]:

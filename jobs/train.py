@@ -20,22 +20,23 @@ from pathlib import Path
 import polars as pl
 import submitit
 import torch
-from rich.console import Console
 
 from jobs.registry import Stage, Task
 from respect_hpc.config.schema import Manifest, Variant
 from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import atomic_write_parquet, atomic_write_text
 from respect_hpc.core.rundir import DEFAULT_CELL, TaskDir
+from respect_hpc.core.text import log_console
 from respect_hpc.data.datasets import source_counts, training_set, validation_turns
 from respect_hpc.data.logs import ingest
 from respect_hpc.model.loading import is_multimodal_model, model_fingerprint
+from respect_hpc.model.policy_inputs import image_problem
 from respect_hpc.training.checkpoints import clear_task, finished, outputs_problem
 from respect_hpc.training.selection import rank
 from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps
 from respect_hpc.training.trainer import train
 
-console = Console(stderr=True, soft_wrap=True)
+console = log_console()
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFA
         "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation", "packing",
                                                                       "image_order"}),
         "validation": manifest.validation.model_dump(mode="json"),
-        "policy_template": manifest.policy_template, "images": str(manifest.data.images),
+        "policy_template": manifest.policy_template, "images": file_digest(manifest.data.images),
         "model": model_fingerprint(manifest.model, run.fingerprint_memo),
         "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
         "inputs": [file_digest(p) for p in (run.data.turns, run.round_feedback(manifest.round),
@@ -126,10 +127,14 @@ def _check_images(manifest: Manifest, turns: pl.DataFrame, what: str) -> None:
     folder = manifest.data.images
     if folder is None:
         raise TrainingError("data.images: required to train a multimodal policy (the folder of tangram PNGs)")
-    names = turns.select(pl.col("context").list.explode()).unique().to_series().to_list()
-    missing = sorted(n for n in names if not (folder / n).is_file())
+    names = sorted(turns.select(pl.col("context").list.explode()).unique().to_series().to_list())
+    missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise TrainingError(f"{what}: {len(missing)} images are not in data.images '{folder}', e.g. {missing[0]}")
+    for name in names:  # before any GPU time: a damaged image would stop the task mid-epoch
+        problem = image_problem(folder / name)
+        if problem:
+            raise TrainingError(f"{what}: data.images '{folder / name}': {problem}")
 
 
 def set_distributed_env() -> None:

@@ -26,6 +26,8 @@ from respect_hpc.cli.options import (
     OptionError,
     Policies,
     Quarantine,
+    Resamples,
+    Seed,
     Sources,
     Workdir,
     first_problem,
@@ -110,9 +112,7 @@ def ingest_command(sources: Sources,
 def metrics(sources: Sources,
             as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line per (policy, round).")]
             = False,
-            seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the bootstrap.")] = 0,
-            resamples: Annotated[int, typer.Option(min=1, max=10_000_000,
-                                                   help="Bootstrap resamples per interval.")] = N_RESAMPLES,
+            seed: Seed = 0, resamples: Resamples = N_RESAMPLES,
             quarantine: Quarantine = False, max_turns: MaxTurns = DEFAULT_MAX_TURNS,
             policy: Policies = None, max_round: MaxRound = None) -> None:
     """Round metrics per (policy, round): success rate and turns per game with 95% bootstrap intervals,
@@ -146,16 +146,17 @@ def _skills(specs: list[str]) -> dict[str, float]:
 
 @app.command()
 def synth(out: Annotated[Path, typer.Argument(help="Output file: .parquet or .jsonl (public interaction layout).")],
-          games: Annotated[int, typer.Option(help="Games per (policy, round).")] = 100,
+          games: Annotated[int, typer.Option(min=1, max=1_000_000, help="Games per (policy, round).")] = 100,
           policy: Annotated[list[str] | None, typer.Option(help="NAME=SKILL, repeatable; skill in [0, 1] is how "
                                                                "often the policy picks the described target.")]
           = None,
           rounds: Annotated[list[int] | None, typer.Option("--round", help="Rounds to generate (repeatable).")]
           = None,
-          seed: int = 0,
+          seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the games.")] = 0,
           images: Annotated[Path | None, typer.Option(help="Where to draw the procedural images when KiloGram "
                                                           "is absent.")] = None) -> None:
     """Generate seeded synthetic MultiRef logs (real KiloGram names and descriptions when present)."""
+    from respect_hpc.core.io import atomic_write_parquet, atomic_write_text
     from respect_hpc.domain.synthetic import DEFAULT_KILOGRAM, draw_procedural_images, load_image_bank, synthesize
 
     if out.suffix not in (".parquet", ".jsonl"):
@@ -164,11 +165,14 @@ def synth(out: Annotated[Path, typer.Argument(help="Output file: .parquet or .js
     if bank.source == "procedural" and images is not None:
         draw_procedural_images(bank, images)
     frame = synthesize(games, seed=seed, policies=_skills(policy or ["sft=0.45"]), rounds=rounds or [0], bank=bank)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
-        frame.write_parquet(out)
-    else:
-        frame.write_ndjson(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".parquet":
+            atomic_write_parquet(frame, out)
+        else:
+            atomic_write_text(frame.write_ndjson(), out)
+    except OSError as exc:
+        raise OptionError(f"{out}: cannot write ({exc.strerror or exc})") from None
     views.say(f"{frame.height} synthetic games ({bank.source} images) -> {out}")
 
 
@@ -277,8 +281,7 @@ def report(sources: Annotated[list[Path], typer.Argument(help="Run directories, 
            out: Annotated[Path, typer.Option(help="Folder for tables/, plots/ and report.html.")] = Path("report"),
            embeddings: Annotated[Path | None, typer.Option(help="Parquet table image -> embedding (list of "
                                                                 "floats) for the similarity Sim(a, a*).")] = None,
-           seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-           resamples: Annotated[int, typer.Option(help="Bootstrap resamples per interval.")] = N_RESAMPLES) -> None:
+           seed: Seed = 0, resamples: Resamples = N_RESAMPLES) -> None:
     """Aggregate rounds, variants and sweeps into tables (Parquet, CSV), plots (PNG) and one HTML page."""
     from respect_hpc.report import build
 
@@ -294,7 +297,7 @@ def _controller(manifest_path: Path, executor: str | None, workdir: Path | None,
     from respect_hpc.cluster.controller import Controller
 
     m = manifest(manifest_path, executor, workdir=workdir, cluster=cluster)
-    return Controller(m, executor, report=lambda line: views.say(line, to=views.err))
+    return Controller(m, executor, report=lambda line: views.say(line, to=views.err), source=manifest_path)
 
 
 def _lineage(m) -> None:
@@ -335,7 +338,7 @@ def plan(manifest_path: ManifestArg, executor: Executor = None, workdir: Workdir
         views.say("every task is done: run would submit nothing")
     for stage in stages:
         if stage.todo:
-            views.console.rule(f"{stage.name}: sbatch script of its array ({len(stage.todo)} tasks)")
+            views.rule(f"{stage.name}: sbatch script of its array ({len(stage.todo)} tasks)")
             views.say(sbatch_script(m, stage.name, len(stage.todo)))
 
 
@@ -466,16 +469,17 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
     task's last error line and log."""
     from pydantic import ValidationError
 
-    from respect_hpc.cluster.controller import Controller
+    from respect_hpc.cluster.controller import Controller, read_manifest_lock
     from respect_hpc.config.schema import Manifest
     from respect_hpc.core.rundir import RunDir
 
     lock = RunDir(run_dir).manifest_lock
     if not lock.is_file():
         raise OptionError(f"{run_dir}: no {lock.name}; nothing was submitted from this run directory")
+    recorded = read_manifest_lock(lock)
     try:
-        m = Manifest.model_validate_json(lock.read_text())
-    except (ValidationError, UnicodeDecodeError):
+        m = Manifest.model_validate(recorded["manifest"] if recorded else None)
+    except ValidationError:
         raise OptionError(f"{lock}: damaged or written by another version; `respect-hpc run MANIFEST` writes it "
                           "again") from None
     # the state of this run directory, wherever it was made or moved to
@@ -532,7 +536,7 @@ def prompts(sources: Sources,
         if as_json:
             print(json.dumps(row, ensure_ascii=False))
             continue
-        views.console.rule(views.plain(row["game_turn_id"]))
+        views.rule(row["game_turn_id"])
         for key in ("policy", "policy_target", "decoder_binary", "decoder_ternary"):
             views.console.print(f"[bold]{key}[/bold]")
             views.say(repr(row[key]) if key == "policy_target" else row[key])  # exact text, never wrapped
@@ -540,7 +544,8 @@ def prompts(sources: Sources,
 
 @app.command()
 def demo(manifest_path: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
-         games: Annotated[int, typer.Option(help="Synthetic games of the logged round.")] = 40) -> None:
+         games: Annotated[int, typer.Option(min=4, max=100_000, help="Synthetic games of the logged round.")] = 40
+         ) -> None:
     """The embedded default: writes the synthetic logs, D_0, validation games, images and the tiny model the
     demo manifest names (once), then runs the whole round on this machine and prints its summary."""
     from respect_hpc.simulation.demo import demo_inputs

@@ -22,7 +22,10 @@ Sources = Annotated[list[Path], typer.Argument(help="Parquet or JSON-lines logs 
                                                     "turn layout, or folders of them.")]
 Quarantine = Annotated[bool, typer.Option("--quarantine", help="Keep bad rows aside (quarantine.parquet) "
                                                                "instead of stopping at the first.")]
-MaxTurns = Annotated[int, typer.Option(help="Turn limit of a game; longer games are bad rows.")]
+MaxTurns = Annotated[int, typer.Option(min=1, max=26, help="Turn limit of a game (1 to 26: a game has at most "
+                                                              "26 images); longer games are bad rows.")]
+Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the bootstrap.")]
+Resamples = Annotated[int, typer.Option(min=1, max=10_000_000, help="Bootstrap resamples per interval.")]
 Policies = Annotated[list[str] | None, typer.Option("--policy", help="A policy name to accept besides the "
                                                                      "public ones (repeatable).")]
 MaxRound = Annotated[int | None, typer.Option(help="Highest round to accept; later rounds are bad rows.")]

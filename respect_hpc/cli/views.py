@@ -12,18 +12,24 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)  # pipes: no wrapping of tables
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, highlight=False, soft_wrap=True)
+from respect_hpc.core.text import printable
+
+console = Console(width=None if sys.stdout.isatty() else 160, highlight=False, emoji=False)  # pipes: no wrapping of tables
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, highlight=False, emoji=False, soft_wrap=True)
 
 
 def plain(value: object) -> str:
     """A value as printable text: control characters (escape sequences, carriage returns) made visible."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in str(value))
+    return printable(value)
 
 
 def say(line: object, *, to: Console = console) -> None:
     """One line of text, never read as markup."""
     to.print(Text(plain(line)), soft_wrap=True)
+
+
+def rule(title: object) -> None:
+    console.rule(Text(plain(title)))
 
 
 def error(message: object) -> None:
@@ -106,7 +112,7 @@ def plan_table(title: str, stages, resources) -> None:
     console.print(table)
 
 
-STATES = ["done", "pending", "running", "failed", "cancelled", "out of date", "not submitted"]
+STATES = ["done", "pending", "running", "failed", "cancelled", "interrupted", "out of date", "not submitted"]
 
 
 def status_table(title: str, rows) -> None:

@@ -10,9 +10,14 @@ submitted, and a task that fails stops the stages after it.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +90,17 @@ def with_upstream_failures(rows: list[TaskStatus]) -> list[TaskStatus]:
     return rows
 
 
+SIGNALLED = ("Caught signal", "KeyboardInterrupt", "stopped by SIG", "Terminated")
+
+
+def _interrupted(log: Path) -> bool:
+    """Whether a local task's log ends with the marks of a signal (its controller or a user stopped it)."""
+    if not log.is_file():
+        return False
+    tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+    return any(mark in line for line in tail for mark in SIGNALLED)
+
+
 def task_status(stage: str, key: str, rec: dict, scheduler: SchedulerState) -> TaskStatus:
     """A submitted task whose output is not current, from its job record (job id, log folder) and the
     scheduler's state: out of date (it ended well, yet its output is missing or stale), failed (with its last
@@ -92,6 +108,8 @@ def task_status(stage: str, key: str, rec: dict, scheduler: SchedulerState) -> T
     log = str(log_path(rec["folder"], rec["job_id"]))
     state = scheduler.state
     error = last_error_line(Path(log), errors_only=True)
+    if state == "ENDED" and _interrupted(Path(log)):
+        return TaskStatus(stage, key, "interrupted", "stopped by a signal before it finished; a run resumes it", log)
     if state == "COMPLETED" or (state == "ENDED" and not error):
         return TaskStatus(stage, key, "out of date", "its output is missing, damaged or stale: a run redoes it", log)
     if state in FAILED or state == "ENDED":
@@ -104,6 +122,52 @@ def task_status(stage: str, key: str, rec: dict, scheduler: SchedulerState) -> T
     return TaskStatus(stage, key, state.lower(), "", log)
 
 
+def _stop_local(jobs: list[submitit.Job], grace_s: float = 10.0) -> None:
+    """Stop local jobs with their controller: SIGTERM to each job's launcher (a local job's id is its process),
+    which passes it on (a training task saves a checkpoint and exits); submitit's cancel for any still running
+    after `grace_s`. Returns once they have ended, so that their last words come before the controller's."""
+    def wait(deadline: float) -> list[submitit.Job]:
+        running = [job for job in jobs if not job.done()]
+        while running and time.monotonic() < deadline:
+            time.sleep(0.2)
+            running = [job for job in running if not job.done()]
+        return running
+
+    for job in jobs:
+        with suppress(ProcessLookupError, ValueError):
+            os.kill(int(job.job_id), signal.SIGTERM)
+    for job in wait(time.monotonic() + grace_s):
+        job.cancel(check=False)
+    wait(time.monotonic() + 5.0)
+
+
+@contextmanager
+def _terminate_as_exit():
+    """SIGTERM raises SystemExit in the controller (its default would end it at once), so that its local jobs
+    are stopped with it; only in the main thread, where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def read_manifest_lock(path: Path) -> dict | None:
+    """What manifest.lock.json records (source, round, manifest), or None where there is none or it is damaged."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("manifest"), dict) else None
+
+
 def dependencies(stage: str, arrays: dict[str, list[str]]) -> list[str]:
     """The arrays a stage's array waits for (afterok): those submitted for the stages it reads, directly or
     through another stage."""
@@ -111,10 +175,14 @@ def dependencies(stage: str, arrays: dict[str, list[str]]) -> list[str]:
 
 
 class Controller:
-    def __init__(self, manifest: Manifest, executor: str | None = None, report=print):
+    """Plans, submits and follows one round; ``source``: the manifest file it was read from, recorded in the run
+    directory so that another manifest of the same experiment and round cannot overwrite its tables."""
+
+    def __init__(self, manifest: Manifest, executor: str | None = None, report=print, source: Path | None = None):
         self.manifest, self.report = manifest, report
         self.kind = executor or manifest.cluster.executor
         self.run_dir = manifest.run_dir
+        self.source = source.resolve() if source is not None else None
 
     # -- planning -----------------------------------------------------------------------------------
     def plan(self) -> list[PlannedStage]:
@@ -143,7 +211,7 @@ class Controller:
     # -- submitting ---------------------------------------------------------------------------------
     def check_previous(self, retry: bool, stages: list[PlannedStage]) -> None:
         """Refuse while tasks of this round are still queued or running, and after failures without --retry."""
-        rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "out of date")]
+        rows = [r for r in self.status(stages) if r.state not in ("done", "not submitted", "out of date", "interrupted")]
         active = [r for r in rows if r.active]
         if active:
             raise ControllerError(f"round {self.manifest.round} is still running: {len(active)} tasks pending or "
@@ -183,10 +251,26 @@ class Controller:
                                   f"selection); the round has {len(train.tasks)} training tasks")
         self.check_previous(retry, stages)
         self.run_dir.make_private()
-        atomic_write_text(self.manifest.model_dump_json(indent=1), self.run_dir.manifest_lock)
+        self.claim()
         if self.kind == "slurm":
             return self._run_chained(stages, detach)
-        return self._run_in_turn()
+        with _terminate_as_exit():
+            return self._run_in_turn()
+
+    def claim(self) -> None:
+        """Record the manifest this round runs (manifest.lock.json); refuse where another manifest file ran the
+        same round in this run directory (two manifests with one experiment and workdir would overwrite each
+        other's tables)."""
+        recorded = read_manifest_lock(self.run_dir.manifest_lock)
+        if recorded is not None and self.source is not None and recorded.get("source") not in (None, str(self.source)) \
+                and recorded.get("round") == self.manifest.round:
+            raise ControllerError(f"{self.run_dir.root}: round {self.manifest.round} here was run from another "
+                                  f"manifest, {recorded['source']}; this is {self.source}: give it its own "
+                                  "experiment name or workdir (or remove that run directory to start over)")
+        atomic_write_text(json.dumps({"source": str(self.source) if self.source else None,
+                                      "round": self.manifest.round,
+                                      "manifest": self.manifest.model_dump(mode="json")}, indent=1),
+                          self.run_dir.manifest_lock)
 
     def _run_chained(self, stages: list[PlannedStage], detach: bool) -> dict[str, int]:
         arrays: dict[str, list[str]] = {}
@@ -216,7 +300,12 @@ class Controller:
             jobs = self.submit(stage, [])
             self.report(f"{stage.name}: {len(jobs)} of {len(stage.tasks)} tasks running ({self.kind})")
             counts[stage.name] = len(jobs)
-            self._wait({stage.name: jobs})
+            try:
+                self._wait({stage.name: jobs})
+            except (KeyboardInterrupt, SystemExit):  # the controller is stopped: its local jobs end with it
+                _stop_local(list(jobs.values()))
+                raise ControllerError(f"interrupted: the running {stage.name} tasks were stopped with the controller; "
+                                      "run again to resume (what is done is kept)") from None
         if not counts:
             self.report("every task is done: nothing submitted")
         return counts

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from respect_hpc.core.errors import RespectError
 from respect_hpc.core.io import atomic_write_text
+from respect_hpc.core.text import clip, printable
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "READY"}
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -106,8 +107,9 @@ def read_jobs(path: Path) -> list[dict]:
         problem = str(exc)
     damaged = path.with_name(f"{path.name}.damaged")
     os.replace(path, damaged)
-    print(f"warning: {path} is damaged ({problem}); set aside as {damaged}: the tasks it recorded count as not "
-          "submitted (check the scheduler for jobs of this round still running)", file=sys.stderr)
+    print(printable(f"warning: {path} is damaged ({clip(problem)}); set aside as {damaged}: the tasks it recorded "
+                    "count as not submitted (check the scheduler for jobs of this round still running)"),
+          file=sys.stderr)
     return []
 
 

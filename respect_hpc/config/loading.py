@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from respect_hpc.config.schema import Manifest, PathKind
 from respect_hpc.core.errors import RespectError
+from respect_hpc.core.text import clip
 
 
 class ManifestError(RespectError, ValueError):
@@ -63,21 +64,24 @@ def _message(error: dict, model_fields: list[str]) -> str:
     if kind == "literal_error":
         choices = ", ".join(s.strip("'") for s in ctx["expected"].replace(" or ", ", ").split(", "))
         name = next((p for p in reversed(error["loc"]) if isinstance(p, str)), "value")
-        return f"unknown {name} {value!r}: expected one of {choices}"
+        return f"unknown {name} {clip(value)}: expected one of {choices}"
     expected = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
                 "list": "a list", "dict": "a mapping", "model": "a mapping", "path": "a path"}
     for prefix, what in expected.items():
         if kind.startswith(prefix + "_") and kind != "string_too_short":
-            return f"expected {what}, got {value!r}"
+            return f"expected {what}, got {clip(value)}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
-        return f"expected a value {sign} {bound}, got {value!r}"
+        return f"expected a value {sign} {bound}, got {clip(value)}"
+    if kind in ("too_long", "string_too_long"):
+        return f"expected at most {ctx.get('max_length')} characters, got {len(value) if isinstance(value, str) else '?'}"
     if kind == "too_short":
         return "expected at least one entry"
     if kind == "finite_number":
-        return f"expected a finite number, got {value!r}"
-    return error["msg"].removeprefix("Value error, ")
+        return f"expected a finite number, got {clip(value)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return message if len(message) <= 400 else f"{message[:400]}..."
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -186,25 +190,45 @@ def _set(data: dict, loc: tuple, value: str) -> None:
     node[loc[-1]] = value
 
 
-def _duplicate_keys(node: yaml.Node | None, path: tuple = ()) -> list[tuple[tuple, int]]:
-    if isinstance(node, yaml.MappingNode):
-        seen: set = set()
-        found = []
-        for key, value in node.value:
-            if key.value in seen:
-                found.append((path + (key.value,), key.start_mark.line + 1))
-            seen.add(key.value)
-            found += _duplicate_keys(value, path + (key.value,))
-        return found
-    if isinstance(node, yaml.SequenceNode):
-        return [d for i, item in enumerate(node.value) for d in _duplicate_keys(item, path + (i,))]
-    return []
+MAX_DEPTH = 32        # nesting levels of a manifest (its schema needs 5)
+MAX_VALUES = 100_000  # values a manifest expands to, aliases followed (a few hundred in practice)
 
 
-def _read_yaml(path: Path) -> tuple[yaml.Node | None, object]:
-    """A YAML file's node tree (for line numbers) and its data; ManifestError naming the line otherwise."""
-    if path.exists() and not path.is_file():
-        raise ManifestError([f"{path}:1: (file): not a regular file"])
+def _duplicate_keys(root: yaml.Node | None, path: Path) -> list[tuple[tuple, int]]:
+    """(loc, line) of every key given twice in a mapping. Refuses a document nested deeper than MAX_DEPTH or
+    expanding, aliases followed, to more than MAX_VALUES values (twelve lines of nested aliases can name
+    billions): what is not bounded here would be walked again by validation."""
+    found, budget = [], [MAX_VALUES]
+
+    def walk(node: yaml.Node | None, loc: tuple) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ManifestError([f"{path}:{node.start_mark.line + 1}: (yaml): expands to more than {MAX_VALUES:,} "
+                                 "values (aliases repeated inside each other); write the values out"])
+        if len(loc) > MAX_DEPTH:
+            raise ManifestError([f"{path}:{node.start_mark.line + 1}: {_loc_text(loc[:3])}...: nested deeper than "
+                                 f"{MAX_DEPTH} levels"])
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key, value in node.value:
+                if key.value in seen:
+                    found.append((loc + (key.value,), key.start_mark.line + 1))
+                seen.add(key.value)
+                walk(value, loc + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, loc + (i,))
+
+    walk(root, ())
+    return found
+
+
+def _read_yaml(path: Path) -> tuple[yaml.Node | None, object, list[tuple[tuple, int]]]:
+    """A YAML file's node tree (for line numbers) and its data; ManifestError naming the line otherwise. Only a
+    regular file is read (a FIFO would block), and a file that is not YAML is never quoted (it may be a secret)."""
+    if not path.is_file():
+        raise ManifestError([f"{path}:1: (file): " + ("not a regular file" if path.exists() else
+                                                     "no such file")])
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -214,11 +238,15 @@ def _read_yaml(path: Path) -> tuple[yaml.Node | None, object]:
         raise ManifestError([f"{path}:{line}: (file): not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                              f"offset {exc.start})"]) from None
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        raise ManifestError([f"{path}:{line}: (yaml): {getattr(exc, 'problem', None) or exc}"]) from None
+        raise ManifestError([f"{path}:{line}: (yaml): {getattr(exc, 'problem', None) or 'not valid YAML'}"]) from None
+    except RecursionError:
+        raise ManifestError([f"{path}:1: (yaml): nested deeper than {MAX_DEPTH} levels"]) from None
+    duplicates = _duplicate_keys(root, path)  # bounds the document before anything expands it
+    return root, yaml.safe_load(text), duplicates
 
 
 def load_part(path: str | Path, kind, key: str | None = None):
@@ -226,8 +254,8 @@ def load_part(path: str | Path, kind, key: str | None = None):
     ``list[Variant]``; under ``key`` where given, e.g. a cluster profile's ``cluster``), validated and
     reported as :func:`load_manifest` reports (FILE:LINE: field: problem)."""
     path = Path(path)
-    root, raw = _read_yaml(path)
-    problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in _duplicate_keys(root)]
+    root, raw, duplicates = _read_yaml(path)
+    problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in duplicates]
     if key is not None:
         if not isinstance(raw, dict) or key not in raw:
             raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping with a '{key}' section"])
@@ -248,8 +276,8 @@ def load_part(path: str | Path, kind, key: str | None = None):
 def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     """Read and validate a manifest; raises :class:`ManifestError` listing every problem."""
     path = Path(path)
-    root, raw = _read_yaml(path)
-    problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in _duplicate_keys(root)]
+    root, raw, duplicates = _read_yaml(path)
+    problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in duplicates]
     if not isinstance(raw, dict):
         raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping of manifest sections"])
     manifest = None
@@ -264,6 +292,12 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
             problem = _path_problem(target, kind)
             if problem:
                 problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}")
+        run_dir = manifest.run_dir.root.resolve()
+        for loc, target, kind in path_fields(manifest, Manifest):
+            if kind.kind != "output" and target.is_dir() and run_dir.is_relative_to(target.resolve()):
+                problems.append(f"{path}:{_line_of(root, ('workdir',))}: workdir: the run directory '{run_dir}' is "
+                                f"inside {_loc_text(loc)} '{target}': its outputs would be read back as inputs; "
+                                "put workdir elsewhere")
     if check_files and manifest is not None and not problems:  # where the run directory is must be settled first
         problems += [f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}"
                      for loc, problem in _missing_previous(manifest)]

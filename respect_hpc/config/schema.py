@@ -17,6 +17,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from respect_hpc.core.rundir import RunDir
+from respect_hpc.core.text import clip
 from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS
 from respect_hpc.domain.policies import CONTROL_POLICY, SEED_POLICY
 from respect_hpc.domain.prompts import (
@@ -36,7 +37,7 @@ _SAFE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 
 def _safe(value: str) -> str:
     if not value or not set(value) <= _SAFE_CHARS or value[0] in "-.":
-        raise ValueError(f"unsafe value {value!r}: expected {_SAFE}, not starting with '-' or '.'")
+        raise ValueError(f"unsafe value {clip(value)}: expected {_SAFE}, not starting with '-' or '.'")
     return value
 
 
@@ -44,18 +45,23 @@ def _plain_path(value: Path) -> Path:
     """A path without control characters (a newline would reach an sbatch script as a new directive)."""
     bad = sorted({repr(c) for c in str(value) if ord(c) < 32 or ord(c) == 127})
     if bad:
-        raise ValueError(f"path {str(value)!r} holds control characters {', '.join(bad)}")
+        raise ValueError(f"path {clip(str(value))} holds control characters {', '.join(bad)}")
     return value
 
 
 def _safe_constraint(value: str) -> str:
     # SLURM constraint expressions also use '&', '|', ',' and '*' between feature names.
     if not value or not set(value) <= _SAFE_CHARS | set("&|,*") or value.startswith("-"):
-        raise ValueError(f"unsafe value {value!r}: expected feature names ({_SAFE}) joined by '&', '|' or ','")
+        raise ValueError(f"unsafe value {clip(value)}: expected feature names ({_SAFE}) joined by '&', '|' or ','")
     return value
 
 
+MAX_ROUND = 10_000
+MAX_NAME = 64  # characters of an experiment or variant name (folder names: a file system allows 255)
+MAX_TASK_FOLDER = 200  # characters of a training task's folder name, <variant>@<sweep cell>
+MAX_TASKS = 10_000  # training tasks of one round (variants x sweep cells x seeds)
 SafeName = Annotated[str, AfterValidator(_safe)]
+ShortName = Annotated[SafeName, Field(max_length=MAX_NAME)]  # names folders of the run directory
 @dataclass(frozen=True)
 class PathKind:
     """What a path field must name when the manifest is checked: ``any`` existing file or folder, a ``file``,
@@ -135,7 +141,7 @@ class DecoderSection(Strict):
         for kind, key in value.items():
             template = DECODER_TEMPLATES.get(key)
             if template is None:
-                raise ValueError(f"unknown template {key!r}: expected one of {', '.join(sorted(DECODER_TEMPLATES))}")
+                raise ValueError(f"unknown template {clip(key)}: expected one of {', '.join(sorted(DECODER_TEMPLATES))}")
             if template.kind != kind:
                 raise ValueError(f"template {key!r} is {template.kind}, not {kind}")
         return {**DEFAULT_DECODER_TEMPLATE, **value}
@@ -238,7 +244,7 @@ class ValidationSection(Strict):
 
 
 class Variant(Strict):
-    name: SafeName
+    name: ShortName
     feedback: FeedbackKind
     objective: Objective
     init: Literal["base", "previous"] | None = Field(
@@ -349,8 +355,8 @@ class ClusterSection(Strict):
 
 
 class Manifest(Strict):
-    experiment: SafeName
-    round: int = Field(ge=0)
+    experiment: ShortName
+    round: int = Field(ge=0, le=MAX_ROUND)
     workdir: OutputPath = Field(Path("runs"), description="where run directories are created (relative to the "
                                                          "manifest's folder, like every path in it)")
     data: DataSection
@@ -384,6 +390,9 @@ class Manifest(Strict):
         if self.data.interactions and seeding:
             raise ValueError(f"variants: objective seed ({', '.join(seeding)}) belongs to the seed round, a "
                              "manifest without data.interactions")
+        if self.data.interactions and self.round == 0:
+            raise ValueError("data.interactions: round 0 is the seed round, before any deployment: it has no logs "
+                             "(the logs of round R are read by round R + 1); set round, or leave the logs out")
         if not self.data.interactions:
             if self.round != 0:
                 raise ValueError(f"data.interactions: round {self.round} needs the interaction logs of the rounds "
@@ -409,9 +418,29 @@ class Manifest(Strict):
                                  f"{', '.join(Hyperparameters.model_fields)}")
             if not values:
                 raise ValueError(f"sweep.{key}: no values")
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"sweep.{key}: values repeat ({', '.join(repeated)}): a cell would train twice")
             for v in values:
                 Hyperparameters.model_validate({key: v})
         return value
+
+    @model_validator(mode="after")
+    def _bounded_tasks(self) -> Manifest:
+        """A round's training tasks are bounded (a 10 x 10 sweep would be 10^10 cells), and each task's folder
+        name fits the file system."""
+        cells = 1
+        for values in self.sweep.values():
+            cells *= len(values)
+        tasks = len(self.variants) * cells * len(self.seeds)
+        if tasks > MAX_TASKS:
+            raise ValueError(f"sweep: {len(self.variants)} variants x {cells:,} cells x {len(self.seeds)} seeds make "
+                             f"{tasks:,} training tasks, more than the limit of {MAX_TASKS:,}")
+        longest = max((len(f"{v.name}@{cell}") for v in self.variants for cell in self.cells()), default=0)
+        if longest > MAX_TASK_FOLDER:
+            raise ValueError(f"sweep: a training task's folder name (<variant>@<cell>) would be {longest} characters, "
+                             f"more than {MAX_TASK_FOLDER}: shorten the variant names or sweep values")
+        return self
 
     def training_tasks(self) -> list[tuple[str, str, int]]:
         """Every training task of the round: (variant, sweep cell, seed)."""
@@ -429,7 +458,7 @@ class Manifest(Strict):
     @classmethod
     def _known_policy_template(cls, value: str) -> str:
         if value not in POLICY_TEMPLATES:
-            raise ValueError(f"unknown template {value!r}: expected one of {', '.join(sorted(POLICY_TEMPLATES))}")
+            raise ValueError(f"unknown template {clip(value)}: expected one of {', '.join(sorted(POLICY_TEMPLATES))}")
         return value
 
     @field_validator("seeds")
@@ -442,10 +471,11 @@ class Manifest(Strict):
     @field_validator("variants")
     @classmethod
     def _check_variants(cls, value: list[Variant], info: ValidationInfo) -> list[Variant]:
-        names = [v.name for v in value]
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        names = [v.name.lower() for v in value]  # names folders: some file systems ignore case
+        repeated = sorted({v.name for v in value if names.count(v.name.lower()) > 1})
         if repeated:
-            raise ValueError(f"variant names repeat: {', '.join(repeated)}")
+            raise ValueError(f"variant names repeat (letter case aside, as folder names on some file systems): "
+                             f"{', '.join(repeated)}")
         for variant in value:
             if variant.continues and info.data.get("round") == 0 and variant.previous_adapter is None:
                 raise ValueError(f"variant {variant.name} continues from the previous round, "

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from respect_hpc import __version__
 
-_MEMO: dict[tuple[str, int, int], str] = {}
+_MEMO: dict[tuple, str] = {}
 
 
 def bytes_digest(file: Path) -> str:
-    """A digest of one file's bytes, memoised in this process by path, size and modification time."""
+    """A digest of one file's bytes, memoised in this process by path, size, inode, modification and change
+    times (a file rewritten in place with its old size and modification time has a new change time)."""
     stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(file.resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _MEMO:
         digest = hashlib.blake2b(digest_size=16)
         with file.open("rb") as handle:

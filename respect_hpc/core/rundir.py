@@ -29,7 +29,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from respect_hpc.core.errors import RespectError
+
 DEFAULT_CELL = "default"  # the one cell of a round without a sweep
+
+
+class RunDirError(RespectError, PermissionError):
+    """A run directory that cannot be made, or is not private to its user."""
 
 
 def part_name(shard: int, n_shards: int) -> str:
@@ -136,10 +142,26 @@ class RunDir:
     root: Path
 
     def make_private(self) -> Path:
-        """Create the run directory (0700), or take group and other access away from an existing one."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if self.root.stat().st_uid == os.getuid() and self.root.stat().st_mode & 0o077:
-            self.root.chmod(0o700)
+        """Create the run directory (0700), or take group and other access away from an existing one (and from
+        its logs/); refuse one (or a logs/ in it) that another user owns."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"{self.root}: cannot create the run directory ({exc.strerror}): choose a workdir "
+                              "you can write to") from None
+        for folder in (self.root, self.root / "logs"):
+            if not folder.exists():
+                continue
+            stat = folder.stat()
+            if stat.st_uid != os.getuid():
+                raise RunDirError(f"{folder}: owned by another user (uid {stat.st_uid}); a run directory must be "
+                                  "yours alone, as submitit's job pickles in it run as you: choose another workdir "
+                                  "or experiment name")
+            if stat.st_mode & 0o077:
+                try:
+                    folder.chmod(0o700)
+                except OSError as exc:
+                    raise RunDirError(f"{folder}: cannot make it private ({exc.strerror})") from None
         return self.root
 
     # -- the run as a whole ---------------------------------------------------------------------------
@@ -152,8 +174,9 @@ class RunDir:
         return self.root / "controller.lock"
 
     @property
-    def fingerprint_memo(self) -> Path:
-        return self.root / "cache" / "fingerprints.json"
+    def fingerprint_memo(self) -> Path | None:
+        """Where model digests are memoised; None before the run directory exists (planning makes nothing)."""
+        return self.root / "cache" / "fingerprints.json" if self.root.is_dir() else None
 
     def logs(self, stage: str) -> Path:
         return self.root / "logs" / stage

@@ -138,6 +138,18 @@ def hash_speaker(speaker: str) -> str:
     return "h:" + hashlib.sha256(speaker.encode()).hexdigest()[:16]
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object that names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise _RepeatedKey(repeated)
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
     """Rows of a JSON-lines file, with a row-level error for each line of wrong shape."""
     rows, errors = [], []
@@ -152,9 +164,13 @@ def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 errors.append(_error(path, line_no, None, "line", f"not valid JSON ({exc.msg})"))
+                continue
+            except _RepeatedKey as exc:
+                errors.append(_error(path, line_no, None, str(exc), "given twice in one record (which to keep "
+                                                                     "is a guess)"))
                 continue
             if not isinstance(record, dict):
                 errors.append(_error(path, line_no, None, "line", "expected a JSON object"))
@@ -240,7 +256,8 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, list[dict], int]:
 
 # A source file's games: the normalised columns plus where each came from and what it said.
 _GAMES = pl.Schema({**INTERACTIONS, "_end": pl.String, "_round": pl.String, "_row": pl.Int64, "_rows": pl.Int64,
-                    "_turn_gap": pl.Boolean, "_clicks_mismatch": pl.Int64, "_clicks_mismatch_row": pl.Int64,
+                    "_turn_gap": pl.Boolean, "_turn_repeat": pl.Int64, "_turn_repeat_row": pl.Int64,
+                    "_clicks_mismatch": pl.Int64, "_clicks_mismatch_row": pl.Int64,
                     "_end_disagree": pl.Boolean,
                     "_file": pl.String})
 
@@ -274,6 +291,8 @@ def _from_interaction_layout(frame: pl.DataFrame) -> pl.DataFrame:
         "_row",
         pl.lit(1, pl.Int64).alias("_rows"),
         pl.lit(False).alias("_turn_gap"),
+        pl.lit(None, pl.Int64).alias("_turn_repeat"),
+        pl.lit(None, pl.Int64).alias("_turn_repeat_row"),
         pl.lit(None, pl.Int64).alias("_clicks_mismatch"),
         pl.lit(None, pl.Int64).alias("_clicks_mismatch_row"),
         pl.lit(False).alias("_end_disagree"),
@@ -324,6 +343,8 @@ def _from_turn_layout(frame: pl.DataFrame) -> pl.DataFrame:
             pl.len().cast(pl.Int64).alias("_rows"),
             ((pl.col("turn_id").diff().drop_nulls() != 1).any() | pl.col("turn_id").is_null().any()
              | (pl.col("turn_id").min() != 0)).alias("_turn_gap"),
+            pl.col("turn_id").filter(pl.col("turn_id").is_duplicated()).first().alias("_turn_repeat"),
+            pl.col("_row").filter(pl.col("turn_id").is_duplicated()).max().alias("_turn_repeat_row"),
             pl.col("turn_id").filter("_disagree").first().alias("_clicks_mismatch"),
             pl.col("_row").filter("_disagree").first().alias("_clicks_mismatch_row"),
             (_END.n_unique() > 1).alias("_end_disagree"),
@@ -385,6 +406,9 @@ def _problems(max_turns: int, policies: frozenset[str] | None, max_round: int | 
         *_null_checks(),
         (pl.col("_end_disagree"), "end", pl.lit("the game's turn rows disagree on how it ended")),
         (n_chat == 0, "chat", pl.lit("empty game: no turns")),
+        (pl.col("_turn_repeat").is_not_null(), "turn_id",
+         pl.format("turn {} of the game is given twice (which row to keep is a guess)", "_turn_repeat"),
+         pl.col("_turn_repeat_row")),
         (pl.col("_turn_gap").fill_null(False), "turn_id",
          pl.lit("turn ids of the game are missing or not consecutive")),
         (n_clicks != n_chat, "clicks", pl.format("{} selections for {} utterances", n_clicks, n_chat)),

@@ -21,7 +21,6 @@ from respect_hpc.model.families import Family, family_of
 from respect_hpc.model.policy_inputs import PolicyEncoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
 class ModelError(RespectError, ValueError):
@@ -83,30 +82,41 @@ def load_text_model(spec: ModelSection, device: str | torch.device = "cpu"):
     return _load_model(spec, model_family(spec)).to(device).eval()
 
 
-def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
-    """A digest of a model's config and weights: equal fingerprints, equal model.
+def _documentation(path: Path) -> bool:
+    """Files of a checkpoint folder that change nothing a model does: its docs, licences and hidden files."""
+    name = path.name.lower()
+    return name.startswith(".") or name.endswith(".md") or name.startswith(("license", "notice", "use_policy"))
 
-    Hashing the weights of a large model takes a while, so digests are memoised in
-    ``memo`` (a JSON file, written when it learns a new one) by file path, size and modification time.
-    """
+
+def model_fingerprint(spec: ModelSection, memo: Path | None = None) -> str:
+    """A digest of everything a model folder brings that changes its behaviour: weights, config, tokenizer
+    files, chat template, processor and generation configs (every top-level file but documentation), or the
+    GGUF file. Equal fingerprints, equal model.
+
+    Hashing the weights of a large model takes a while, so digests are memoised in ``memo`` (a JSON file, where
+    given; a memo that cannot be written is only a slower start) by path, size, inode, modification and change
+    times: a file rewritten in place, even with its old size and modification time, has a new change time."""
     _check_folder(spec)
     try:
         cache = json.loads(memo.read_text()) if memo and memo.is_file() else {}
     except (OSError, ValueError):  # a damaged memo is only a slower start
         cache = {}
     known = len(cache)
-    files = sorted(p for p in spec.path.iterdir()
-                   if p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "tokenizer.json"))
     if spec.gguf_file:
         files = [spec.path / spec.gguf_file]
+    else:
+        files = sorted(p for p in spec.path.iterdir() if p.is_file() and not _documentation(p))
     digest = hashlib.blake2b(digest_size=16)
     for path in files:
         stat = path.stat()
-        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
         cache[memo_key] = cache.get(memo_key) or bytes_digest(path)
         digest.update(f"{path.name}:{cache[memo_key]}\n".encode())
     if memo and len(cache) > known:
-        atomic_write_text(json.dumps(cache, indent=1), memo)
+        try:
+            atomic_write_text(json.dumps(cache, indent=1), memo)
+        except OSError:
+            pass  # a read-only run directory: the digests are computed again next time
     return digest.hexdigest()
 
 

@@ -33,6 +33,27 @@ class PolicyDataError(RespectError, ValueError):
     """An example that cannot be shown to the policy (a missing image, say)."""
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096  # a tangram is a few hundred pixels a side; far larger is a decompression bomb
+
+
+def image_problem(path: Path) -> str | None:
+    """What keeps an image file from being shown to the policy (missing, not an image, damaged, too large to
+    decode safely), or None; reads the header, and the pixels of an image of a sane size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return "no such file"
+    try:
+        with Image.open(path) as picture:
+            if picture.width * picture.height > MAX_IMAGE_PIXELS:
+                return (f"{picture.width} x {picture.height} pixels, more than {MAX_IMAGE_PIXELS:,} (a "
+                        "decompression bomb, or not a tangram)")
+            picture.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"not a readable image ({type(exc).__name__})"
+    return None
+
+
 def image_order(context: list[str], seed: int, epoch: int, game_turn_id: str) -> list[str]:
     """The context in the order the policy sees it: shuffled per (seed, epoch, example)."""
     order = list(context)
@@ -142,8 +163,9 @@ class PolicyEncoder:
             from PIL import Image
 
             path = self.image_folder / image
-            if not path.is_file():
-                raise PolicyDataError(f"data.images: no file '{image}' in '{self.image_folder}'")
+            problem = image_problem(path)
+            if problem:
+                raise PolicyDataError(f"data.images: '{path}': {problem}")
             with Image.open(path) as picture:
                 out = self.processor.image_processor(images=[[picture.convert("RGB")]], return_tensors="pt")
             self._pixels[image] = (out["pixel_values"][0], out["pixel_attention_mask"][0].bool())

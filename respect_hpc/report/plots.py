@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 import polars as pl  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from respect_hpc.core.text import printable  # noqa: E402
+
 LABELS = [1, 0, -1]
 NAMES = {1: "pos", 0: "neu", -1: "neg"}
 
@@ -18,7 +20,7 @@ NAMES = {1: "pos", 0: "neu", -1: "neg"}
 def _per_round(ax, table: pl.DataFrame, value: str, low: str | None, high: str | None, title: str) -> None:
     for (policy,), rows in sorted(table.partition_by("policy", as_dict=True).items()):
         rows = rows.sort("round")
-        ax.plot(rows["round"], rows[value], marker="o", label=policy)
+        ax.plot(rows["round"], rows[value], marker="o", label=printable(policy))
         if low and high and rows[low].null_count() < rows.height:
             ax.fill_between(rows["round"], rows[low].fill_null(rows[value]), rows[high].fill_null(rows[value]),
                             alpha=0.2)
@@ -36,7 +38,13 @@ def _save(fig, path: Path) -> Path:
 
 
 def render(tables: dict[str, pl.DataFrame], folder: Path) -> dict[str, Path]:
-    """Draw every figure the tables allow; returns figure name -> PNG path."""
+    """Draw every figure the tables allow; returns figure name -> PNG path. Labels come from data (policy and
+    variant names): drawn as plain text, never as mathtext (a ``$`` in a name would be parsed as TeX)."""
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _render(tables, folder)
+
+
+def _render(tables: dict[str, pl.DataFrame], folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
     if (m := tables.get("round_metrics")) is not None:
@@ -84,7 +92,7 @@ def render(tables: dict[str, pl.DataFrame], folder: Path) -> dict[str, Path]:
         for (round_, variant, cell, seed), rows in sorted(
                 v.partition_by("round", "variant", "cell", "seed", as_dict=True).items()):
             ax.plot(rows["epoch"], rows["val_exact_match"], marker=".",
-                    label=f"r{round_} {variant} {'' if cell == 'default' else cell + ' '}s{seed}")
+                    label=printable(f"r{round_} {variant} {'' if cell == 'default' else cell + ' '}s{seed}"))
         ax.set_xlabel("epoch")
         ax.set_title("validation exact match")
         ax.grid(alpha=0.3)

@@ -7,6 +7,7 @@ images where present); the Slurm side of the controller is in test_slurm.py.
 import json
 import re
 import shutil
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -141,3 +142,46 @@ def test_the_seed_round_trains_the_seed_policy_that_round_one_continues_from(tmp
                          "variants: [{name: b-kto, feedback: binary, objective: kto, policies: [sft]}]\n" + common)
     m1 = load_manifest(round_one)  # would be refused without round 0's policy
     assert m1.previous_adapter(m1.variants[0]) == run / "policies" / "sft"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_controller_ends_its_local_jobs_and_status_says_interrupted(tmp_path, taught_decoder):
+    """`run` with the local executor stopped by SIGTERM (a real process): its training jobs end with it (they save a
+    checkpoint on the way), the run ends with one line, and status calls the tasks interrupted, not failed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest = write_logged_round(tmp_path, taught_decoder[0])
+    manifest.write_text(manifest.read_text().replace("fft: {epochs: 1,", "fft: {epochs: 200,"))
+    controller = subprocess.Popen([sys.executable, "-m", "respect_hpc.cli", "run", str(manifest)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = tmp_path / "runs" / "tiny" / "round-1" / "jobs.json"
+    deadline = time.monotonic() + 300
+    while not (records.is_file() and "train" in records.read_text()):
+        assert controller.poll() is None and time.monotonic() < deadline, controller.communicate()
+        time.sleep(0.5)
+    train = next(r for r in json.loads(records.read_text()) if r["stage"] == "train")
+    jobs = [int(j) for j in train["tasks"].values()]  # a local job's id is its process
+    time.sleep(5)
+    assert all(_alive(pid) for pid in jobs)
+    controller.send_signal(signal.SIGTERM)
+    _, err = controller.communicate(timeout=120)
+    assert controller.returncode == 2 and err.strip().splitlines()[-1] == (
+        "error: interrupted: the running train tasks were stopped with the controller; run again to resume (what is "
+        "done is kept)")
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in jobs):
+        assert time.monotonic() < deadline, "the local jobs outlived their controller"
+        time.sleep(0.5)
+    status = cli("status", tmp_path / "runs" / "tiny")
+    assert re.search(r"│ train\s+│\s+0 │\s+0 │\s+0 │\s+0 │\s+0 │\s+2 │", status.stdout), status.stdout

@@ -87,7 +87,7 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
     ("decoder:\n  templates: {binary: respect-ternary@2}\n",
      ["8: decoder.templates: template 'respect-ternary@2' is ternary, not binary"]),
     ("variants:\n  - {name: a, feedback: binary, objective: fft}\n  - {name: a, feedback: binary, objective: rl}\n",
-     ["7: variants: variant names repeat: a"]),
+     ["7: variants: variant names repeat (letter case aside, as folder names on some file systems): a"]),
     ("round: 2\n", ["7: round: duplicate key"]),
     # names and numbers that would escape the run directory, reach a shell or overflow later
     ("variants:\n  - {name: ., feedback: binary, objective: fft}\n",
