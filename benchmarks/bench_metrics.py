@@ -59,7 +59,7 @@ def main() -> str:
     path = "/tmp/respect-bench-logs.parquet"
     logs.write_parquet(path)
     start = time.perf_counter()
-    interactions, _, _ = read_interactions([path], policies=tuple(POLICIES))
+    interactions, _, _, _ = read_interactions([path], policies=tuple(POLICIES))
     turns = explode_turns(interactions)
     ingested = time.perf_counter() - start
 

@@ -46,7 +46,7 @@ def run(manifest: Manifest) -> str:
     """Read and check the round's logs, recompute missing p where asked, write the tables; returns the
     accounting line (rows in = rows out + rows quarantined)."""
     result = ingest(manifest.data.interactions, **options(manifest))
-    check_deployed(manifest.data, result.turns)
+    check_deployed(manifest.data, result.turns, manifest.variants)
     turns = recompute(manifest.data, manifest.model, manifest.policy_template, result.turns)
     write_tables(result, manifest.run_dir.data, {SPEC_HASH_KEY: spec(manifest)}, turns)
     return f"{result.accounting()}; {result.turns.height} turns"

@@ -16,7 +16,15 @@ from respect_hpc.config.schema import Manifest
 from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_metadata
 from respect_hpc.core.text import log_console
-from respect_hpc.data.feedback import FEEDBACK, LABELS, MergeError, check_parts, plan_decoding, precomputed_labels
+from respect_hpc.data.feedback import (
+    FEEDBACK,
+    LABELS,
+    MergeError,
+    check_parts,
+    decodable,
+    plan_decoding,
+    precomputed_labels,
+)
 from respect_hpc.domain.prompts import LABEL_VALUES
 from respect_hpc.model.loading import model_fingerprint
 
@@ -53,6 +61,11 @@ def run(manifest: Manifest, n_shards: int) -> pl.DataFrame:
     """Check every part, update the label cache and write round-R/feedback.parquet; returns that table."""
     frames = []
     kind_plans = plans(manifest, n_shards)
+    turns = pl.read_parquet(manifest.run_dir.data.turns)
+    silent = turns.filter(pl.col("has_follow_up") & ~decodable()).height
+    if silent:
+        console.print(f"{silent} actions whose follow-up utterance is empty are not decoded (nor trained on), as the "
+                      "official code")
     for kind_plan in kind_plans:
         specs = {s: kind_plan.spec(s, n_shards) for s in range(n_shards)}
         parts = check_parts(kind_plan.folder.parts(manifest.round), specs,
@@ -82,7 +95,7 @@ def _precomputed_feedback(manifest: Manifest, kind: str, path: Path) -> pl.DataF
     except Exception as exc:  # a corrupt or unreadable file: name it
         raise MergeError(f"decoder.labels.{kind}: cannot read '{path}' ({exc})") from None
     labels = precomputed_labels(frame, kind, f"decoder.labels.{kind} '{path}'")
-    windows = pl.read_parquet(manifest.run_dir.data.turns).filter("has_follow_up").select(
+    windows = pl.read_parquet(manifest.run_dir.data.turns).filter(decodable()).select(
         "game_turn_id", "round", "policy")
     unlabelled = windows.join(labels, on="game_turn_id", how="anti")
     if unlabelled.height:

@@ -63,9 +63,15 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def decodable() -> pl.Expr:
+    """The turns whose feedback is decoded: those with a follow-up utterance that is not empty (the official
+    code drops a window whose follow-up is "", igl.py; it says nothing to decode)."""
+    return pl.col("has_follow_up") & (pl.col("follow_up") != "")
+
+
 def window_keys(turns: pl.DataFrame, template: DecoderTemplate, fingerprint: str) -> pl.DataFrame:
-    """The decodable turns (those with a follow-up) with their window key."""
-    windows = turns.filter("has_follow_up").select(
+    """The decodable turns with their window key."""
+    windows = turns.filter(decodable()).select(
         "game_turn_id", "round", "policy", "previous_action", "utterance", "action", "follow_up")
     salt = f"{fingerprint}\x00{template.key}\x00"
     content = pl.concat_str(pl.col("previous_action").is_null().cast(pl.String),

@@ -9,6 +9,7 @@ or kept aside in a quarantine table when the caller asks, never dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -89,6 +90,10 @@ def _is_turn_layout(columns: set[str] | dict) -> bool:
     return "chat" not in columns and any(c in columns for c in TURN_LAYOUT - INTERACTION_LAYOUT)
 
 
+# p values the official bot logged where it could not compute one: read as missing p
+SENTINEL_P = (-1.0, -2.0, -3.0)
+
+
 class IngestError(RespectError, ValueError):
     """A source that cannot be read, or a bad row when quarantine is off."""
 
@@ -99,6 +104,7 @@ class IngestResult:
     turns: pl.DataFrame
     quarantine: pl.DataFrame
     rows_in: int
+    unscored: dict[str, int] = dataclasses.field(default_factory=dict)  # per file: actions whose p was a sentinel (-1/-2/-3)
 
     @property
     def rows_out(self) -> int:
@@ -109,8 +115,10 @@ class IngestResult:
         return int(self.quarantine["rows"].sum()) if self.quarantine.height else 0
 
     def accounting(self) -> str:
+        sentinels = "".join(f"; {file}: {n} actions with the bot's sentinel p (-1, -2 or -3), read as missing p"
+                            for file, n in self.unscored.items())
         return (f"rows in {self.rows_in} = rows out {self.rows_out} "
-                f"+ rows quarantined {self.rows_quarantined}")
+                f"+ rows quarantined {self.rows_quarantined}{sentinels}")
 
 
 def source_files(sources: list[str | Path]) -> list[Path]:
@@ -188,6 +196,9 @@ def _read_jsonl(path: Path) -> tuple[pl.DataFrame, list[dict]]:
             for field in ("end", "round", "speaker", "date", "dataset_alias"):
                 if record.get(field) is not None:
                     record[field] = str(record[field])
+            p = record.get("prob_action")  # JSON writes 1 or the bot's -1 as integers
+            if p is not None:
+                record["prob_action"] = [None if x is None else float(x) for x in p] if isinstance(p, list) else float(p)
             record["_row"] = line_no
             rows.append(record)
     columns = sorted({key for row in rows for key in row})
@@ -458,10 +469,22 @@ def _null_checks() -> list[tuple[pl.Expr, str, pl.Expr]]:
     return checks
 
 
+def _sentinels_as_missing(games: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The bot's sentinel p values (-1, -2, -3: it could not compute one) read as missing p; returns the
+    games and, per file, how many actions had one."""
+    sentinel = pl.element().is_in(SENTINEL_P)
+    counts = (games.group_by("_file", maintain_order=True)
+              .agg(pl.col("prob_action").list.eval(sentinel.cast(pl.Int64)).list.sum().sum().alias("n"))
+              .filter(pl.col("n") > 0))
+    games = games.with_columns(pl.col("prob_action").list.eval(pl.when(sentinel).then(None).otherwise(pl.element())))
+    return games, dict(zip(counts["_file"].cast(pl.String), counts["n"]))
+
+
 def read_interactions(sources: list[str | Path], *, quarantine: bool = False, max_turns: int = DEFAULT_MAX_TURNS,
                       policies: list[str] | tuple[str, ...] | None = PUBLIC_POLICIES,
-                      max_round: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """Read and check sources; returns (interactions, quarantine, records read).
+                      max_round: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, int]]:
+    """Read and check sources; returns (interactions, quarantine, records read, actions per file whose p was
+    the bot's sentinel and is read as missing).
 
     Without ``quarantine`` the first bad row raises :class:`IngestError` naming
     its file, row and field. ``policies=None`` accepts any policy name.
@@ -477,7 +500,7 @@ def read_interactions(sources: list[str | Path], *, quarantine: bool = False, ma
     if records == 0:
         raise IngestError(f"{', '.join(map(str, sources))}: no rows: expected games in the public interaction "
                           "layout or turns in the turn layout")
-    games = pl.concat(frames)
+    games, unscored = _sentinels_as_missing(pl.concat(frames))
     first = pl.col("_row").first().over("game_id")
     games = games.with_columns(
         _duplicate_of=pl.when(pl.int_range(pl.len()).over("game_id") > 0).then(first),
@@ -500,7 +523,7 @@ def read_interactions(sources: list[str | Path], *, quarantine: bool = False, ma
     speakers = good["speaker"].drop_nulls().unique().to_list()
     good = good.with_columns(pl.col("speaker").replace_strict(
         {s: hash_speaker(s) for s in speakers}, default=None, return_dtype=pl.String))
-    return good.select(INTERACTIONS.names()).cast(dict(INTERACTIONS)), refused, records
+    return good.select(INTERACTIONS.names()).cast(dict(INTERACTIONS)), refused, records, unscored
 
 
 def _letters(frame: pl.DataFrame, images: str, positions: pl.DataFrame) -> pl.DataFrame:
@@ -552,8 +575,8 @@ def explode_turns(interactions: pl.DataFrame) -> pl.DataFrame:
 
 def ingest(sources: list[str | Path], **options) -> IngestResult:
     """Read, check and explode sources (options as :func:`read_interactions`)."""
-    interactions, refused, records = read_interactions(sources, **options)
-    return IngestResult(interactions, explode_turns(interactions), refused, records)
+    interactions, refused, records, unscored = read_interactions(sources, **options)
+    return IngestResult(interactions, explode_turns(interactions), refused, records, unscored)
 
 
 def write_tables(result: IngestResult, folder: DataDir, metadata: dict[str, str] | None = None,

@@ -125,7 +125,7 @@ def _collect_file(path: Path, found: Collected) -> None:
             pl.lit(None, pl.List(pl.String)).alias("reference_deselected"),
             _label("feedback").alias("feedback")).cast(dict(TURN_EVAL)))
     else:
-        interactions, refused, _ = read_interactions([path], quarantine=True, policies=None)
+        interactions, refused, _, _ = read_interactions([path], quarantine=True, policies=None)
         found.interactions.append(interactions)
         found.missing += [f"{r['file']}: row {r['row']}: {r['field']}: {r['reason']} (left out)"
                           for r in refused.iter_rows(named=True)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
-from respect_hpc.config.schema import DataSection, ModelSection
+from respect_hpc.config.schema import DataSection, ModelSection, Variant
 from respect_hpc.data.datasets import with_history
 from respect_hpc.data.logs import IngestError
 from respect_hpc.domain.prompts import policy_template
@@ -25,13 +25,22 @@ def unlogged(turns: pl.DataFrame) -> pl.DataFrame:
     return turns.filter(pl.col("prob_action").is_null() & (pl.col("action") != ""))
 
 
-def check_deployed(data: DataSection, turns: pl.DataFrame) -> None:
-    """Refuses, before any model is loaded, logs without p that the manifest cannot recompute it for."""
+def check_deployed(data: DataSection, turns: pl.DataFrame, variants: list[Variant] = ()) -> None:
+    """Refuses, before any model is loaded, logs without p that the manifest cannot recompute it for, or that
+    an RL or KTO variant of ``variants`` would train on with p as logged."""
     missing = unlogged(turns)
     if missing.is_empty():
         return
     if data.propensity != "recompute":
-        return  # training refuses RL and KTO examples without p, naming them
+        for variant in variants:
+            trained = missing.filter("has_follow_up")
+            lacking = trained if variant.policies is None else trained.filter(pl.col("policy").is_in(variant.policies))
+            if variant.objective in ("rl", "kto") and lacking.height:
+                raise IngestError(f"data.propensity: {lacking.height} actions that variant {variant.name} "
+                                  f"({variant.objective}) trains on have no p (e.g. {lacking['game_turn_id'][0]} of "
+                                  f"policy {lacking['policy'][0]}): set data.propensity: recompute, with "
+                                  "data.deployed naming each policy's adapter")
+        return
     lacking = sorted(set(missing["policy"]) - set(data.deployed))
     if lacking:
         example = missing.filter(pl.col("policy") == lacking[0])["game_turn_id"][0]

@@ -258,3 +258,25 @@ def test_precomputed_labels_replace_decoding_that_kind(tmp_path, taught_decoder,
     pl.concat([given, given.head(1)]).write_parquet(tmp_path / "binary.parquet")
     with pytest.raises(MergeError, match="has more than one label"):
         jobs.merge.run(m, 1)
+
+
+def test_windows_whose_follow_up_is_empty_are_not_decoded_and_are_counted(tmp_path, taught_decoder):
+    """The official code drops a window whose follow-up utterance is "" (igl.py); so does decoding here."""
+    model, logs = taught_decoder
+    games = pl.read_parquet(logs)
+    silent = games.head(3).with_columns(chat=pl.col("chat").list.eval(  # every second utterance left empty
+        pl.when(pl.int_range(pl.len()) % 2 == 1).then(pl.lit("")).otherwise(pl.element())))
+    path = tmp_path / "silent.parquet"
+    pl.concat([silent, games.slice(3)]).write_parquet(path)
+    turns = ingest([path], policies=None).turns
+    expected = turns.filter(pl.col("has_follow_up") & (pl.col("follow_up") == "")).height
+    assert expected > 0
+    manifest = write_decode_round(tmp_path, model, [path], shards=1)
+    done = cli("decode", manifest)
+    assert done.returncode == 0, done.stderr
+    assert f"{expected} actions whose follow-up utterance is empty are not decoded" in done.stderr
+    feedback = pl.read_parquet(tmp_path / "runs" / "test" / "round-1" / "feedback.parquet")
+    decoded = set(feedback["game_turn_id"])
+    assert decoded and decoded.isdisjoint(
+        turns.filter(pl.col("follow_up") == "")["game_turn_id"])
+    assert len(decoded) == turns.filter(pl.col("has_follow_up")).height - expected

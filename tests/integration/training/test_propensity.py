@@ -63,6 +63,10 @@ def test_p_is_recomputed_under_the_deployed_adapter_where_the_logs_lack_it(tmp_p
     manifest.write_text(manifest.read_text().replace("deployed: {sft:", "deployed: {bp:"))
     with pytest.raises(IngestError, match=r"data.deployed: no adapter for policy sft, whose logged turns have no p"):
         jobs.ingest.run(load_manifest(manifest))
+    manifest.write_text(manifest.read_text().replace("propensity: recompute", "propensity: logged"))
+    with pytest.raises(IngestError, match=r"data.propensity: \d+ actions that variant b-rl \(rl\) trains on have no p "
+                                          r"\(e.g. .* of policy sft\): set data.propensity: recompute"):
+        jobs.ingest.run(load_manifest(manifest))
 
 
 def load_manifest_model(inputs):

@@ -49,6 +49,21 @@ def test_end_spellings_and_missing_probabilities(tmp_path):
     assert b_probs == [None, None, None]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_the_bots_sentinel_p_values_are_read_as_missing_and_counted_per_file(tmp_path, fmt):
+    """The official bot logged -1, -2 or -3 where it could not compute p: missing p, not a bad row."""
+    sentinel = float if fmt == "parquet" else int  # JSON logs write them as integers
+    rows = [game("a", prob_action=[sentinel(-1), 0.6, sentinel(-3)]), game("b", prob_action=[0.2, sentinel(-2), 0.9]),
+            game("c")]
+    path = (write_parquet if fmt == "parquet" else write_jsonl)(tmp_path / f"logs.{fmt}", rows)
+    result = ingest([path])
+    p = {t["game_turn_id"]: t["prob_action"] for t in result.turns.to_dicts()}
+    assert [p["a_0"], p["a_1"], p["a_2"], p["b_1"], p["c_0"]] == [None, 0.6, None, None, 0.2]
+    assert result.rows_quarantined == 0 and result.unscored == {str(path): 3}
+    assert result.accounting().endswith(f"{path}: 3 actions with the bot's sentinel p (-1, -2 or -3), read as "
+                                        "missing p")
+
+
 TURN_COLUMNS = ["game_turn_id", "action", "previous_action", "follow_up", "has_follow_up", "prob_action",
                 "selected", "deselected", "currently_selected", "chats", "game_success"]
 
