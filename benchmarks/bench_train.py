@@ -90,7 +90,7 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
     seconds = dict.fromkeys(plans, 0.0)
     tokens = dict.fromkeys(plans, 0)
     padded = dict.fromkeys(plans, 0)
-    actions = {w: trainer.data.answers(batches) for w, (trainer, batches) in plans.items()}
+    actions = {w: trainer.data.answers(batches, 0) for w, (trainer, batches) in plans.items()}
     for k in range(SLICES):
         for way, (trainer, batches) in plans.items():
             if trainer is game:
@@ -98,7 +98,7 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
             for batch_of in batches[k * len(batches) // SLICES:(k + 1) * len(batches) // SLICES]:
                 began = time.perf_counter()
                 batch = trainer.data.batch(batch_of, 0)
-                parts = trainer.losses.loss(batch, scale=1 / trainer.data.answers([batch_of]))
+                parts = trainer.losses.loss(batch, scale=1 / trainer.data.answers([batch_of], 0))
                 trainer.accelerator.backward(parts.total)
                 trainer.optimizer.step()
                 trainer.optimizer.zero_grad()
@@ -143,7 +143,7 @@ def main() -> str:
     model = replica_like("idefics2-8b", root / "model", hidden_size=TEXT[0], layers=TEXT[1], vision=VISION)
     rows, notes = [], []
     for objective, kind in (("fft", "binary"), ("rl", "ternary")):
-        examples = training_set((turns, feedback), None, hp=Hyperparameters(), seed=1,
+        examples = training_set((turns, feedback), None, hp=Hyperparameters(),
                                 variant=Variant(name=f"x-{objective}", feedback=kind, objective=objective))
         m = measure(examples, model, images, root, objective)
         s, t, p, a = m["seconds"], m["tokens"], m["padded"], m["actions"]

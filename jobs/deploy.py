@@ -4,8 +4,10 @@ interaction layout (manifest ``simulation``; the speaker is domain/simulator.py)
 One array task per shard of games (game i is in shard i % shards); every deployed policy plays every game of
 the shard (the seed policy, in round 0 and as the control, those of its own ``control_games``),
 ``simulation.batch`` games at a time, turn by turn: the official policy prompt in the game's listener order,
-an action generated as generation.py does (legal tokens, temperature 1, grammar-constrained by default), p the
-probability the policy gave that action as it sampled; an illegal action does nothing. Game i starts from the
+an action generated as generation.py does, as ``simulation.decoding`` says: official (the bots of the official
+code: legal tokens at temperature 1, the state-agnostic regex for KTO variants, an unparseable or empty action
+clicks the first image, p under the full vocabulary) or constrained (legal actions of each state for every
+policy, p over the allowed tokens, an illegal action does nothing). Game i starts from the
 same images, targets and speaker seed for every policy. A shard's games are written atomically to
 ``round-R/deploy/part-SSSSS-of-NNNNN.parquet`` with the hash of their spec (a rerun skips current parts); the
 collect stage gathers them into the round's deployed games.
@@ -31,7 +33,8 @@ from respect_hpc.domain.simulator import SimulatedGame, action_images, descripti
 from respect_hpc.domain.synthetic import load_image_bank
 from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
 from respect_hpc.model.loading import load_encoder, load_policy, model_fingerprint
-from respect_hpc.model.policy_inputs import PolicyEncoder, policy_view
+from respect_hpc.model.policy_inputs import PolicyEncoder, PolicyView, answer_logits, policy_view
+from respect_hpc.training.objectives import score_actions
 
 console = log_console()
 
@@ -77,9 +80,12 @@ def _descriptions(manifest: Manifest) -> dict[str, list[str]]:
     return description_pool(bank.descriptions, sim.pool, sim.tangrams, sim.descriptions)
 
 
-def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *, constrained: bool) -> list[dict]:
-    """Play ``games`` to their end with the policy, all at once turn by turn; per game, the selection after
-    each turn (sorted images) and p of each action."""
+def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *, decoding: str,
+         objective: str) -> list[dict]:
+    """Play ``games`` to their end with the policy (trained with ``objective``), all at once turn by turn, with
+    ``decoding`` (simulation.decoding); per game, the selection after each turn (sorted images) and p of
+    each action."""
+    official = decoding == "official"
     records = [{"clicks": [], "probs": [], "actions": [], "before": []} for _ in games]
     legal = None  # the action tokens, found at the first turn
     while live := [i for i, g in enumerate(games) if not g.over]:
@@ -90,21 +96,57 @@ def play(model, encoder: PolicyEncoder, template, games: list[SimulatedGame], *,
                    "previous_selections": record["before"], "currently_selected": sorted(game.selection),
                    "action": ""}
             views.append(policy_view(row, template))
-            states.append(GameState(10, frozenset(letters_of(game.selection, game.context))))
+            states.append(GameState(10, None if official else frozenset(letters_of(game.selection, game.context))))
         legal = legal or legal_token_ids(encoder, views[0])
-        for i, generated in zip(live, generate_actions(model, encoder, views, states, legal=legal,
-                                                       constrained=constrained)):
+        generated_all = generate_actions(model, encoder, views, states, legal=legal, full_vocabulary=official,
+                                         constrained=objective == "kto" or not official)
+        fallbacks = []
+        for k, (i, generated) in enumerate(zip(live, generated_all)):
             game, record = games[i], records[i]
             try:
                 action = parse_action(generated.text.strip(), 10)
             except ActionError:
                 action = Action()
+            p = generated.probability
+            if official:
+                action = executable(action, letters_of(game.selection, game.context))
+                if action is None:  # the official bot clicks the first image
+                    first = frozenset("A")
+                    action = Action(deselect=first) if "A" in letters_of(game.selection, game.context) \
+                        else Action(select=first)
+                    fallbacks.append((k, len(record["probs"])))
             record["before"].append(sorted(game.selection))
             game.act(*action_images(action, game.context))
             record["actions"].append(format_action(action) if not action.is_empty else "")
             record["clicks"].append(sorted(game.selection))
-            record["probs"].append(generated.probability)
+            record["probs"].append(p)
+        clicked = action_probabilities(model, encoder, [views[k] for k, _ in fallbacks],
+                                       [records[live[k]]["actions"][turn] for k, turn in fallbacks])
+        for (k, turn), p in zip(fallbacks, clicked):
+            records[live[k]]["probs"][turn] = p
     return records
+
+
+def executable(action: Action, selected: list[str]) -> Action | None:
+    """What the official bot does with a parsed action: its selections and deselections as clicks that toggle
+    images (a state-agnostic action may deselect an unselected image: that click selects it); None when it
+    clicks nothing (the bot then clicks the first image)."""
+    clicks = action.select | action.deselect
+    if not clicks:
+        return None
+    return Action(deselect=frozenset(x for x in clicks if x in selected),
+                  select=frozenset(x for x in clicks if x not in selected))
+
+
+@torch.no_grad()
+def action_probabilities(model, encoder: PolicyEncoder, views: list[PolicyView], actions: list[str]) -> list[float]:
+    """p of each action under the policy by a teacher-forced pass over its prompt (full vocabulary, temperature
+    1), as the official annotation recomputes p."""
+    if not views:
+        return []
+    batch = encoder.collate([encoder.encode(PolicyView(v.messages, v.images, a)) for v, a in zip(views, actions)])
+    batch = {k: t.to(next(model.parameters()).device) for k, t in batch.items()}
+    return score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"]).logprob.exp().tolist()
 
 
 def run(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
@@ -135,7 +177,8 @@ def run(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
             games = [SimulatedGame.new(random.Random(f"{sim.seed}/{manifest.round}/{i}"), descriptions, settings)
                      for i in chunk]
             with torch.no_grad():
-                records = play(model, encoder, template, games, constrained=sim.constrained)
+                records = play(model, encoder, template, games, decoding=sim.decoding,
+                               objective=_objective(manifest, name))
             for i, game, record in zip(chunk, games, records):
                 game_id = f"sim-r{manifest.round}-{name}-{sim.seed}-{i:06d}"
                 rows.append(interaction_row(game, game_id, name, manifest.round, record["clicks"], record["probs"]))
@@ -147,6 +190,12 @@ def run(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     return played
 
 
+
+
+def _objective(manifest: Manifest, policy: str) -> str:
+    """How a deployed policy was trained: its variant's objective; the seed policy (and the control) FFT-like."""
+    variant = manifest.variant(policy)
+    return variant.objective if variant is not None else "seed"
 
 
 def tasks(manifest: Manifest) -> list[Task]:

@@ -27,7 +27,7 @@ from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import atomic_write_parquet, atomic_write_text
 from respect_hpc.core.rundir import DEFAULT_CELL, TaskDir
 from respect_hpc.core.text import log_console
-from respect_hpc.data.datasets import source_counts, training_set, validation_turns
+from respect_hpc.data.datasets import is_idle, lineage, source_counts, training_set, validation_turns
 from respect_hpc.data.logs import ingest
 from respect_hpc.model.loading import is_multimodal_model, model_fingerprint
 from respect_hpc.model.policy_inputs import image_problem
@@ -71,13 +71,58 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFA
         "variant": variant.model_dump(mode="json"), "seed": seed, "cell": cell,
         "hp": manifest.objective(variant, cell).model_dump(mode="json"),
         "training": manifest.training.model_dump(mode="json", include={"zero_stage", "d0_augmentation", "packing",
-                                                                      "image_order"}),
+                                                                      "image_order", "d0_augmentation_seed"}),
         "validation": manifest.validation.model_dump(mode="json"),
         "policy_template": manifest.policy_template, "images": file_digest(manifest.data.images),
         "model": model_fingerprint(manifest.model, run.fingerprint_memo),
         "model_options": manifest.model.model_dump(mode="json", include={"dtype", "image_size", "image_splitting"}),
         "inputs": [file_digest(p) for p in (run.data.turns, run.round_feedback(manifest.round),
-                                            manifest.data.seed_data, manifest.data.validation, adapter)]})
+                                            manifest.data.seed_data, manifest.data.validation, adapter)],
+        "seed_turns": file_digest(manifest.data.seed_turns) if manifest.data.seed_turns else None,
+        "collecting": _collecting_digests(manifest, variant)})
+
+
+def _collecting_digests(manifest: Manifest, variant: Variant) -> dict[str, str] | None:
+    """What KTO's reference depends on: each collecting adapter's content (None where one is missing: the
+    task refuses to start, saying which)."""
+    if variant.objective != "kto" or manifest.seed_round or not manifest.run_dir.data.turns.is_file():
+        return None
+    try:
+        adapters = collecting_adapters(manifest, variant)
+    except TrainingError:
+        return None
+    return {f"{policy}@{round_}": file_digest(path) for (policy, round_), path in adapters.items()}
+
+
+def seed_turns(path: Path | None) -> frozenset[str] | None:
+    """The D_0 turn ids of ``data.seed_turns`` (one a line; an ``_aug...`` suffix names its source turn)."""
+    if path is None:
+        return None
+    try:
+        ids = {line.strip().split("_aug")[0] for line in path.read_text().splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainingError(f"data.seed_turns: cannot read '{path}' ({exc.__class__.__name__}): expected a text "
+                            "file of game_turn_ids, one a line") from None
+    if not ids:
+        raise TrainingError(f"data.seed_turns: '{path}' lists no turn ids")
+    return frozenset(ids)
+
+
+def collecting_adapters(manifest: Manifest, variant: Variant) -> dict[tuple[str, int], Path] | None:
+    """KTO's reference policies: per (policy, round) of the variant's logged turns, the adapter that logged
+    them (Manifest.collecting_adapter); refuses one that is not there, naming the policy and round."""
+    if variant.objective != "kto" or manifest.seed_round:
+        return None
+    turns = lineage(pl.read_parquet(manifest.run_dir.data.turns).filter(~is_idle()), variant)
+    found = {}
+    for policy, round_ in turns.select("policy", "round").unique().sort("policy", "round").iter_rows():
+        adapter = manifest.collecting_adapter(policy, round_)
+        if not (adapter / "adapter_config.json").is_file():
+            raise TrainingError(f"variant {variant.name}: KTO's reference point scores each logged example under "
+                                f"the policy that logged it; policy {policy} of round {round_} has no adapter at "
+                                f"'{adapter}' (name it in data.deployed)")
+        found[(policy, round_)] = adapter
+    return found
 
 
 def _turns_of(path: Path | None) -> pl.DataFrame | None:
@@ -105,8 +150,10 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFAUL
             raise TrainingError(f"variant {variant.name}: continues from the previous round's adapter, but "
                                 f"'{adapter}' holds none (set previous_adapter, or init: base)")
     logged = None if manifest.seed_round else (pl.read_parquet(turns_path), pl.read_parquet(feedback_path))
-    examples = training_set(logged, _turns_of(manifest.data.seed_data), variant=variant, hp=hp, seed=seed,
-                            augmentation=manifest.training.d0_augmentation)
+    examples = training_set(logged, _turns_of(manifest.data.seed_data), variant=variant, hp=hp,
+                            augmentation=manifest.training.d0_augmentation,
+                            augmentation_seed=manifest.training.d0_augmentation_seed,
+                            include=seed_turns(manifest.data.seed_turns))
     validation = validation_turns(_turns_of(manifest.data.validation), limit=manifest.validation.turns)
     if is_multimodal_model(manifest.model):
         _check_images(manifest, examples, "training examples")
@@ -115,11 +162,13 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFAUL
                     if manifest.training.vision_cache else None)
     constrained = manifest.validation.constrained
     constrained = variant.objective == "kto" if constrained is None else constrained
+    collecting = None if manifest.seed_round else collecting_adapters(manifest, variant)
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
                      out=task_dir(manifest, variant.name, seed, cell), training=manifest.training,
                      validation=manifest.validation.model_copy(update={"constrained": constrained}), adapter=adapter,
-                     vision_cache=vision_cache, cell=cell, spec_hash=task_hash(manifest, variant.name, seed, cell))
+                     vision_cache=vision_cache, cell=cell, spec_hash=task_hash(manifest, variant.name, seed, cell),
+                     collecting=collecting)
     return Prepared(spec, examples, validation)
 
 
@@ -201,6 +250,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         console.print(f"{self.variant} seed {self.seed}: {prepared.examples.height} examples "
                       f"({_source_counts(prepared.examples)}), {prepared.validation.height} validation turns -> "
                       f"{out.root}")
+        console.print(f"{self.variant} seed {self.seed}: "
+                      f"{self.manifest.training.in_force(prepared.spec.objective, prepared.spec.hp)}")
         outcome = train(prepared.spec, prepared.examples, prepared.validation, stop.is_set,
                         progress=console.print if main else (lambda _: None))
         if outcome == "stopped":

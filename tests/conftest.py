@@ -110,6 +110,22 @@ def round_inputs(root: Path, games: int, model: Path | None = None,
     return paths
 
 
+def save_collecting_adapters(run, model: Path, turns: pl.DataFrame) -> None:
+    """An adapter for each (policy, round) of ``turns`` where the run directory keeps what it deployed (KTO's
+    reference): seeded, with B drawn away from zero so that each policy scores differently."""
+    import torch
+
+    from respect_hpc.config.schema import ModelSection
+    from respect_hpc.model.loading import load_policy
+
+    for k, (policy, round_) in enumerate(turns.select("policy", "round").unique().sort("policy", "round").rows()):
+        adapter = load_policy(ModelSection(path=model, dtype="fp32"), seed=k)
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(100 + k))
+        adapter.save_pretrained(run.policy(round_, policy))
+
+
 def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary, objective: fft}]",
                 training: str = "{epochs: 2, effective_batch: 8, micro_batch: 4, warmup_steps: 1}",
                 extra: str = "", model: Path | None = None, games: int = 24, model_options: str = "",
@@ -134,6 +150,8 @@ def write_round(root: Path, *, variants: str = "[{name: b-fft, feedback: binary,
         for kind, labels in (("binary", ("Positive", "Negative")), ("ternary", ("Positive", "Neutral", "Negative")))])
     run.round(1).mkdir(parents=True)
     feedback.write_parquet(run.round_feedback(1))
+    if "objective: kto" in variants:
+        save_collecting_adapters(run, model, result.turns)
     manifest = root / "round.yaml"
     manifest.write_text(f"""experiment: t
 round: 1

@@ -231,19 +231,28 @@ DATASET_COLUMNS = ("source", "policy", "round", "game_turn_id", "label", "reward
 @app.command()
 def dataset(manifest_path: ManifestArg,
             variant: Annotated[str, typer.Option(help="Variant name from the manifest, e.g. b-fft.")],
-            seed: Annotated[int, typer.Option(help="Seed of the task (negative subsampling, augmentation).")],
+            seed: Annotated[int, typer.Option(help="Seed of the task (its draw of negatives each epoch).")],
             out: Annotated[Path, typer.Option(help="Parquet file for the examples.")]) -> None:
     """Write the exact examples a training task will use, one row each (source: log, d0 or augmented; the
     policy and round that logged it; label, reward, weight; the action in the official format; p), and
     print where they come from. Needs the round's ingest and decode stages done."""
+    import polars as pl
+
     import jobs.train
     from respect_hpc.core.io import atomic_write_parquet
-    from respect_hpc.data.datasets import source_counts
+    from respect_hpc.data.datasets import negative_draws, source_counts
 
     m = manifest(manifest_path)
-    examples = jobs.train.prepare(m, variant, seed).examples.select(DATASET_COLUMNS)
+    prepared = jobs.train.prepare(m, variant, seed)
+    examples = prepared.examples.select(DATASET_COLUMNS)
     atomic_write_parquet(examples, out)
     views.source_table(source_counts(examples), f"{variant} seed {seed}: {examples.height} examples -> {out}")
+    drawn = negative_draws(prepared.examples, prepared.spec.hp, prepared.spec.objective, seed)
+    if drawn is not None:
+        negatives = examples.filter((pl.col("source") == "log") & (pl.col("label") == -1)).height
+        kept = len(drawn(0)) - (examples.height - negatives)
+        views.say(f"negatives: {kept} of the {negatives} are trained each epoch, drawn afresh per epoch "
+                  f"(training.{prepared.spec.objective}.negatives: per_epoch)")
 
 
 @app.command()
@@ -334,6 +343,8 @@ def plan(manifest_path: ManifestArg, executor: Executor = None, workdir: Workdir
     stages = controller.plan()
     views.plan_table(f"round {m.round} of {m.experiment} ({controller.kind} executor)", stages, m.cluster.stages)
     _lineage(m)
+    for objective in sorted({"seed"} if m.seed_round else {v.objective for v in m.variants}):
+        views.say(f"training.{objective}: {m.training.in_force(objective)}")
     if not any(stage.todo for stage in stages):
         views.say("every task is done: run would submit nothing")
     for stage in stages:

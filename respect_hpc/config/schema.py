@@ -109,6 +109,9 @@ class DataSection(Strict):
     deployed: dict[SafeName, InputFolder] = Field(
         default_factory=dict, description="the adapter of each deployed policy, by the name the logs give it "
                                           "(policy_name): what p is recomputed under")
+    seed_turns: InputFile | None = Field(None, description=(
+        "a text file of D_0 turn ids (game_turn_id, one a line) to rehearse, the rest of seed_data left out; an "
+        "augmented turn is kept when its source turn is listed (the official runs list 102 turns of 25 games)"))
     validation: InputPath | None = Field(None, description="human-human validation games for checkpoint selection")
     images: InputFolder | None = Field(None, description="folder of the tangram PNGs named in the logs")
     max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=26, description="turn limit of a game")
@@ -150,7 +153,8 @@ class DecoderSection(Strict):
 class Hyperparameters(Strict):
     """Training hyperparameters of one objective; defaults are RESPECT.md Table 1."""
 
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    optimizer: Literal["adamw", "rmsprop", "paged_adamw_8bit"] = Field(
+        "adamw", description="paged_adamw_8bit (the official FFT/RL runs) needs bitsandbytes and a CUDA device")
     learning_rate: float = Field(1e-4, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     epochs: int = Field(20, ge=1)
@@ -171,11 +175,21 @@ class Hyperparameters(Strict):
     lambda_desirable: float = Field(4.0, gt=0, description="KTO weight of desirable actions (Table 1: 4 until "
                                                            "round 3; the official code: 1)")
     lambda_undesirable: float = Field(1.0, gt=0, description="KTO weight of undesirable actions")
-    negatives_per_5_positives: float = Field(4.0, gt=0, description="RL and KTO negative subsampling")
+    negatives: Literal["per_epoch", "all"] = Field(
+        "per_epoch", description="RL and KTO negatives: per_epoch, a subsample of negatives_per_5_positives per 5 "
+                                 "positives drawn afresh each epoch (seeded by seed and epoch; the paper); all, no "
+                                 "subsampling (the official code, task weighting off)")
+    negatives_per_5_positives: float = Field(4.0, gt=0, description="the subsample's ratio (negatives: per_epoch)")
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(8, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
-    lora_placement: Literal["paper", "enhanced"] = "paper"
+    lora_placement: Literal["official", "paper", "enhanced"] = Field(
+        "official", description="official: q, k, v, o, gate, up, down projections of the text model, the modality "
+                                "projection and the perceiver (multitask.gin); paper: the same without o_proj; "
+                                "enhanced: paper's and the vision model's out_proj, fc1, fc2")
+    lora_init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="A's initialisation: gaussian, N(0, 1/r) (the official runs); default, PEFT's "
+                                "Kaiming-uniform (B starts at zero either way)")
 
     @model_validator(mode="after")
     def _whole_micro_batches(self) -> Hyperparameters:
@@ -193,13 +207,31 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
 }
 
 
-class TrainingSection(Strict):
-    """Per-objective hyperparameters; a manifest gives only what differs from Table 1."""
+# Where RESPECT.md's Table 1 (and text) and the official gin files disagree: the values of `preset: code`
+# (`preset: paper` is OBJECTIVE_DEFAULTS as they are). Sources: multitask.gin (XTrainingArguments.optim,
+# IglConfig.label_smoothing, MultiTaskConfig.enable_weighted_task_batch) and kto.gin (IglConfig.label_smoothing;
+# KTO's lambdas are the loss's defaults, 1 and 1).
+CODE_PRESET: dict[str, dict] = {
+    "fft": {"entropy_weight": 0.1, "optimizer": "paged_adamw_8bit", "negatives": "all"},
+    "rl": {"entropy_weight": 0.1, "optimizer": "paged_adamw_8bit", "negatives": "all"},
+    "kto": {"entropy_weight": 0.01, "lambda_desirable": 1.0, "negatives": "all"},
+    "seed": {"optimizer": "paged_adamw_8bit"},
+}
+PRESETS = {"paper": {name: {} for name in CODE_PRESET}, "code": CODE_PRESET}
 
-    fft: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["fft"])
-    rl: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["rl"])
-    kto: Hyperparameters = Hyperparameters(**OBJECTIVE_DEFAULTS["kto"])
-    seed: Hyperparameters = Field(Hyperparameters(**OBJECTIVE_DEFAULTS["seed"]),
+
+class TrainingSection(Strict):
+    """Per-objective hyperparameters; a manifest gives only what differs from its preset."""
+
+    preset: Literal["paper", "code"] = Field(
+        "paper", description="one switch between the paper's values (Table 1: entropy weights 0.01 FFT/RL and "
+                             "0.1 KTO, lambda_desirable 4, AdamW, negatives subsampled per epoch) and the official "
+                             "code's (0.1 and 0.01, lambda_desirable 1, paged AdamW 8-bit for FFT/RL, every "
+                             "negative); each value is still overridable")
+    fft: Hyperparameters = Field(default_factory=dict, validate_default=True)
+    rl: Hyperparameters = Field(default_factory=dict, validate_default=True)
+    kto: Hyperparameters = Field(default_factory=dict, validate_default=True)
+    seed: Hyperparameters = Field(default_factory=dict, validate_default=True,
                                   description="the seed round's policy (D_0 alone, label-smoothed cross-entropy)")
     zero_stage: int | None = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; null: plain Accelerate "
                                                               "(no DeepSpeed)")
@@ -220,15 +252,29 @@ class TrainingSection(Strict):
         True, description="compute the frozen vision model's output once per image and reuse it across epochs, "
                           "seeds, variants and validation (on disk in the round folder); off by itself where the "
                           "LoRA placement trains the vision model (enhanced)")
-    d0_augmentation: Literal["official", "paper", "none"] = Field(
+    d0_augmentation: Literal["official", "corrected", "paper", "none"] = Field(
         "official", description="synthetic deselection turns added to D_0: official (two kinds, 'remove the "
-                                "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06), "
-                                "paper (one 'Wrong, undo what you selected' turn per 12), or none")
+                                "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06; a "
+                                "'remove the last selection' turn's state line shows the selection before its "
+                                "source turn, as the official augmentation writes it), corrected (the same, that "
+                                "state line showing the selection after the source turn), paper (one 'Wrong, undo "
+                                "what you selected' turn per 12), or none")
+    d0_augmentation_seed: int = Field(42, ge=0, le=MAX_SEED, description=(
+        "seed of D_0's augmentation draw (official: 42), the same for every task: each seed of each variant "
+        "rehearses the same D_0"))
 
     @field_validator("fft", "rl", "kto", "seed", mode="before")
     @classmethod
     def _over_defaults(cls, value: object, info: ValidationInfo) -> object:
-        return {**OBJECTIVE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
+        preset = PRESETS.get(info.data.get("preset"), PRESETS["paper"])[info.field_name]
+        return {**OBJECTIVE_DEFAULTS[info.field_name], **preset, **value} if isinstance(value, dict) else value
+
+    def in_force(self, objective: str, hp: Hyperparameters | None = None) -> str:
+        """The preset and the values it decides for ``objective`` as they are in force in ``hp`` (default: the
+        section's; a manifest or a sweep cell may override any): for the plan and a training task's first lines."""
+        hp = hp or getattr(self, objective)
+        decided = ("entropy_weight", "optimizer", "negatives", *(("lambda_desirable",) if objective == "kto" else ()))
+        return f"preset {self.preset}: " + ", ".join(f"{name} {getattr(hp, name)}" for name in decided)
 
 
 class ValidationSection(Strict):
@@ -237,8 +283,11 @@ class ValidationSection(Strict):
     decoding: Literal["sample", "greedy"] = Field(
         "sample", description="sample at temperature 1 over the legal action tokens (official), or greedy")
     constrained: bool | None = Field(
-        None, description="decode only legal actions of each turn's state (the official KTO runs); default: "
-                          "for KTO variants only")
+        None, description="decode only legal actions (the official KTO runs); default: for KTO variants only")
+    constraint: Literal["official", "state_aware"] = Field(
+        "official", description="what a constrained action may be: official, any well-formed action whatever the "
+                                "state (the official regex: deselect and select any letter); state_aware, only "
+                                "deselecting selected images and selecting the others")
     turns: int = Field(390, ge=1, description="at most this many validation turns (a seeded draw of the good ones)")
     max_new_tokens: int = Field(10, ge=1, description="token limit of a generated action")
 
@@ -306,8 +355,13 @@ class SimulationSection(Strict):
     teach_steps: int = Field(0, ge=0, description="steps of full fine-tuning that teach a policy base built by "
                                                    "`loop` the listener's task on the seed half of the "
                                                    "descriptions (0: the base keeps random weights)")
-    constrained: bool = Field(True, description="generate only legal actions of each state (else: any sequence "
-                                                "of the legal tokens; an illegal action does nothing)")
+    decoding: Literal["official", "constrained"] = Field(
+        "official", description="official, as the official bots deploy: the legal tokens only (FFT and RL "
+                                "variants, the seed policy) or the official state-agnostic regex (KTO), an "
+                                "unparseable or empty action clicks the first image, p the probability of the "
+                                "sampled tokens under the full vocabulary (the fallback click's p scored by a "
+                                "teacher-forced pass, as the official annotation recomputes it); constrained, "
+                                "every policy only legal actions of each state, p over the allowed tokens")
     batch: int = Field(8, ge=1, description="games generated at once")
 
     def speaker_settings(self, pool: str | None = None):
@@ -511,6 +565,16 @@ class Manifest(Strict):
         if self.simulation is not None and self.simulation.control and not self.seed_round:
             policies[CONTROL_POLICY] = run.policy(0, SEED_POLICY)
         return policies
+
+    def collecting_adapter(self, policy: str, round_: int) -> Path:
+        """The adapter that logged ``policy``'s games of round ``round_`` (KTO's reference): the one
+        ``data.deployed`` names for it, else what this run directory deployed (the round's selected policy; the
+        seed policy for the control)."""
+        if policy in self.data.deployed:
+            return self.data.deployed[policy]
+        if policy == CONTROL_POLICY:
+            return self.run_dir.policy(0, SEED_POLICY)
+        return self.run_dir.policy(round_, policy)
 
     def games_played(self, policy: str) -> int:
         """Simulated games ``policy`` plays: the seed policy (round 0's deployment, then the control every

@@ -97,24 +97,29 @@ def format_action(action: Action) -> str:
     return ""
 
 
-def action_prefix(text: str, n_images: int, selected: frozenset[str]) -> str | None:
-    """How far ``text`` (leading spaces ignored) is into a legal action of this state, by the official
-    constrained-decoding grammar: None when no legal action starts with it, "complete" when it is one (it
-    may still go on), else "open".
+def action_prefix(text: str, n_images: int, selected: frozenset[str] | None) -> str | None:
+    """How far ``text`` (leading spaces ignored) is into a legal action, by the constrained-decoding grammar:
+    None when no legal action starts with it, "complete" when it is one (it may still go on), else "open".
 
-    Legal: ``deselect`` and letters now selected, then ``select`` and letters not selected, either clause
-    optional but not both; one space between words, no letter twice, letters among the game's images.
+    Legal: ``deselect`` and letters, then ``select`` and letters, either clause optional but not both; one
+    space between words, no letter twice, letters among the game's images. With ``selected`` (the letters
+    selected before the turn: state-aware) ``deselect`` takes only selected letters and ``select`` only the
+    others; with None any letter goes in either clause, as the official regex (``RE_PATTERN``) ignores the state.
     """
     letters = _letters_of(n_images)
     *words, last = text.lstrip(" ").split(" ")
     clause, names, used = None, 0, set()
 
+    def fits(letter: str) -> bool:
+        return selected is None or (letter in selected) == (clause == "deselect")
+
     def candidates() -> list[str]:
-        keywords = {None: ["deselect"] * bool(selected) + ["select"] * bool(set(letters) - selected),
-                    "deselect": ["select"] * bool(names and set(letters) - selected - used),
-                    "select": []}[clause]
-        free = [x for x in letters if x not in used and (x in selected) == (clause == "deselect")]
-        return keywords + (free if clause else [])
+        free = [x for x in letters if x not in used and fits(x)]
+        if clause is None:
+            return [k for k, clause_letters in (("deselect", selected), ("select", set(letters) - (selected or set())))
+                    if selected is None or clause_letters]
+        later = [x for x in letters if x not in used and (selected is None or x not in selected)]
+        return (["select"] * bool(names and later) if clause == "deselect" else []) + free
 
     for word in words:
         if word not in candidates():

@@ -1,9 +1,10 @@
 """How the policy generates an action, wherever it does (validation, deployment): the official settings
 (OFFICIAL-RECIPE.md (g)). Only the legal action tokens may be generated (the letters, the pieces of
 ``select``/``deselect``, the end tokens; every other logit is suppressed and the rest renormalised),
-sampled at temperature 1 or greedily, and optionally constrained to the legal actions of each game's
-state (:func:`multiref.action_prefix`): a verb first, letters after a verb, no letter twice, ``deselect``
-only for selected images, ``select`` only for the others, an end token only after a complete action.
+sampled at temperature 1 or greedily, and optionally constrained to legal actions
+(:func:`multiref.action_prefix`): a verb first, letters after a verb, no letter twice, an end token only
+after a complete action; state-agnostic as the official regex, or state-aware (``deselect`` only for
+selected images, ``select`` only for the others).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from respect_hpc.model.policy_inputs import PolicyEncoder, PolicyView
 
 @dataclass(frozen=True)
 class GameState:
-    """What the grammar needs of a turn: its number of images and the letters selected before it."""
+    """What the grammar needs of a turn: its number of images and the letters selected before it (None: the
+    state-agnostic grammar, as the official regex)."""
 
     n_images: int
-    selected: frozenset[str]
+    selected: frozenset[str] | None
 
 
 def legal_token_ids(encoder: PolicyEncoder, view: PolicyView) -> list[int]:
@@ -69,7 +71,8 @@ class ActionLogits:
 
 @dataclass(frozen=True)
 class Generated:
-    """A generated action and p, the probability the policy gave it as it sampled (over the legal tokens)."""
+    """A generated action and p, the probability the policy gave its tokens as it sampled (over the allowed
+    tokens, or the whole vocabulary with ``full_vocabulary``)."""
 
     text: str
     probability: float
@@ -77,10 +80,11 @@ class Generated:
 
 def generate_actions(model, encoder: PolicyEncoder, views: list[PolicyView], states: list[GameState], *,
                      legal: list[int], decoding: str = "sample", constrained: bool = True,
-                     max_new_tokens: int = 10) -> list[Generated]:
+                     max_new_tokens: int = 10, full_vocabulary: bool = False) -> list[Generated]:
     """Each view's action as the policy generates it: the legal tokens only (and with ``constrained``, only
-    legal actions of each state), sampled at temperature 1 or greedy; p is the product of the generated
-    tokens' probabilities under that distribution, through the end token."""
+    legal actions of each state, :class:`GameState`), sampled at temperature 1 or greedy; p is the product
+    of the generated tokens' probabilities through the end token, under the distribution sampled from, or
+    with ``full_vocabulary`` under the model's raw full-vocabulary softmax (as the official bots log it)."""
     tokenizer = encoder.tokenizer
     prompts = [encoder.prompt_ids(view) for view in views]
     width = max(map(len, prompts))
@@ -98,10 +102,11 @@ def generate_actions(model, encoder: PolicyEncoder, views: list[PolicyView], sta
     sampling = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None} \
         if decoding == "sample" else {"do_sample": False}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(ends),
-                         logits_processor=[processor], output_scores=True, return_dict_in_generate=True,
-                         **sampling)
+                         logits_processor=[processor], output_scores=True, output_logits=full_vocabulary,
+                         return_dict_in_generate=True, **sampling)
     tokens = out.sequences[:, width:]
-    logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    steps = out.logits if full_vocabulary else out.scores
+    logprobs = torch.stack(steps, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     ended = torch.isin(tokens, torch.tensor(sorted(ends), device=tokens.device))
     live = (ended.cumsum(1) - ended.long()) == 0  # every token through the first end token
     probabilities = (logprobs.nan_to_num(neginf=-1e4) * live).sum(1).exp().tolist()

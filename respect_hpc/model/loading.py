@@ -141,10 +141,13 @@ def load_encoder(spec: ModelSection, images: Path | None) -> PolicyEncoder:
     return PolicyEncoder(processor, tokenizer, images, model_family(spec))
 
 
-def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: float = 0.1, placement: str = "paper",
-                adapter: Path | None = None, seed: int = 0, gradient_checkpointing: bool = False):
-    """The base model with LoRA adapters: new ones (seeded; ``r``, ``alpha``, ``dropout``, ``placement``, the
-    paper's by default) or trainable copies of a saved ``adapter`` (which brings its own settings).
+def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: float = 0.1,
+                placement: str = "official", init: str = "gaussian", adapter: Path | None = None, seed: int = 0,
+                gradient_checkpointing: bool = False):
+    """The base model with LoRA adapters: new ones (seeded; ``r``, ``alpha``, ``dropout``, ``placement`` and
+    ``init``, the official runs' by default: A ~ N(0, 1/r) with ``gaussian``, PEFT's Kaiming-uniform with
+    ``default``; B zero either way) or trainable copies of a saved ``adapter`` (which brings its own settings:
+    its adapter_config.json records targets and init).
 
     With ``gradient_checkpointing`` the base model recomputes its activations in the backward pass
     (non-reentrant activation checkpointing, with gradients on the input embeddings as PEFT needs under
@@ -163,5 +166,5 @@ def load_policy(spec: ModelSection, *, r: int = 8, alpha: int = 8, dropout: floa
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     torch.manual_seed(seed)
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=family.lora_targets[placement],
-                      task_type="CAUSAL_LM")
+                      init_lora_weights="gaussian" if init == "gaussian" else True, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)

@@ -4,8 +4,8 @@ formulas; this module feeds them the model's scores of a micro-batch).
 D_0's rows are trained with label-smoothed cross-entropy whatever the objective; logged rows by the
 variant's: FFT cross-entropy (label smoothing = the entropy weight), REINFORCE or KTO. KTO's z is measured
 once per optimizer step, before its update, on a mismatched single click of each of the step's logged
-examples, against the starting policy's scores of the same clicks (computed once per task and kept in the
-task folder).
+examples (the policy in training mode, as the official), against the scores of the same clicks under the
+policy that logged each example (computed once per task and kept in the task folder).
 """
 
 from __future__ import annotations
@@ -35,13 +35,64 @@ class LossParts:
     entropy: torch.Tensor
 
 
-class Losses:
-    """The losses of one task's micro-batches under its model (``model()`` returns it unwrapped)."""
+def click_logprobs(model, rows: list[dict], data: TaskData, hp, device) -> list[float]:
+    """log pi(a'|x) under ``model`` as it is (its mode, its active adapter) of each row's mismatched click:
+    the first image of the logged order (the second where the logged action was that click), selected or
+    deselected by the current state (objectives.mismatched_click)."""
+    values = []
+    for start in range(0, len(rows), hp.micro_batch):
+        chunk = [{**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
+                                                                              row["context"]))}
+                 for row in rows[start:start + hp.micro_batch]]
+        encoded = [data.encoder.encode(policy_view(row, data.template)) for row in chunk]
+        batch = {k: v.to(device) for k, v in data.encoder.collate(encoded).items()}
+        values += score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"],
+                                hp.temperature).logprob.tolist()
+    return values
 
-    def __init__(self, spec: TrainSpec, data: TaskData, accelerator, model):
+
+REFERENCE_ADAPTER = "collecting"  # the name a collecting policy's adapter is loaded under, beside "default"
+
+
+@torch.no_grad()
+def collecting_reference(model, spec: TrainSpec, data: TaskData, accelerator) -> dict[str, float]:
+    """KTO's reference for the mismatched clicks, by game_turn_id: each logged example's click scored once
+    under the policy that logged it (``spec.collecting``: its adapter, loaded beside the task's own on the
+    same base model), in eval mode and the logged image order, as the official annotation precomputes it;
+    kept in the task folder (the main process writes it, the others read it). ``model``: the task's PEFT
+    model before Accelerate or DeepSpeed wraps it."""
+    path = spec.out.mismatch_reference
+    with accelerator.main_process_first():
+        if not path.is_file():
+            logged = [row for row in data.examples if row["source"] not in REHEARSAL]
+            values: dict[str, float] = {}
+            was_training = model.training
+            model.eval()
+            for (policy, round_), adapter in sorted(spec.collecting.items()):
+                rows = [row for row in logged if (row["policy"], row["round"]) == (policy, round_)]
+                model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+                model.set_adapter(REFERENCE_ADAPTER)
+                try:
+                    scores = click_logprobs(model, rows, data, spec.hp, accelerator.device)
+                finally:
+                    model.set_adapter("default")
+                    model.delete_adapter(REFERENCE_ADAPTER)
+                values.update(zip((row["game_turn_id"] for row in rows), scores))
+            model.train(was_training)
+            atomic_write_parquet(pl.DataFrame({"game_turn_id": list(values), "logprob": list(values.values())},
+                                              schema={"game_turn_id": pl.String, "logprob": pl.Float64}), path)
+    table = pl.read_parquet(path)
+    return dict(zip(table["game_turn_id"], table["logprob"]))
+
+
+class Losses:
+    """The losses of one task's micro-batches under its model (``model()`` returns it unwrapped);
+    ``reference``: KTO's collecting-policy scores of the mismatched clicks (:func:`collecting_reference`)."""
+
+    def __init__(self, spec: TrainSpec, data: TaskData, accelerator, model, reference: dict[str, float] | None = None):
         self.spec, self.hp, self.data = spec, spec.hp, data
         self.accelerator, self.model = accelerator, model
-        self.mismatch_reference = self._mismatch_reference() if spec.objective == "kto" else {}
+        self.mismatch_reference = reference or {}
 
     def action_losses(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, ActionScores]:
@@ -71,41 +122,20 @@ class Losses:
 
     # -- KTO's reference point -------------------------------------------------------------------------
     def mismatch_logprobs(self, rows: list[dict]) -> list[float]:
-        """log pi(a'|x) of each row's mismatched click under the model as it is (no gradient, no dropout), in
-        the logged image order, as the reference was scored: z then measures the policy, not the shuffling."""
+        """log pi(a'|x) of each row's mismatched click under the model as it is, in training mode (dropout on,
+        as the official code measures z inside its training step), without gradients, in the logged image
+        order, as the reference was scored: z then measures the policy, not the shuffling."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
-        model.eval()
-        values = []
-        encoder, device = self.data.encoder, self.accelerator.device
+        model.train()
         with torch.no_grad():
-            for start in range(0, len(rows), self.hp.micro_batch):
-                chunk = [{**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
-                                                                                      row["context"]))}
-                         for row in rows[start:start + self.hp.micro_batch]]
-                encoded = [encoder.encode(policy_view(row, self.data.template)) for row in chunk]
-                batch = {k: v.to(device) for k, v in encoder.collate(encoded).items()}
-                values += score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"],
-                                        self.hp.temperature).logprob.tolist()
+            values = click_logprobs(model, rows, self.data, self.hp, self.accelerator.device)
         model.train(was_training)
         return values
 
-    def _mismatch_reference(self) -> dict[str, float]:
-        """KTO's reference for the mismatched clicks: the starting policy (the adapter the variant continues from,
-        which deployed the newest round) scores each logged example's click once, in the logged image order."""
-        path = self.spec.out.mismatch_reference
-        with self.accelerator.main_process_first():
-            if not path.is_file():
-                logged = [row for row in self.data.examples if row["source"] not in REHEARSAL]
-                atomic_write_parquet(pl.DataFrame({"game_turn_id": [r["game_turn_id"] for r in logged],
-                                                   "logprob": self.mismatch_logprobs(logged)},
-                                                  schema={"game_turn_id": pl.String, "logprob": pl.Float64}), path)
-        table = pl.read_parquet(path)
-        return dict(zip(table["game_turn_id"], table["logprob"]))
-
-    def reference_point(self, micro_batches: list[list[int]]) -> torch.Tensor:
+    def reference_point(self, micro_batches: list[list[int]], epoch: int) -> torch.Tensor:
         """KTO's z for one optimizer step, before its update, over every process's logged examples of the step."""
-        rows = self.data.logged_rows(micro_batches)
+        rows = self.data.logged_rows(micro_batches, epoch)
         now = self.mismatch_logprobs(rows)
         difference = sum(n - self.mismatch_reference[r["game_turn_id"]] for n, r in zip(now, rows))
         values = torch.tensor([difference, float(len(rows))], device=self.accelerator.device)

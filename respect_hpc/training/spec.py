@@ -16,8 +16,29 @@ from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSec
 from respect_hpc.core.errors import RespectError
 from respect_hpc.core.rundir import DEFAULT_CELL, TaskDir
 
-# training.<objective>.optimizer and .schedule -> how they are made
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+
+def check_optimizer(name: str, section: str) -> None:
+    """Refuse, before any model is loaded, an optimizer this machine cannot run."""
+    if name != "paged_adamw_8bit":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        missing = "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None else "no CUDA device"
+        raise TrainingError(f"{section}.optimizer: paged_adamw_8bit needs bitsandbytes and a CUDA device ({missing} "
+                            "here); set optimizer: adamw to train here")
+
+
+def optimizer(name: str, params, lr: float, weight_decay: float, section: str):
+    """The optimizer ``name`` of training.<objective>.optimizer (``section``): AdamW, RMSprop, or bitsandbytes'
+    paged 8-bit AdamW (the official FFT/RL runs), which needs bitsandbytes and a CUDA device."""
+    check_optimizer(name, section)
+    if name == "paged_adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    kinds = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+    return kinds[name](params, lr=lr, weight_decay=weight_decay)
 
 
 def schedule(name: str, optimizer, warmup_steps: int, total_steps: int):
@@ -48,6 +69,7 @@ class TrainSpec:
     validation: ValidationSection = ValidationSection(constrained=False)
     adapter: Path | None = None       # continue from this adapter (KTO) instead of new LoRA weights
     vision_cache: Path | None = None  # where a frozen vision model's outputs are kept; None: off
+    collecting: dict[tuple[str, int], Path] | None = None  # KTO: (policy, round) -> the adapter that logged it
     cell: str = DEFAULT_CELL
     spec_hash: str = ""               # of the task's settings and inputs: checkpoints resume only under it
 

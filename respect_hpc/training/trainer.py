@@ -26,8 +26,8 @@ from respect_hpc.model.loading import load_encoder, load_policy
 from respect_hpc.model.vision_cache import cache_vision
 from respect_hpc.training.batches import TaskData
 from respect_hpc.training.checkpoints import Checkpoints, discard_unusable, latest_checkpoint
-from respect_hpc.training.losses import Losses
-from respect_hpc.training.spec import OPTIMIZERS, TrainingError, TrainSpec, accumulation_steps, schedule
+from respect_hpc.training.losses import Losses, collecting_reference
+from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps, check_optimizer, optimizer, schedule
 from respect_hpc.training.validation import Validator
 
 
@@ -58,6 +58,7 @@ class Trainer:
 
     def __init__(self, spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame):
         self.spec, self.hp = spec, spec.hp
+        check_optimizer(self.hp.optimizer, f"training.{spec.objective}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         template = policy_template(spec.policy_template)
         encoder = load_encoder(spec.model, spec.images)
@@ -71,18 +72,25 @@ class Trainer:
             if self.accelerator.is_main_process:
                 discard_unusable(spec.out, spec.spec_hash, print)
         model = load_policy(spec.model, r=self.hp.lora_r, alpha=self.hp.lora_alpha, dropout=self.hp.lora_dropout,
-                            placement=self.hp.lora_placement, adapter=spec.adapter, seed=spec.seed,
+                            placement=self.hp.lora_placement, init=self.hp.lora_init, adapter=spec.adapter,
+                            seed=spec.seed,
                             gradient_checkpointing=spec.training.gradient_checkpointing)
         self.vision_cache = (cache_vision(model, spec.vision_cache, encoder.family.vision_tower)
                              if spec.vision_cache else None)
         model.to(self.accelerator.device)
-        optimizer = OPTIMIZERS[self.hp.optimizer]([p for p in model.parameters() if p.requires_grad],
-                                                  lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay)
-        self.steps_per_epoch = len(self.data.epoch(0, self.per_step)) // self.per_step
-        scheduler = schedule(self.hp.schedule, optimizer, self.hp.warmup_steps, self.steps_per_epoch * self.hp.epochs)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if spec.objective == "kto" and spec.collecting is None:
+            raise TrainingError("KTO needs the adapters that logged its examples (TrainSpec.collecting)")
+        reference = collecting_reference(model, spec, self.data, self.accelerator) if spec.objective == "kto" else None
+        adam = optimizer(self.hp.optimizer, [p for p in model.parameters() if p.requires_grad],
+                         self.hp.learning_rate, self.hp.weight_decay, f"training.{spec.objective}")
+        # optimizer steps of each epoch (they differ only where negatives are drawn per epoch and packing
+        # leaves a game without any), and the step each epoch starts at
+        self.epoch_steps = [len(self.data.epoch(e, self.per_step)) // self.per_step for e in range(self.hp.epochs)]
+        self.epoch_start = [sum(self.epoch_steps[:e]) for e in range(self.hp.epochs + 1)]
+        scheduler = schedule(self.hp.schedule, adam, self.hp.warmup_steps, self.epoch_start[-1])
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, adam, scheduler)
         self.checkpoints = Checkpoints(self.accelerator, self.model, spec.out, spec.spec_hash, self.deepspeed)
-        self.losses = Losses(spec, self.data, self.accelerator, self.model)
+        self.losses = Losses(spec, self.data, self.accelerator, self.model, reference)
         self.validate = Validator(validation.to_dicts(), encoder, template, spec.validation, self.accelerator,
                                   self.hp.micro_batch, spec.seed)
 
@@ -123,10 +131,10 @@ class Trainer:
         """One optimizer step over the step's ``micro_batches`` (every process's; this process runs its share):
         returns the step's mean loss, objective and entropy term over the processes."""
         accelerator = self.accelerator
-        answers = self.data.answers(micro_batches)
+        answers = self.data.answers(micro_batches, epoch)
         first = accelerator.process_index * self.accum
         mine = micro_batches[first:first + self.accum]
-        z = self.losses.reference_point(mine) if self.spec.objective == "kto" else None
+        z = self.losses.reference_point(mine, epoch) if self.spec.objective == "kto" else None
         sums = [0.0, 0.0, 0.0]
         for indices in mine:
             batch = self.data.batch(indices, epoch, accelerator.device)
@@ -152,10 +160,12 @@ class Trainer:
         accelerator, hp, spec = self.accelerator, self.hp, self.spec
         engine = f"DeepSpeed ZeRO-{spec.training.zero_stage}" if self.deepspeed else "Accelerate"
         n_examples, n_sequences = len(self.data.examples), len(self.data.sequences)
+        per_epoch = self.epoch_steps[0]
         progress(f"{engine}, {accelerator.num_processes} process(es) on {accelerator.device}, {self.accum} "
-                 f"micro-batch(es) of {hp.micro_batch} sequences accumulated per step, {self.steps_per_epoch} steps "
+                 f"micro-batch(es) of {hp.micro_batch} sequences accumulated per step, {per_epoch} steps "
                  f"per epoch; {n_examples} trained actions in {n_sequences} sequences ({spec.training.packing} "
-                 f"packing), about {n_examples / self.steps_per_epoch:.1f} a step"
+                 f"packing), about {n_examples / per_epoch:.1f} a step"
+                 + ("" if self.data.drawn is None else "; negatives drawn afresh each epoch")
                  + (f"; vision features cached in {spec.vision_cache}" if self.vision_cache else ""))
         step, first_epoch = self.checkpoints.resume()
         if step:
@@ -164,10 +174,10 @@ class Trainer:
         started = time.perf_counter()
         unmoved = self._lora_b() if step == 0 else None  # checked after the first step that has a learning rate
         answered = 0
-        total_steps = self.steps_per_epoch * hp.epochs
+        total_steps = self.epoch_start[-1]
         for epoch in range(first_epoch, hp.epochs):
             batches = self.data.epoch(epoch, self.per_step)
-            for epoch_step in range(step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+            for epoch_step in range(step - self.epoch_start[epoch], self.epoch_steps[epoch]):
                 step_lr = self.scheduler.get_last_lr()[0]  # what this step's update uses (0 in early warm-up)
                 micro_batches = batches[epoch_step * self.per_step:(epoch_step + 1) * self.per_step]
                 loss, objective, entropy = self.step(micro_batches, epoch, step)
@@ -175,14 +185,14 @@ class Trainer:
                     self._check_moved(unmoved, step + 1)
                     unmoved = None
                 step += 1
-                answered += self.data.answers(micro_batches)
+                answered += self.data.answers(micro_batches, epoch)
                 lr = self.scheduler.get_last_lr()[0]
                 self.checkpoints.rows.append((spec.cell, step, epoch + 1, loss, objective, entropy, lr, None, None))
-                last_of_epoch = epoch_step == self.steps_per_epoch - 1
+                last_of_epoch = epoch_step == self.epoch_steps[epoch] - 1
                 if step % 10 == 0 or last_of_epoch:
                     elapsed = time.perf_counter() - started
                     rate = answered / elapsed
-                    eta = elapsed / max(step - (first_epoch * self.steps_per_epoch), 1) * (total_steps - step)
+                    eta = elapsed / max(step - self.epoch_start[first_epoch], 1) * (total_steps - step)
                     progress(f"epoch {epoch + 1}/{hp.epochs} step {step}/{total_steps} loss {loss:.4f} "
                              f"lr {lr:.2e} ({rate:.1f} trained actions/s, ETA {_duration(eta)})")
                 stop, = self._reduce([float(should_stop())], "max")

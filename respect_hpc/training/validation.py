@@ -41,7 +41,9 @@ class Validator:
                 batch = {k: v.to(accelerator.device) for k, v in self.encoder.collate(encoded).items()}
                 scores = score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"])
                 loss -= (scores.logprob / scores.length).sum().item()
-                states = [GameState(len(r["context"]), frozenset(letters_of(r["currently_selected"], r["context"])))
+                aware = self.settings.constraint == "state_aware"
+                states = [GameState(len(r["context"]),
+                                    frozenset(letters_of(r["currently_selected"], r["context"])) if aware else None)
                           for r in rows]
                 for view, answer in zip(views, self.generate(model, views, states)):
                     exact += answer.strip() == view.action

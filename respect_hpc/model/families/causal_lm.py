@@ -9,7 +9,8 @@ from respect_hpc.model.families import Family
 
 FAMILY = Family(
     name="causal-lm", model_types=("mistral", "llama"), multimodal=False,
-    lora_targets={"paper": r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)",
+    lora_targets={"official": r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                  "paper": r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)",
                   "enhanced": r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"},
     end_of_turn="<end_of_utterance>",
 )

@@ -16,6 +16,8 @@ from pathlib import Path
 from respect_hpc.model.families import Family, FamilyError
 
 _PAPER = r"(?!.*vision_model\.).*\.(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)"
+# the official runs' regex (multitask.gin), verbatim: the paper's modules and o_proj
+_OFFICIAL = r".*(text_model|modality_projection|perceiver_resampler).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"
 
 
 IDEFICS2_CHAT_TEMPLATE = (
@@ -112,8 +114,10 @@ def configure_processor(processor, image_size: int, image_splitting: bool) -> No
 FAMILY = Family(
     name="idefics2", model_types=("idefics2",), multimodal=True,
     lora_targets={
-        # q, k, v, gate, up, down projections everywhere but the vision model: the text model, the modality
-        # projector and the perceiver resampler
+        # q, k, v, o, gate, up, down projections of the text model, the modality projector and the perceiver
+        # resampler (the official runs)
+        "official": _OFFICIAL,
+        # the same without o_proj (the paper's description)
         "paper": _PAPER,
         # also the vision model's out_proj, fc1, fc2
         "enhanced": rf"{_PAPER}|.*vision_model\..*\.(out_proj|fc1|fc2)",

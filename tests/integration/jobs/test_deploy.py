@@ -43,10 +43,62 @@ def deployed(tmp_path_factory):
     if not (KILOGRAM / "dense.json").is_file():
         pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
     root = tmp_path_factory.mktemp("deploy")
-    m = seed_round(root, KILOGRAM, "games: 6, shards: 2, batch: 4, max_turns: 4")
+    m = seed_round(root, KILOGRAM, "games: 6, shards: 2, batch: 4, max_turns: 4, decoding: constrained")
     for shard in range(2):
         assert jobs.deploy.run(m, shard, 2) == {"sft": 3}
     return m, jobs.collect.run(m, 2)
+
+
+def test_official_decoding_clicks_the_first_image_when_unparseable_and_logs_full_vocabulary_p(tmp_path):
+    """simulation.decoding: official, as the official bots: the legal tokens without a grammar (a random policy
+    often says nothing parseable: the first image is clicked), p of the generated tokens under the raw
+    full-vocabulary softmax, which a teacher-forced pass over the logged action through an end token gives
+    for a single click (and, for a fallback click, the official annotation's p of that click)."""
+    from respect_hpc.data.datasets import with_history
+    from respect_hpc.domain.prompts import policy_template
+    from respect_hpc.model.loading import load_encoder
+    from respect_hpc.model.policy_inputs import policy_view
+
+    if not (KILOGRAM / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {KILOGRAM}: the simulator speaks its descriptions")
+    m = seed_round(tmp_path, KILOGRAM, "games: 4, shards: 1, batch: 4, max_turns: 4")
+    assert m.simulation.decoding == "official"
+    jobs.deploy.run(m, 0, 1)
+    jobs.collect.run(m, 1)
+    turns = with_history(ingest([m.run_dir.deployed(0)]).turns).to_dicts()
+    assert all(row["action"] for row in turns)  # every turn clicked something
+    encoder = load_encoder(m.model, m.data.images)
+    template = policy_template(m.policy_template)
+    model = load_policy(m.model, adapter=m.run_dir.policy(0, "sft")).eval()
+    ends = sorted({encoder.end_id, encoder.tokenizer.eos_token_id})
+    single = [row for row in turns if len(row["action"].split()) == 2]
+    assert single
+    for row in single[:8]:
+        view = policy_view(row, template)
+        prompt = encoder.prompt_ids(view)
+        action = encoder.tokenizer(" " + row["action"], add_special_tokens=False)["input_ids"]
+        images = encoder.image_batch([view.images])
+        found = []
+        for end in ends:
+            ids = torch.tensor([prompt + action + [end]])
+            with torch.no_grad():
+                logits = model(input_ids=ids, pixel_values=images["pixel_values"],
+                               pixel_attention_mask=images["pixel_attention_mask"]).logits[0]
+            logp = logits[len(prompt) - 1:-1].log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).sum()
+            found.append(float(logp.exp()))
+        # float32, batched generation padded on the left against one unpadded pass
+        assert any(row["prob_action"] == pytest.approx(p, rel=1e-3) for p in found), (row["action"], found)
+
+
+def test_the_official_bot_clicks_what_a_state_agnostic_action_names():
+    """A parsed action's letters are clicks that toggle (deselecting an unselected image selects it); an
+    action that names nothing gets None (the bot then clicks the first image)."""
+    from respect_hpc.domain.multiref import Action
+
+    assert jobs.deploy.executable(Action(deselect=frozenset("BC")), ["C"]) == Action(deselect=frozenset("C"),
+                                                                                     select=frozenset("B"))
+    assert jobs.deploy.executable(Action(select=frozenset("A")), []) == Action(select=frozenset("A"))
+    assert jobs.deploy.executable(Action(), ["A"]) is None
 
 
 def test_deployed_games_ingest_as_the_public_layout_with_p(deployed):

@@ -44,7 +44,7 @@ def trainer_for(round_files, variant, out, packing, image_order="shuffled"):
                                            "beta": 0.05})
     training = m.training.model_copy(update={"zero_stage": None, "packing": packing, "image_order": image_order})
     spec = TrainSpec(objective=v.objective, hp=hp, seed=1, model=m.model, policy_template=m.policy_template,
-                     images=m.data.images, out=TaskDir(out), training=training)
+                     images=m.data.images, out=TaskDir(out), training=training, collecting=prepared.spec.collecting)
     jobs.train.set_distributed_env()
     trainer = Trainer(spec, prepared.examples, prepared.validation)
     trainer.model.double()  # in place: the optimizer keeps the same parameters, now float64
@@ -109,7 +109,7 @@ def test_a_few_optimizer_steps_over_the_same_actions_give_the_same_adapter(round
             sgd = torch.optim.SGD([p for p in trainer.model.parameters() if p.requires_grad], lr=0.5)
             seen = []
             for _ in range(3):
-                z = trainer.losses.reference_point([chosen]) if variant == "b-kto" else None
+                z = trainer.losses.reference_point([chosen], None) if variant == "b-kto" else None
                 # as Trainer.run scales it: Accelerate divides each micro-batch's loss by the accumulation steps
                 parts = trainer.losses.loss(batch, z, scale=trainer.per_step / len(actions))
                 seen.append(parts.total.item() / trainer.per_step)  # the mean over the actions, as reported

@@ -7,6 +7,7 @@ submitit's local executor and send real signals.
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -46,8 +47,12 @@ def lora_modules(model) -> set[str]:
 
 def test_lora_placements(model):
     spec = ModelSection(path=model, dtype="fp32")
+    official = lora_modules(load_policy(spec, r=8, alpha=8, dropout=0.1))
     paper = lora_modules(load_policy(spec, r=8, alpha=8, dropout=0.1, placement="paper"))
     enhanced = lora_modules(load_policy(spec, r=8, alpha=8, dropout=0.1, placement="enhanced"))
+    assert {n.rsplit(".", 1)[1] for n in official - paper} == {"o_proj"}  # multitask.gin's regex adds o_proj
+    assert paper < official and any("text_model" in n for n in official - paper)
+    assert any("perceiver_resampler" in n for n in official - paper)
     assert not any("vision_model" in n for n in paper)
     for part in ("text_model", "connector.modality_projection", "connector.perceiver_resampler"):
         assert any(part in n for n in paper), part
@@ -55,6 +60,26 @@ def test_lora_placements(model):
                                                     "down_proj"}
     vision = {n.rsplit(".", 1)[1] for n in enhanced - paper}
     assert vision == {"out_proj", "fc1", "fc2"} and all("vision_model" in n for n in enhanced - paper)
+
+
+@pytest.mark.parametrize("r", [8, 16])
+def test_lora_a_starts_gaussian_with_std_one_over_r_as_the_official_runs(model, r, tmp_path):
+    """init_lora_weights="gaussian": A ~ N(0, 1/r); PEFT's default (Kaiming-uniform with a = sqrt(5)) gives
+    U(-1/sqrt(in), 1/sqrt(in)), std 1/sqrt(3 in); B starts at zero either way. The sample std of n values
+    drawn with std s is within 5 s sqrt(2/n) of s with overwhelming probability."""
+    spec = ModelSection(path=model, dtype="fp32")
+    policy = load_policy(spec, r=r, alpha=r, dropout=0.1, seed=1)
+    a = torch.cat([p.detach().flatten() for n, p in policy.named_parameters() if "lora_A" in n])
+    assert abs(a.std().item() - 1 / r) < 5 / r * (2 / a.numel()) ** 0.5
+    assert all(not p.any() for n, p in policy.named_parameters() if "lora_B" in n)
+    default = load_policy(spec, r=r, alpha=r, dropout=0.1, init="default", seed=1)
+    weights = dict(default.named_parameters())
+    for name, p in weights.items():
+        if "lora_A" in name:
+            assert p.abs().max().item() <= 1 / p.shape[1] ** 0.5
+    policy.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "gaussian" and "o_proj" in saved["target_modules"]
 
 
 def steps_per_epoch(examples: pl.DataFrame, micro_batch: int, effective_batch: int, world: int = 1) -> int:
@@ -74,7 +99,7 @@ def _spec(manifest, variant, out, packing="game", gradient_checkpointing=False, 
     training = m.training.model_copy(update={"zero_stage": None, "packing": packing, "vision_cache": False,
                                              "gradient_checkpointing": gradient_checkpointing})
     spec = TrainSpec(objective=v.objective, hp=hp, seed=1, model=m.model, policy_template=m.policy_template,
-                     images=m.data.images, out=TaskDir(out), training=training)
+                     images=m.data.images, out=TaskDir(out), training=training, collecting=prepared.spec.collecting)
     return spec, prepared
 
 
@@ -106,10 +131,10 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(round_files, variant, tmp_p
         # separate, so the batch mixes desirable and undesirable actions where the objective keeps both.
         mixed = [i for i, x in enumerate(labels) if x == 1][:4] + [i for i, x in enumerate(labels) if x == -1][:4]
         indices = mixed if len(mixed) == 8 else list(range(8))
-        batch = trainer.data.batch(indices, epoch=0)
+        batch = trainer.data.batch(indices, epoch=None)  # whole sequences (no per-epoch draw of negatives)
         losses = []
         for _ in range(6):
-            z = trainer.losses.reference_point([indices]) if variant == "b-kto" else None
+            z = trainer.losses.reference_point([indices], None) if variant == "b-kto" else None
             parts = trainer.losses.loss(batch, z)
             losses.append(parts.total.item())
             trainer.accelerator.backward(parts.total)
@@ -169,13 +194,18 @@ def test_bad_input_is_refused_before_training(round_files, tmp_path):
                                             r"processes"):  # the world size is known only when the task starts
         accumulation_steps(8, 4, 3, "training.fft")
     previous = _with(round_files, "init: base", "init: previous")
-    with pytest.raises(ManifestError, match=r"variants\[\d\].init: continues from round 0's selected policy, but "
-                                            r"'.*round-0/policies/sft' holds no adapter: run that round"):
-        load_manifest(previous)  # known before any job is submitted
-    m = load_manifest(previous, check_files=False)
-    with pytest.raises(TrainingError, match=r"variant b-kto: continues from the previous round's adapter, but "
-                                            r"'.*round-0/policies/sft' holds none"):
-        jobs.train.prepare(m, "b-kto", 1)
+    seed_policy = load_manifest(round_files).run_dir.policy(0, "sft")  # also KTO's collecting policy of sft
+    seed_policy.rename(tmp_path / "sft")
+    try:
+        with pytest.raises(ManifestError, match=r"variants\[\d\].init: continues from round 0's selected policy, "
+                                                r"but '.*round-0/policies/sft' holds no adapter: run that round"):
+            load_manifest(previous)  # known before any job is submitted
+        m = load_manifest(previous, check_files=False)
+        with pytest.raises(TrainingError, match=r"variant b-kto: continues from the previous round's adapter, but "
+                                                r"'.*round-0/policies/sft' holds none"):
+            jobs.train.prepare(m, "b-kto", 1)
+    finally:
+        (tmp_path / "sft").rename(seed_policy)
     with pytest.raises(TrainingError, match="--variant b-xx: the manifest has no such variant"):
         jobs.train.prepare(m, "b-xx", 1)
     validation = pl.read_parquet(load_manifest(round_files).data.validation)
@@ -456,7 +486,67 @@ def test_dataset_shows_each_variants_lineage_on_logs_of_several_policies(tmp_pat
         d0 = table.filter(pl.col("source") != "log")
         assert set(d0["policy"]) == {"human"} and set(d0["label"]) == {1}
     augmented = tables["b-fft"].filter(pl.col("source") == "augmented")["game_turn_id"]
-    assert augmented.str.ends_with("_undo").any() and augmented.str.ends_with("_clear").any()
+    assert augmented.str.ends_with("_aug_remove_last").any() and augmented.str.ends_with("_aug_remove_current").any()
     assert 0 not in set(tables["t-rl"]["label"])
+    other_seed = tmp_path / "b-fft-seed-2.parquet"
+    done = cli("dataset", manifest, "--variant", "b-fft", "--seed", "2", "--out", other_seed)
+    assert done.returncode == 0, done.stderr
+    rehearsal = pl.col("source") != "log"  # training.d0_augmentation_seed, not the task's seed, draws D_0
+    assert pl.read_parquet(other_seed).filter(rehearsal).equals(tables["b-fft"].filter(rehearsal))
+    done = cli("dataset", manifest, "--variant", "t-rl", "--seed", "1", "--out", tmp_path / "again.parquet")
+    negatives = tables["t-rl"].filter((pl.col("source") == "log") & (pl.col("label") == -1)).height
+    assert re.search(rf"negatives: \d+ of the {negatives} are trained each epoch, drawn afresh", done.stdout)
     kto = tables["b-kto"].filter(pl.col("source") == "log")
     assert dict(kto.select("label", "weight").unique().iter_rows()) == {1: 4.0, -1: 1.0}
+
+
+def test_kto_measures_z_against_each_examples_collecting_policy_with_dropout_on(tmp_path, model):
+    """The reference of a logged example's mismatched click is its score under the adapter that logged it
+    (each policy its own), the click scored by hand on a fresh base model with that adapter; the current
+    policy's side of z is measured in training mode; a missing collecting adapter is refused by name."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from respect_hpc.domain.multiref import letters_of, mismatched_click
+    from respect_hpc.model.policy_inputs import policy_view
+    from respect_hpc.training.objectives import score_actions
+
+    variants = "[{name: b-kto, feedback: binary, objective: kto, init: base}]"
+    manifest = write_round(tmp_path, variants=variants, model=model, games=6, policies={"sft": 0.5, "bk": 0.6})
+    spec, prepared = _spec(manifest, "b-kto", tmp_path / "task", lora_dropout=0.5)
+    assert set(spec.collecting) == {("bk", 0), ("sft", 0)}
+    jobs.train.set_distributed_env()
+    with Trainer(spec, prepared.examples, prepared.validation) as trainer:
+        reference = trainer.losses.mismatch_reference
+        logged = [r for r in trainer.data.examples if r["source"] == "log"]
+        assert set(reference) == {r["game_turn_id"] for r in logged}
+        dropout = next(m for n, m in trainer.model.named_modules() if n.endswith("lora_dropout.default"))
+        modes = []
+        dropout.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        trainer.model.eval()
+        trainer.losses.mismatch_logprobs(logged[:2])
+        assert modes and all(modes)  # dropout on while z is measured, whatever mode the model was in
+        encoder, template = trainer.data.encoder, trainer.data.template
+    base = AutoModelForImageTextToText.from_pretrained(model)
+    scored = {}
+    for policy in ("sft", "bk"):
+        row = next(r for r in logged if r["policy"] == policy)
+        click = {**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
+                                                                             row["context"]))}
+        batch = encoder.collate([encoder.encode(policy_view(click, template))])
+        peft = PeftModel.from_pretrained(base, spec.collecting[(policy, 0)]).eval()
+        with torch.no_grad():
+            logits = peft(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                                   "pixel_attention_mask")}).logits
+        n = int(batch["target_mask"].sum())
+        want = score_actions(logits[:, -n - 1:-1], batch["targets"], batch["target_mask"]).logprob.item()
+        base = peft.unload()
+        scored[policy] = want
+        # float32 sums of about 100 token log-probabilities, batched alone vs with others (left padding)
+        assert reference[row["game_turn_id"]] == pytest.approx(want, rel=1e-4, abs=1e-4), policy
+    assert scored["sft"] != pytest.approx(scored["bk"], abs=1e-3)  # the two policies differ
+
+    shutil.rmtree(load_manifest(manifest).run_dir.policy(0, "bk"))
+    with pytest.raises(TrainingError, match=r"variant b-kto: KTO's reference point scores each logged example "
+                                            r"under the policy that logged it; policy bk of round 0 has no adapter"):
+        jobs.train.prepare(load_manifest(manifest), "b-kto", 1)

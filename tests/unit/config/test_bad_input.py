@@ -31,21 +31,23 @@ BASE = {
                   "previous_adapter": "model"}],
     "seeds": [1],
     "training": {**{o: {} for o in ("fft", "rl", "kto", "seed")}, "zero_stage": 2, "checkpoint_every": 0,
-                 "d0_augmentation": "official", "packing": "game", "vision_cache": True},
-    "validation": {"decoding": "sample", "constrained": True, "turns": 390, "max_new_tokens": 10},
+                 "d0_augmentation": "official", "d0_augmentation_seed": 42, "preset": "paper", "packing": "game",
+                 "vision_cache": True},
+    "validation": {"decoding": "sample", "constrained": True, "constraint": "official", "turns": 390,
+                   "max_new_tokens": 10},
     "sweep": {"learning_rate": [1e-4]},
     "cluster": {"executor": "local", "partition": "gpu", "account": "lab", "qos": "normal", "constraint": "a100",
                 "stages": {"train": {"gpus": 1, "cpus": 1, "mem_gb": 4, "time_min": 60, "nodes": 1,
                                      "max_parallel": 2, "tasks_per_node": 1}}},
     "simulation": {"kilogram": "kilogram", "games": 4, "shards": 1, "seed": 0, "control": True, "implicit": 0.3,
                    "misleading": 0.05, "silent": 0.05, "undo": 0.35, "pool": "deploy", "max_turns": 10,
-                   "constrained": True, "batch": 8},
+                   "decoding": "official", "batch": 8},
 }
 HYPERPARAMETERS = {"optimizer": "adamw", "learning_rate": 1e-4, "schedule": "cosine", "epochs": 2, "warmup_steps": 0,
                    "weight_decay": 0.0, "effective_batch": 8, "micro_batch": 4, "entropy_weight": 0.0,
                    "temperature": 1.0, "label_smoothing": 0.0, "beta": 0.1, "lambda_desirable": 1.0,
                    "lambda_undesirable": 1.0, "negatives_per_5_positives": 1.0, "lora_r": 8, "lora_alpha": 16,
-                   "lora_dropout": 0.1, "lora_placement": "paper"}
+                   "lora_dropout": 0.1, "lora_placement": "paper", "lora_init": "gaussian", "negatives": "per_epoch"}
 for _objective in ("fft", "rl", "kto", "seed"):
     BASE["training"][_objective] = dict(HYPERPARAMETERS)
 

@@ -144,6 +144,39 @@ def test_action_prefix_accepts_exactly_the_prefixes_of_legal_actions(n_images, d
         assert action_prefix(junk, n_images, selected) is None, (junk, selected)
 
 
+def _regex_actions(n_images: int) -> set[str]:
+    """Every action the official regex allows (``RE_PATTERN``: deselect letters, then optionally select
+    letters, or select letters) with no letter twice, whatever is selected."""
+    from itertools import permutations
+
+    letters = LETTERS[:n_images]
+    found = set()
+    for k in range(1, n_images + 1):
+        for names in permutations(letters, k):
+            found.add("select " + " ".join(names))
+            for cut in range(1, k + 1):
+                rest = f" select {' '.join(names[cut:])}" if cut < k else ""
+                found.add("deselect " + " ".join(names[:cut]) + rest)
+    return found
+
+
+@given(st.integers(1, 4), st.data())
+def test_the_state_agnostic_grammar_accepts_exactly_the_official_regex_prefixes(n_images, data):
+    import re
+
+    from respect_hpc.domain.multiref import action_prefix
+
+    pattern = r'^(deselect\s[A-Z](?:\s[A-Z])*(?:\sselect\s[A-Z](?:\s[A-Z])*)?|select\s[A-Z](?:\s[A-Z])*)$'
+    legal = _regex_actions(n_images)
+    assert all(re.match(pattern, a) for a in legal)
+    prefixes = {a[:i] for a in legal for i in range(len(a) + 1)}
+    for text in prefixes:
+        assert action_prefix(" " + text, n_images, None) == ("complete" if text in legal else "open"), text
+    junk = data.draw(st.text(alphabet="adeAlsBcDt ", max_size=14))
+    if junk.lstrip(" ") not in prefixes:
+        assert action_prefix(junk, n_images, None) is None, junk
+
+
 def test_the_mismatched_click_is_a_or_b_by_the_current_selection():
     from respect_hpc.domain.multiref import mismatched_click
 
