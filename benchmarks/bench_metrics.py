@@ -7,6 +7,7 @@ one run. Both are checked to agree before the times are reported.
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -16,12 +17,18 @@ from scipy import stats
 
 from respect_hpc.data.logs import explode_turns, read_interactions
 from respect_hpc.domain.synthetic import synthesize
-from respect_hpc.report.round_metrics import RESET_PATTERN, TRY_AGAIN_PATTERN, WORD_PATTERN, round_metrics
+from respect_hpc.report.round_metrics import (FRUSTRATED_PHRASES, LAZY_PHRASES, RESET_PATTERN, TRY_AGAIN_PATTERN,
+                                              WORD_PATTERN, round_metrics)
 
 N_RESAMPLES = 10_000
 POLICIES = {"sft": 0.3, "bp": 0.35, "tp": 0.35, "ba": 0.35, "ta": 0.35, "bk": 0.3, "tk": 0.35}
 ROUNDS = range(7)
 GAMES_PER_CELL = 2041  # 7 x 7 cells -> 100,009 games
+
+
+def notebook_pattern(phrases: tuple[str, ...]) -> str:
+    """The official notebook's count_special_words pattern."""
+    return "|".join(re.escape(word) for word in phrases)
 
 
 def pandas_scipy_metrics(interactions: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
@@ -48,6 +55,8 @@ def pandas_scipy_metrics(interactions: pd.DataFrame, turns: pd.DataFrame) -> pd.
             "vocab_size": len(set(words.explode().dropna())), "utterance_len_mean": words.map(len).mean(),
             "reset_count": int(utterances.str.contains(RESET_PATTERN).sum()),
             "try_again_count": int(utterances.str.contains(TRY_AGAIN_PATTERN).sum()),
+            "frustrated_occurrences": int(utterances.str.count(notebook_pattern(FRUSTRATED_PHRASES)).sum()),
+            "lazy_occurrences": int(utterances.str.count(notebook_pattern(LAZY_PHRASES)).sum()),
         })
     return pd.DataFrame(rows)
 
@@ -74,7 +83,7 @@ def main() -> str:
 
     joined = ours.join(pl.from_pandas(baseline), on=["policy", "round"], suffix="_ref")
     for column in ("games", "success_rate", "turns_mean", "click_accuracy", "vocab_size", "utterance_len_mean",
-                   "reset_count", "try_again_count"):
+                   "reset_count", "try_again_count", "frustrated_occurrences", "lazy_occurrences"):
         assert np.allclose(joined[column], joined[f"{column}_ref"]), column
     worst_ci = max(float((joined[c] - joined[f"{c}_ref"]).abs().max())
                    for c in ("success_ci_low", "success_ci_high", "turns_ci_low", "turns_ci_high"))

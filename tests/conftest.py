@@ -206,8 +206,15 @@ def write_logged_round(root: Path, model: Path, executor: str = "local", extra_v
     """Synthetic logs, D_0, validation games and a manifest naming them and ``model`` (no stage run yet).
 
     ``model`` is the session's tiny model taught to answer with label words (conftest.taught_decoder):
-    a random-weight one may label a whole round negative, leaving FFT nothing to train on."""
+    a random-weight one may label a whole round negative, leaving FFT nothing to train on. A KTO variant
+    among ``extra_variants`` finds the adapters that collected the logs in the run directory."""
     inputs = round_inputs(root, games=10, model=model)
+    if "objective: kto" in extra_variants:
+        from respect_hpc.core.rundir import RunDir
+        from respect_hpc.data.logs import ingest
+
+        save_collecting_adapters(RunDir(root / "runs" / "tiny"), inputs["model"],
+                                 ingest([inputs["logs"]], policies=None).turns)
     manifest = root / "round.yaml"
     manifest.write_text(f"""experiment: tiny
 round: 1

@@ -49,14 +49,14 @@ def _row(table: Table, values) -> None:
 
 def metrics_table(metrics, title: str = "round metrics") -> None:
     table = _table(title, ["policy", "round", "games", "success", "turns", "click acc.", "vocab", "utt. len",
-                           "resets", "try again"], ("policy",))
+                           "resets", "try again", "frustrated", "lazy"], ("policy",))
     for row in metrics.iter_rows(named=True):
         _row(table, (
             row["policy"], row["round"], row["games"],
             f"{100 * row['success_rate']:.1f} [{100 * row['success_ci_low']:.1f}, {100 * row['success_ci_high']:.1f}]",
             f"{row['turns_mean']:.2f} [{row['turns_ci_low']:.2f}, {row['turns_ci_high']:.2f}]",
             f"{row['click_accuracy']:.3f}", row["vocab_size"], f"{row['utterance_len_mean']:.2f}",
-            row["reset_count"], row["try_again_count"]))
+            row["reset_count"], row["try_again_count"], row["frustrated_occurrences"], row["lazy_occurrences"]))
     console.print(table)
 
 

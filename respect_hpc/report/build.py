@@ -84,13 +84,46 @@ def _collect_run(root: Path, found: Collected) -> None:
                 pl.lit(task.round).alias("round"), pl.lit(task.variant).alias("variant"),
                 pl.lit(task.cell).alias("cell"), pl.lit(task.seed).alias("seed"),
                 "source", "policy", "logged_round", "examples", "positive", "negative").cast(dict(TRAINING_DATA)))
-    found.evals += [pl.read_parquet(p).select(TURN_EVAL.names()).cast(dict(TURN_EVAL))
-                    for r in rounds if (p := run.turn_eval(r)).is_file()]
+    found.evals += [turn_evals(pl.read_parquet(p)) for r in rounds if (p := run.turn_eval(r)).is_file()]
 
 
 def _label(column: str) -> pl.Expr:
     return pl.col(column).cast(pl.String).str.to_lowercase().replace_strict(_LABEL_WORDS, default=None,
                                                                            return_dtype=pl.Int8)
+
+
+def turn_evals(frame: pl.DataFrame) -> pl.DataFrame:
+    """A table of turn evaluations (:data:`TURN_EVAL`); one without annotators' verdicts has none."""
+    if "correct" not in frame.columns:
+        frame = frame.with_columns(correct=pl.lit(None, pl.Boolean))
+    return frame.select(TURN_EVAL.names()).cast(dict(TURN_EVAL))
+
+
+# human_eval's satisfaction strings, as the official notebook reads them (yes: positive feedback)
+SATISFACTION = {"yes": 1, "no": -1, "incorrect_satisfaction": 0, "partial_correctness_satisfaction": 0}
+
+
+def human_eval_turns(frame: pl.DataFrame) -> pl.DataFrame:
+    """The public ``human_eval`` table as turn evaluations: the annotators' ``correctness`` (yes/no) is the
+    exact match, ``feedback`` (yes, no, *_satisfaction) the satisfaction (only yes is positive), and where it
+    has ``delta_clicks`` (the annotator's clicks from ``currently_selected``) the reference action a*."""
+    columns = set(frame.columns)
+    clicks = pl.col("delta_clicks").cast(pl.List(pl.String)) if "delta_clicks" in columns else None
+    before = pl.col("currently_selected").cast(pl.List(pl.String)) if "currently_selected" in columns else None
+    have = clicks is not None and before is not None
+    none = pl.lit(None, pl.List(pl.String))
+    return frame.select(
+        pl.format("{}_{}", "game_id", "turn_id").alias("game_turn_id"), pl.col("round").cast(pl.Int64),
+        pl.col("policy_name").alias("policy"), "selected", "deselected",
+        (clicks.list.set_difference(before) if have else none).alias("reference_selected"),
+        (clicks.list.set_intersection(before) if have else none).alias("reference_deselected"),
+        pl.col("feedback").cast(pl.String).str.to_lowercase().replace_strict(SATISFACTION, default=None,
+                                                                              return_dtype=pl.Int8).alias("feedback"),
+        pl.col("correctness").cast(pl.String).str.to_lowercase().replace_strict({"yes": True, "no": False},
+                                                                                 default=None,
+                                                                                 return_dtype=pl.Boolean)
+        .alias("correct"),
+    ).cast(dict(TURN_EVAL))
 
 
 def _columns(path: Path) -> set[str]:
@@ -116,14 +149,9 @@ def _collect_file(path: Path, found: Collected) -> None:
         found.labelled.append(frame.select(pl.lit(kind).alias("kind"), "game_turn_id",
                                            decoded=_label("predictions"), human=_label("labels")))
     elif "reference_selected" in columns:
-        found.evals.append(read().select(TURN_EVAL.names()).cast(dict(TURN_EVAL)))
-    elif {"correctness", "feedback", "selected"} <= columns:  # public human_eval layout: satisfaction only
-        found.evals.append(read().select(
-            pl.format("{}_{}", "game_id", "turn_id").alias("game_turn_id"), pl.col("round").cast(pl.Int64),
-            pl.col("policy_name").alias("policy"), "selected", "deselected",
-            pl.lit(None, pl.List(pl.String)).alias("reference_selected"),
-            pl.lit(None, pl.List(pl.String)).alias("reference_deselected"),
-            _label("feedback").alias("feedback")).cast(dict(TURN_EVAL)))
+        found.evals.append(turn_evals(read()))
+    elif {"correctness", "feedback", "selected"} <= columns:  # public human_eval layout
+        found.evals.append(human_eval_turns(read()))
     else:
         interactions, refused, _, _ = read_interactions([path], quarantine=True, policies=None)
         found.interactions.append(interactions)

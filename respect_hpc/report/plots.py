@@ -62,9 +62,10 @@ def _render(tables: dict[str, pl.DataFrame], folder: Path) -> dict[str, Path]:
         axes[0].legend(fontsize=8)
         plots["language"] = _save(fig, folder / "language.png")
     if (t := tables.get("turn_metrics")) is not None:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, name, title in zip(axes, ("exact_match", "similarity", "positive_feedback"),
-                                   ("exact match", "similarity Sim(a, a*)", "positive feedback rate")):
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+        for ax, name, title in zip(axes, ("exact_match", "similarity", "similarity_notebook", "positive_feedback"),
+                                   ("exact match", "similarity Sim(a, a*), eq. 3",
+                                    "similarity, as the official notebook", "positive feedback rate")):
             value = "positive_feedback_rate" if name == "positive_feedback" else name
             _per_round(ax, t, value, f"{name}_ci_low", f"{name}_ci_high", title)
         axes[0].legend(fontsize=8)

@@ -2,7 +2,8 @@
 
 Per (policy, round): games, success rate and turns per interaction with 95%
 percentile bootstrap intervals, click accuracy, and the speakers' language
-(vocabulary size, utterance length, reset and try-again phrases).
+(vocabulary size, utterance length, reset and try-again phrases: utterances that
+contain one, and occurrences as the official notebook counts them).
 
 The bootstrap is exact and vectorised: resampling n games with replacement
 and averaging a statistic that takes K distinct values is the same as drawing
@@ -13,6 +14,7 @@ O(resamples x n), with the same distribution of resampled means.
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
@@ -26,11 +28,18 @@ RESET_PATTERN = (r"\b(?:reset|restart|from scratch|all over|start over|"
                  r"(?:deselect|remove|clear|unselect|drop)\s+(?:everything|all))\b")
 TRY_AGAIN_PATTERN = r"\b(?:try again|try one more time|the other one)\b"
 WORD_PATTERN = r"[a-z0-9']+"
+# The official notebook's phrase lists (analysis/plots.ipynb), counted as it counts them: every occurrence in the
+# lower-cased utterances, substrings included, the first listed phrase winning where two start at one place.
+FRUSTRATED_PHRASES = ("reset", "restart", "from scratch", "all over", "start over", "deselect everything",
+                      "deselect all", "remove everything", "remove all", "clear everything", "clear all",
+                      "unselect everything", "unselect all", "drop everything", "drop all")
+LAZY_PHRASES = ("try again", "try one more time", "the other one")
 
 KEYS = ("policy", "round")
 METRIC_COLUMNS = ("policy", "round", "games", "success_rate", "success_ci_low", "success_ci_high",
                   "turns_mean", "turns_ci_low", "turns_ci_high", "click_accuracy", "vocab_size",
-                  "utterance_len_mean", "reset_count", "try_again_count")
+                  "utterance_len_mean", "reset_count", "try_again_count", "frustrated_occurrences",
+                  "lazy_occurrences")
 
 
 def group_rng(seed: int, *key: object) -> np.random.Generator:
@@ -82,7 +91,8 @@ def click_accuracy(turns: pl.DataFrame) -> pl.DataFrame:
 
 
 def language(interactions: pl.DataFrame) -> pl.DataFrame:
-    """Vocabulary size, mean utterance length (words), reset and try-again utterance counts."""
+    """Vocabulary size, mean utterance length (words), reset and try-again utterances, and the notebook's
+    occurrence counts of its frustrated and lazy phrases."""
     utterances = (interactions.select(*KEYS, pl.col("chat").alias("utterance")).explode("utterance")
                   .with_columns(pl.col("utterance").str.to_lowercase()))
     words = pl.col("utterance").str.extract_all(WORD_PATTERN)
@@ -91,7 +101,13 @@ def language(interactions: pl.DataFrame) -> pl.DataFrame:
         words.list.len().mean().alias("utterance_len_mean"),
         pl.col("utterance").str.contains(RESET_PATTERN).sum().alias("reset_count"),
         pl.col("utterance").str.contains(TRY_AGAIN_PATTERN).sum().alias("try_again_count"),
+        pl.col("utterance").str.count_matches(_alternation(FRUSTRATED_PHRASES)).sum().alias("frustrated_occurrences"),
+        pl.col("utterance").str.count_matches(_alternation(LAZY_PHRASES)).sum().alias("lazy_occurrences"),
     )
+
+
+def _alternation(phrases: tuple[str, ...]) -> str:
+    return "|".join(re.escape(p) for p in phrases)
 
 
 def round_metrics(interactions: pl.DataFrame, turns: pl.DataFrame, *, seed: int = 0,
@@ -107,5 +123,6 @@ def round_metrics(interactions: pl.DataFrame, turns: pl.DataFrame, *, seed: int 
                  _intervals(interactions, "num_turns", seed, n_resamples, confidence),
                  click_accuracy(turns), language(interactions)):
         out = out.join(part, on=KEYS, how="left")
-    return out.with_columns(pl.col("games", "vocab_size", "reset_count", "try_again_count").cast(pl.Int64)) \
+    return out.with_columns(pl.col("games", "vocab_size", "reset_count", "try_again_count", "frustrated_occurrences",
+                                   "lazy_occurrences").cast(pl.Int64)) \
         .select(METRIC_COLUMNS).sort(KEYS)

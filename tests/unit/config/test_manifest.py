@@ -60,6 +60,38 @@ def test_partial_objective_override_keeps_that_objectives_defaults(tmp_path):
     assert manifest.training.kto.optimizer == "rmsprop" and manifest.training.kto.learning_rate == 1e-5
 
 
+def test_the_code_preset_takes_the_gin_files_values_each_still_overridable(tmp_path):
+    paper = load_manifest(write(tmp_path, GOOD)).training
+    code = load_manifest(write(tmp_path, GOOD + "training: {preset: code, kto: {lambda_desirable: 2}}\n")).training
+    assert paper.preset == "paper" and code.preset == "code"
+    for objective in ("fft", "rl"):
+        p, c = getattr(paper, objective), getattr(code, objective)
+        assert (p.entropy_weight, p.optimizer, p.negatives) == (0.01, "adamw", "per_epoch")
+        assert (c.entropy_weight, c.optimizer, c.negatives) == (0.1, "paged_adamw_8bit", "all")
+    assert (paper.kto.entropy_weight, paper.kto.lambda_desirable, paper.kto.optimizer) == (0.1, 4.0, "rmsprop")
+    assert (code.kto.entropy_weight, code.kto.lambda_desirable, code.kto.optimizer) == (0.01, 2.0, "rmsprop")
+    assert (paper.fft.lora_placement, paper.fft.lora_init) == (code.fft.lora_placement, code.fft.lora_init) == (
+        "official", "gaussian")  # the adapters' placement and init are the official runs' under either preset
+    assert code.in_force("fft") == "preset code: entropy_weight 0.1, optimizer paged_adamw_8bit, negatives all"
+    assert paper.in_force("kto") == ("preset paper: entropy_weight 0.1, optimizer rmsprop, negatives per_epoch, "
+                                     "lambda_desirable 4.0")
+
+
+def test_paged_adamw_is_refused_with_one_line_where_it_cannot_run():
+    import importlib.util
+
+    import torch
+
+    from respect_hpc.training.spec import TrainingError, check_optimizer
+
+    if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+        pytest.skip("bitsandbytes and a CUDA device are here: paged AdamW runs")
+    with pytest.raises(TrainingError, match=r"^training.fft.optimizer: paged_adamw_8bit needs bitsandbytes and a "
+                                            r"CUDA device \(.* here\); set optimizer: adamw to train here$"):
+        check_optimizer("paged_adamw_8bit", "training.fft")
+    check_optimizer("adamw", "training.fft")
+
+
 def test_content_hash_is_stable_and_sensitive(tmp_path):
     first = load_manifest(write(tmp_path, GOOD)).content_hash()
     assert load_manifest(write(tmp_path, GOOD)).content_hash() == first

@@ -22,35 +22,38 @@ ARTIFACTS = REPO / "runs" / "artifacts"
 R2 = 1 / math.sqrt(2)
 EMBEDDINGS = pl.DataFrame({"image": ["a", "b", "c"], "embedding": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]})
 
-# (selected, deselected, reference_selected, reference_deselected, expected Sim)
+# (selected, deselected, reference_selected, reference_deselected, expected Sim of eq. 3, expected Sim as the
+# official notebook's clicks_sim: the select side alone)
 SIMILARITY_CASES = {
-    "same image": (["a"], [], ["a"], [], 1.0),
-    "orthogonal images": (["a"], [], ["b"], [], 0.0),
-    "pairs are averaged": (["a", "b"], [], ["c"], [], R2),
-    "one-sided on both sides": (["a"], [], [], ["b"], -1.0),
-    "matched select, missing deselect": (["b"], ["a"], ["b"], [], 0.0),
-    "two missing clicks": (["a", "c"], [], [], [], -1.0),
-    "two sides pooled": (["a"], ["b"], ["c"], ["b"], (R2 + 1) / 2),
-    "no clicks at all": ([], [], [], [], None),
-    "image without embedding": (["z"], [], ["a"], [], None),
+    "same image": (["a"], [], ["a"], [], 1.0, 1.0),
+    "orthogonal images": (["a"], [], ["b"], [], 0.0, 0.0),
+    "pairs are averaged": (["a", "b"], [], ["c"], [], R2, R2),
+    "one-sided on both sides": (["a"], [], [], ["b"], -1.0, -1.0),
+    "matched select, missing deselect": (["b"], ["a"], ["b"], [], 0.0, 1.0),
+    "two missing clicks": (["a", "c"], [], [], [], -1.0, -1.0),
+    "two sides pooled": (["a"], ["b"], ["c"], ["b"], (R2 + 1) / 2, R2),
+    "deselects only": ([], ["a"], [], ["a"], 1.0, None),
+    "no clicks at all": ([], [], [], [], None, None),
+    "image without embedding": (["z"], [], ["a"], [], None, None),
 }
 
 
 def evals_of(cases: dict, policy="bp", round_=1, feedback=None) -> pl.DataFrame:
     return pl.DataFrame([{"game_turn_id": name, "round": round_, "policy": policy, "selected": s, "deselected": d,
                           "reference_selected": rs, "reference_deselected": rd,
-                          "feedback": None if feedback is None else feedback[i]}
-                         for i, (name, (s, d, rs, rd, _)) in enumerate(cases.items())], schema=TURN_EVAL)
+                          "feedback": None if feedback is None else feedback[i], "correct": None}
+                         for i, (name, (s, d, rs, rd, _, _)) in enumerate(cases.items())], schema=TURN_EVAL)
 
 
 def test_similarity_edge_cases():
     evals = evals_of(SIMILARITY_CASES)
-    got = dict(similarity(evals, EMBEDDINGS).iter_rows())
-    for name, (*_, expected) in SIMILARITY_CASES.items():
-        if expected is None:
-            assert got[name] is None, name
-        else:
-            assert got[name] == pytest.approx(expected), name
+    got = {row["game_turn_id"]: row for row in similarity(evals, EMBEDDINGS).iter_rows(named=True)}
+    for name, (*_, eq3, notebook) in SIMILARITY_CASES.items():
+        for column, expected in (("similarity", eq3), ("similarity_notebook", notebook)):
+            if expected is None:
+                assert got[name][column] is None, (name, column)
+            else:
+                assert got[name][column] == pytest.approx(expected), (name, column)
 
 
 def test_turn_metrics_by_hand():
@@ -74,6 +77,30 @@ PAIRS = pl.DataFrame({  # human, decoded
     "human":   [1, 1, 1, 0, 0, -1, -1, -1],
     "decoded": [1, 1, -1, 1, 0, 1, -1, -1],
 }, schema_overrides={"human": pl.Int8, "decoded": pl.Int8})
+
+
+def test_the_public_human_eval_layout_is_scored_as_the_official_notebook(tmp_path):
+    """The annotator's correctness is the exact match (even where a differs from the clicks they made), only a
+    'yes' satisfaction is positive, and a* comes from delta_clicks against currently_selected (a click on a
+    selected image deselects it)."""
+    rows = [("g0", 0, ["a"], [], "yes", "yes", [], ["a"]),
+            ("g1", 0, ["a"], [], "no", "no", [], ["b"]),
+            ("g2", 3, ["b"], ["a"], "yes", "partial_correctness_satisfaction", ["a"], ["b"])]
+    pl.DataFrame([{"game_id": g, "turn_id": t, "round": 1, "policy_name": "bp", "selected": s, "deselected": d,
+                   "correctness": c, "feedback": f, "currently_selected": now, "delta_clicks": clicks}
+                  for g, t, s, d, c, f, now, clicks in rows],
+                 schema_overrides={"currently_selected": pl.List(pl.String), "deselected": pl.List(pl.String)}
+                 ).write_parquet(tmp_path / "human_eval.parquet")
+    EMBEDDINGS.write_parquet(tmp_path / "embeddings.parquet")
+    report = build([tmp_path / "human_eval.parquet"], tmp_path / "embeddings.parquet", n_resamples=200)
+    row = report.tables["turn_metrics"].row(0, named=True)
+    assert (row["policy"], row["round"], row["turns"]) == ("bp", 1, 3)
+    assert row["exact_match"] == pytest.approx(2 / 3)  # a = a* in g0 alone: 1/3 had the clicks decided
+    assert row["positive_feedback_rate"] == pytest.approx(1 / 3)
+    # Sim per turn: g0 1; g1 0 (a, b orthogonal); g2 select side 1, deselect of a one-sided -1: eq. 3 pools
+    # them (0), the notebook keeps the select side (1)
+    assert row["similarity"] == pytest.approx(1 / 3)
+    assert row["similarity_notebook"] == pytest.approx(2 / 3)
 
 
 def test_decoder_quality_by_hand():

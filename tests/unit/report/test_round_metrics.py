@@ -41,6 +41,9 @@ def test_hand_computed_cell(cells):
     assert bp["utterance_len_mean"] == pytest.approx(27 / 7)
     assert bp["reset_count"] == 3  # start over; remove all; restart (from scratch)
     assert bp["try_again_count"] == 2  # "the other one" twice ("try again" shares an utterance)
+    # the official notebook counts occurrences: start over, remove all, restart, from scratch; the other one
+    # twice and try again once
+    assert (bp["frustrated_occurrences"], bp["lazy_occurrences"]) == (4, 3)
 
 
 def test_cells_are_separate(cells):
@@ -77,7 +80,8 @@ def test_intervals_do_not_depend_on_the_order_of_rows(tmp_path):
     result = ingest([write_jsonl(tmp_path / "logs.jsonl", logs.to_dicts())])
     first = round_metrics(result.interactions, result.turns, seed=0, n_resamples=2000)
     evals = result.turns.with_columns(reference_selected="selected", reference_deselected="deselected",
-                                      feedback=(pl.col("game_turn_id").str.len_chars() % 3 - 1))
+                                      feedback=(pl.col("game_turn_id").str.len_chars() % 3 - 1),
+                                      correct=pl.lit(None, pl.Boolean))
     first_turns = turn_metrics(evals, seed=0, n_resamples=2000)
     for shuffle in range(6):
         interactions, turns = (f.sample(fraction=1.0, shuffle=True, seed=shuffle)
