@@ -17,8 +17,14 @@ from scipy import stats
 
 from respect_hpc.data.logs import explode_turns, read_interactions
 from respect_hpc.domain.synthetic import synthesize
-from respect_hpc.report.round_metrics import (FRUSTRATED_PHRASES, LAZY_PHRASES, RESET_PATTERN, TRY_AGAIN_PATTERN,
-                                              WORD_PATTERN, round_metrics)
+from respect_hpc.report.round_metrics import (
+    FRUSTRATED_PHRASES,
+    LAZY_PHRASES,
+    RESET_PATTERN,
+    TRY_AGAIN_PATTERN,
+    WORD_PATTERN,
+    round_metrics,
+)
 
 N_RESAMPLES = 10_000
 POLICIES = {"sft": 0.3, "bp": 0.35, "tp": 0.35, "ba": 0.35, "ta": 0.35, "bk": 0.3, "tk": 0.35}
