@@ -1,7 +1,8 @@
 """Ingest stage: the logs of every earlier round -> data/{interactions,turns,quarantine}.parquet.
 
 Bad rows go to quarantine (never dropped silently); p is recomputed where the logs lack it and the manifest
-asks (``data.propensity: recompute``, training/propensity.py).
+asks (``data.propensity: recompute``, training/propensity.py). A KTO variant whose logged examples' collecting
+adapters are missing is refused here, before decoding.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from respect_hpc.core.io import SPEC_HASH_KEY, parquet_metadata
 from respect_hpc.data.logs import ingest, write_tables
 from respect_hpc.domain.policies import CONTROL_POLICY, PUBLIC_POLICIES
 from respect_hpc.model.loading import model_fingerprint
-from respect_hpc.training.propensity import check_deployed, recompute
+from respect_hpc.training.propensity import check_deployed, collecting_adapters, recompute
 
 KEY = "ingest"
 
@@ -47,6 +48,8 @@ def run(manifest: Manifest) -> str:
     accounting line (rows in = rows out + rows quarantined)."""
     result = ingest(manifest.data.interactions, **options(manifest))
     check_deployed(manifest.data, result.turns, manifest.variants)
+    for variant in manifest.variants:
+        collecting_adapters(variant, result.turns, manifest.collecting_adapter)
     turns = recompute(manifest.data, manifest.model, manifest.policy_template, result.turns)
     write_tables(result, manifest.run_dir.data, {SPEC_HASH_KEY: spec(manifest)}, turns)
     return f"{result.accounting()}; {result.turns.height} turns"

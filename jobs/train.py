@@ -27,11 +27,12 @@ from respect_hpc.core.hashing import file_digest, spec_hash
 from respect_hpc.core.io import atomic_write_parquet, atomic_write_text
 from respect_hpc.core.rundir import DEFAULT_CELL, TaskDir
 from respect_hpc.core.text import log_console
-from respect_hpc.data.datasets import is_idle, lineage, source_counts, training_set, validation_turns
-from respect_hpc.data.logs import ingest
+from respect_hpc.data.datasets import source_counts, training_set, validation_turns
+from respect_hpc.data.logs import IngestError, ingest
 from respect_hpc.model.loading import is_multimodal_model, model_fingerprint
 from respect_hpc.model.policy_inputs import image_problem
 from respect_hpc.training.checkpoints import clear_task, finished, outputs_problem
+from respect_hpc.training.propensity import collecting_adapters
 from respect_hpc.training.selection import rank
 from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps
 from respect_hpc.training.trainer import train
@@ -88,8 +89,9 @@ def _collecting_digests(manifest: Manifest, variant: Variant) -> dict[str, str] 
     if variant.objective != "kto" or manifest.seed_round or not manifest.run_dir.data.turns.is_file():
         return None
     try:
-        adapters = collecting_adapters(manifest, variant)
-    except TrainingError:
+        turns = pl.read_parquet(manifest.run_dir.data.turns)
+        adapters = collecting_adapters(variant, turns, manifest.collecting_adapter)
+    except IngestError:
         return None
     return {f"{policy}@{round_}": file_digest(path) for (policy, round_), path in adapters.items()}
 
@@ -106,23 +108,6 @@ def seed_turns(path: Path | None) -> frozenset[str] | None:
     if not ids:
         raise TrainingError(f"data.seed_turns: '{path}' lists no turn ids")
     return frozenset(ids)
-
-
-def collecting_adapters(manifest: Manifest, variant: Variant) -> dict[tuple[str, int], Path] | None:
-    """KTO's reference policies: per (policy, round) of the variant's logged turns, the adapter that logged
-    them (Manifest.collecting_adapter); refuses one that is not there, naming the policy and round."""
-    if variant.objective != "kto" or manifest.seed_round:
-        return None
-    turns = lineage(pl.read_parquet(manifest.run_dir.data.turns).filter(~is_idle()), variant)
-    found = {}
-    for policy, round_ in turns.select("policy", "round").unique().sort("policy", "round").iter_rows():
-        adapter = manifest.collecting_adapter(policy, round_)
-        if not (adapter / "adapter_config.json").is_file():
-            raise TrainingError(f"variant {variant.name}: KTO's reference point scores each logged example under "
-                                f"the policy that logged it; policy {policy} of round {round_} has no adapter at "
-                                f"'{adapter}' (name it in data.deployed)")
-        found[(policy, round_)] = adapter
-    return found
 
 
 def _turns_of(path: Path | None) -> pl.DataFrame | None:
@@ -162,7 +147,7 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFAUL
                     if manifest.training.vision_cache else None)
     constrained = manifest.validation.constrained
     constrained = variant.objective == "kto" if constrained is None else constrained
-    collecting = None if manifest.seed_round else collecting_adapters(manifest, variant)
+    collecting = None if logged is None else collecting_adapters(variant, logged[0], manifest.collecting_adapter)
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
                      out=task_dir(manifest, variant.name, seed, cell), training=manifest.training,

@@ -175,6 +175,10 @@ class Hyperparameters(Strict):
     lambda_desirable: float = Field(4.0, gt=0, description="KTO weight of desirable actions (Table 1: 4 until "
                                                            "round 3; the official code: 1)")
     lambda_undesirable: float = Field(1.0, gt=0, description="KTO weight of undesirable actions")
+    kto_length_normalised: bool = Field(False, description=(
+        "KTO only: divide the log-ratio r, and each term of the reference point z, by the action's tokens (the "
+        "paper's text: 'length normalisation' for all three objectives); false: the sums, as the official code "
+        "(both presets: Table 1's KTO values were tuned with the code)"))
     negatives: Literal["per_epoch", "all"] = Field(
         "per_epoch", description="RL and KTO negatives: per_epoch, a subsample of negatives_per_5_positives per 5 "
                                  "positives drawn afresh each epoch (seeded by seed and epoch; the paper); all, no "

@@ -52,6 +52,9 @@ class DecoderTemplate:
     roles: tuple[tuple[str, str], ...] = (("User", "\tSpeaker"), ("Assistant", "\tListener"))
     window_messages: int = 4
     label_answers: tuple[str, ...] = field(default=())  # what the official decoder answers, for teaching
+    # how the window is written: "chat", rendered by the model's chat template and the roles replaced (the
+    # official code); "figure", plain "Listener: Deselect F select G" lines, as the paper's Figure 3 shows
+    window_style: str = "chat"
 
     @property
     def key(self) -> str:
@@ -80,6 +83,12 @@ DECODER_TEMPLATES: dict[str, DecoderTemplate] = {
             label_answers=(" Positive.", " Neutral", " Negative.")),
     )
 }
+DECODER_TEMPLATES |= {
+    t.key: t
+    for t in (DecoderTemplate(f"{official.name}-figure", 1, official.question, official.answer_line, official.labels,
+                              roles=(), label_answers=official.label_answers, window_style="figure")
+              for official in DECODER_TEMPLATES.values())
+}
 DEFAULT_DECODER_TEMPLATE = {"binary": "respect-binary@2", "ternary": "respect-ternary@2"}
 
 # Decoded label word -> feedback value stored in tables (-1 / 0 / 1).
@@ -107,6 +116,19 @@ def decoder_window(template: DecoderTemplate, previous_action: str | None, utter
                  {"role": "assistant", "content": text(shown_action(action))},
                  {"role": "user", "content": text(follow_up)}]
     return messages[-template.window_messages:]
+
+
+def figure_window(messages: list[dict]) -> str:
+    """A window as the paper's Figure 3 writes it: one ``Speaker:`` or ``Listener:`` line a message, actions
+    capitalised, no end-of-utterance tokens."""
+    lines = []
+    for message in messages:
+        content = message["content"][0]["text"]
+        if message["role"] == "assistant":
+            lines.append(f"Listener: {content[:1].upper()}{content[1:]}\n")
+        else:
+            lines.append(f"Speaker: {content}\n")
+    return "".join(lines)
 
 
 def decoder_question(template: DecoderTemplate, rendered_window: str) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from respect_hpc.core.errors import RespectError
-from respect_hpc.domain.prompts import DecoderTemplate, answer_message, decoder_question, decoder_window
+from respect_hpc.domain.prompts import DecoderTemplate, answer_message, decoder_question, decoder_window, figure_window
 
 _PROBE = "respect-hpc probe 7qz"
 
@@ -65,6 +65,8 @@ def decoder_text(tokenizer, template: DecoderTemplate, previous_action: str | No
                  follow_up: str) -> str:
     """The decoder's full prompt for one window, ending with the generation prompt."""
     window = decoder_window(template, previous_action, utterance, action, follow_up)
+    if template.window_style == "figure":
+        return render(tokenizer, decoder_question(template, figure_window(window)), generation_prompt=True)
     if not _reads_typed_content(tokenizer):
         window = _as_strings(window)
     rendered = tokenizer.apply_chat_template(window, tokenize=False, add_generation_prompt=False)

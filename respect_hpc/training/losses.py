@@ -38,7 +38,8 @@ class LossParts:
 def click_logprobs(model, rows: list[dict], data: TaskData, hp, device) -> list[float]:
     """log pi(a'|x) under ``model`` as it is (its mode, its active adapter) of each row's mismatched click:
     the first image of the logged order (the second where the logged action was that click), selected or
-    deselected by the current state (objectives.mismatched_click)."""
+    deselected by the current state (objectives.mismatched_click); over the click's tokens where
+    ``hp.kto_length_normalised``."""
     values = []
     for start in range(0, len(rows), hp.micro_batch):
         chunk = [{**row, "action": mismatched_click(row["action"], letters_of(row["currently_selected"],
@@ -46,8 +47,8 @@ def click_logprobs(model, rows: list[dict], data: TaskData, hp, device) -> list[
                  for row in rows[start:start + hp.micro_batch]]
         encoded = [data.encoder.encode(policy_view(row, data.template)) for row in chunk]
         batch = {k: v.to(device) for k, v in data.encoder.collate(encoded).items()}
-        values += score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"],
-                                hp.temperature).logprob.tolist()
+        scores = score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"], hp.temperature)
+        values += (scores.logprob / scores.length if hp.kto_length_normalised else scores.logprob).tolist()
     return values
 
 
@@ -106,7 +107,7 @@ class Losses:
             per_action = reinforce_loss(scores, batch["reward"], batch["propensity"], entropy_weight=hp.entropy_weight)
         elif self.spec.objective == "kto":
             per_action = kto_loss(scores, batch["propensity"], batch["desirable"], batch["weight"], z=z, beta=hp.beta,
-                                  entropy_weight=hp.entropy_weight)
+                                  entropy_weight=hp.entropy_weight, length_normalised=hp.kto_length_normalised)
         else:  # fft (the seed round's rows are all D_0)
             per_action = cross_entropy_loss(scores, label_smoothing=hp.entropy_weight)
         return torch.where(rehearsal, cross_entropy_loss(scores, label_smoothing=hp.label_smoothing),

@@ -14,9 +14,10 @@ a batch's loss is their mean.
   deployed policy gave the action when it acted);
 - KTO: r = log P - log max(p, 0.01); desirable actions lose lambda_d (1 - sigmoid(beta (r - z))), undesirable
   ones lambda_u (1 - sigmoid(beta (z - r))) (the weights come with the examples, datasets.py); the loss is
-  (1 - e) KTO + e U, not length-normalised; z, the reference point, is max(0, mean of log pi(a'|x) -
-  log pi_ref(a'|x)) over a mismatched single click a' of each logged action (the trainer measures it once
-  per optimizer step, before the update), without gradient.
+  (1 - e) KTO + e U, not length-normalised (the official code; ``length_normalised``: r / n, the paper's
+  text); z, the reference point, is max(0, mean of log pi(a'|x) - log pi_ref(a'|x)) over a mismatched
+  single click a' of each logged action (each term over its n too where length-normalised; the trainer
+  measures it once per optimizer step, before the update), without gradient.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ def reference_point(logprob_now: torch.Tensor, logprob_reference: torch.Tensor) 
 
 
 def kto_loss(scores: ActionScores, propensity: torch.Tensor, desirable: torch.Tensor, weight: torch.Tensor, *,
-             z: torch.Tensor, beta: float, entropy_weight: float) -> torch.Tensor:
-    """``weight``: lambda_d or lambda_u of each action; ``z``: the reference point (:func:`reference_point`)."""
+             z: torch.Tensor, beta: float, entropy_weight: float, length_normalised: bool = False) -> torch.Tensor:
+    """``weight``: lambda_d or lambda_u of each action; ``z``: the reference point (:func:`reference_point`);
+    ``length_normalised``: r divided by the action's n."""
     r = log_ratio(scores, propensity)
+    if length_normalised:
+        r = r / scores.length
     z = z.to(r.dtype)
     objective = weight.to(r.dtype) * torch.where(desirable, 1 - torch.sigmoid(beta * (r - z)),
                                                  1 - torch.sigmoid(beta * (z - r)))

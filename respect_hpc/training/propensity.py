@@ -1,16 +1,21 @@
-"""p where the logs lack it (``data.propensity: recompute``), as the official annotation computes it: a
+"""What the deployed (collecting) policies gave the logged actions. p where the logs lack it (``data.propensity: recompute``), as the official annotation computes it: a
 teacher-forced pass of the policy that was deployed (the base model with that policy's adapter, named in
 ``data.deployed``) over the training-format prompt in the listener's own image order; p is the product of
-the answer tokens' probabilities (full vocabulary, temperature 1, no suppression). Logged p is kept.
+the answer tokens' probabilities (full vocabulary, temperature 1, no suppression). Logged p is kept. And
+the adapters that logged a KTO variant's examples, its reference point's policies, found before any
+training.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 import torch
 
 from respect_hpc.config.schema import DataSection, ModelSection, Variant
-from respect_hpc.data.datasets import with_history
+from respect_hpc.data.datasets import is_idle, lineage, with_history
 from respect_hpc.data.logs import IngestError
 from respect_hpc.domain.prompts import policy_template
 from respect_hpc.model.loading import load_encoder, load_policy
@@ -46,6 +51,25 @@ def check_deployed(data: DataSection, turns: pl.DataFrame, variants: list[Varian
         example = missing.filter(pl.col("policy") == lacking[0])["game_turn_id"][0]
         raise IngestError(f"data.deployed: no adapter for policy {', '.join(lacking)}, whose logged turns have no p "
                           f"(prob_action) to recompute (e.g. {example})")
+
+
+def collecting_adapters(variant: Variant, turns: pl.DataFrame,
+                        adapter_of: Callable[[str, int], Path]) -> dict[tuple[str, int], Path] | None:
+    """KTO's reference policies: per (policy, round) of the variant's logged ``turns``, the adapter that logged
+    them (``adapter_of(policy, round)``, Manifest.collecting_adapter); refuses one that is not there, naming the
+    policy and round. None for a variant of another objective."""
+    if variant.objective != "kto":
+        return None
+    found = {}
+    for policy, round_ in (lineage(turns.filter(~is_idle()), variant).select("policy", "round").unique()
+                           .sort("policy", "round").iter_rows()):
+        adapter = adapter_of(policy, round_)
+        if not (adapter / "adapter_config.json").is_file():
+            raise IngestError(f"variant {variant.name}: KTO's reference point scores each logged example under the "
+                              f"policy that logged it; policy {policy} of round {round_} has no adapter at "
+                              f"'{adapter}' (name it in data.deployed)")
+        found[(policy, round_)] = adapter
+    return found
 
 
 @torch.no_grad()

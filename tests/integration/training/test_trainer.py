@@ -20,6 +20,7 @@ import torch
 from conftest import cli, write_round
 from safetensors.torch import load_file
 
+import jobs.ingest
 import jobs.train
 from respect_hpc.cluster.executors import executor
 from respect_hpc.config.loading import load_manifest
@@ -27,6 +28,7 @@ from respect_hpc.config.schema import ModelSection
 from respect_hpc.core.rundir import TaskDir
 from respect_hpc.data.batching import epoch_batches, sequences
 from respect_hpc.data.datasets import DatasetError
+from respect_hpc.data.logs import IngestError
 from respect_hpc.model.loading import load_policy
 from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps
 from respect_hpc.training.trainer import Trainer
@@ -547,6 +549,9 @@ def test_kto_measures_z_against_each_examples_collecting_policy_with_dropout_on(
     assert scored["sft"] != pytest.approx(scored["bk"], abs=1e-3)  # the two policies differ
 
     shutil.rmtree(load_manifest(manifest).run_dir.policy(0, "bk"))
-    with pytest.raises(TrainingError, match=r"variant b-kto: KTO's reference point scores each logged example "
-                                            r"under the policy that logged it; policy bk of round 0 has no adapter"):
+    missing = (r"variant b-kto: KTO's reference point scores each logged example under the policy that logged it; "
+               r"policy bk of round 0 has no adapter")
+    with pytest.raises(IngestError, match=missing):
         jobs.train.prepare(load_manifest(manifest), "b-kto", 1)
+    with pytest.raises(IngestError, match=missing):  # the round's first stage already refuses, before decoding
+        jobs.ingest.run(load_manifest(manifest))

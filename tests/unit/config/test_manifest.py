@@ -228,6 +228,9 @@ def test_shipped_manifests_validate():
     assert [v.name for v in paper.variants] == ["b-fft"] and paper.cluster.executor == "slurm"
     assert paper.model.dtype == "bf16" and paper.cluster.stages["train"].gpus == 4
     assert paper.variants[0].policies == ["sft", "bp"]
+    for name in ("paper-b-fft-round1.yaml", "paper-seed-round0.yaml"):  # each names its preset
+        assert "\n  preset: paper" in (MANIFESTS / name).read_text()
+        assert load_manifest(MANIFESTS / name, check_files=False).training.preset == "paper"
     demo = load_manifest(MANIFESTS / "demo.yaml", check_files=False)
     assert demo.cluster.executor == "local"
     for name in ("paper-seed-round0.yaml", "demo-round0.yaml"):

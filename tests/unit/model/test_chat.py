@@ -99,6 +99,22 @@ def test_decoder_prompts_are_not_empty_under_idefics2s_template(tokenizer):
                                          add_generation_prompt=True) == "User: <end_of_utterance>\nAssistant:"
 
 
+def test_the_figure_decoder_template_writes_the_window_as_the_papers_figure_3(tokenizer):
+    """RESPECT.md's binary example: plain Listener/Speaker lines, actions capitalised, no tabs or end of
+    utterance inside the window; the question and answer line the official ones."""
+    template = decoder_template("respect-binary-figure@1")
+    got = decoder_text(tokenizer, template, "deselect F select G", "yes, pick the thin person with a triangle head",
+                       "select A", "yes, pick the house with chimney")
+    official = decoder_template("respect-binary@2")
+    window = ("(start of the conversation)\nListener: Deselect F select G\n"
+              "Speaker: yes, pick the thin person with a triangle head\nListener: Select A\n"
+              "Speaker: yes, pick the house with chimney\n(end of the conversation)\n")
+    assert got == f"User: {official.question}\n{window}{official.answer_line}<end_of_utterance>\nAssistant:"
+    first = decoder_text(tokenizer, template, None, "the bird", "select C", "no, the other one")
+    assert "(start of the conversation)\nSpeaker: the bird\nListener: Select C\nSpeaker: no, the other one\n(end" \
+        in first
+
+
 def test_templates_that_read_plain_strings_get_strings(tokenizer):
     import copy
 
@@ -126,7 +142,8 @@ def test_a_template_that_does_not_continue_its_prompt_is_refused(tokenizer):
 
 def test_unknown_template_names_the_known_ones():
     with pytest.raises(PromptError, match=r"unknown decoder template 'respect-binary@9': expected one of "
-                                          r"respect-binary@2, respect-ternary@2"):
+                                          r"respect-binary-figure@1, respect-binary@2, "
+                                          r"respect-ternary-figure@1, respect-ternary@2"):
         decoder_template("respect-binary@9")
 
 

@@ -100,6 +100,23 @@ def test_kto_by_hand():
     assert loss.tolist() == pytest.approx(expected, rel=1e-5)
 
 
+def test_kto_length_normalised_divides_r_by_the_answer_tokens():
+    """The paper's text (length normalisation for all three objectives): r / n, n = 2 and 1 answer tokens."""
+    propensity, desirable, weight = torch.tensor([0.3, 0.2]), torch.tensor([True, False]), torch.tensor([1.0, 1.0])
+    beta, eps, z = 0.5, 0.01, 0.2
+    r = [(SUM_LP[0] - math.log(0.3)) / 2, SUM_LP[1] - math.log(0.2)]
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [(1 - eps) * (1 - sig(beta * (r[0] - z))) + eps * U[0],
+                (1 - eps) * (1 - sig(beta * (z - r[1]))) + eps * U[1]]
+    scores = score_actions(LOGITS, TARGETS, MASK)
+    loss = kto_loss(scores, propensity, desirable, weight, z=torch.tensor(z), beta=beta, entropy_weight=eps,
+                    length_normalised=True)
+    assert loss.tolist() == pytest.approx(expected, rel=1e-5)
+    summed = kto_loss(scores, propensity, desirable, weight, z=torch.tensor(z), beta=beta, entropy_weight=eps)
+    assert summed[0].item() != pytest.approx(loss[0].item(), rel=1e-3)  # the two-token action differs
+    assert summed[1].item() == pytest.approx(loss[1].item(), rel=1e-6)  # n = 1: the same
+
+
 def test_kto_reference_point_is_the_clamped_mean_log_ratio_of_the_mismatched_clicks():
     now = torch.tensor([-2.0, -1.0, -4.0], requires_grad=True)
     reference = torch.tensor([-3.0, -1.5, -3.0])
