@@ -24,6 +24,7 @@ from respect_hpc.cli.options import (
     MaxRound,
     MaxTurns,
     OptionError,
+    Overrides,
     Policies,
     Quarantine,
     Resamples,
@@ -66,13 +67,14 @@ def _reading(quarantine: bool, max_turns: int, policy: list[str] | None, max_rou
 
 
 @app.command()
-def validate(manifest_path: ManifestArg,
+def validate(manifest_path: ManifestArg, overrides: Overrides = None,
              files: Annotated[bool, typer.Option(help="Check that the files the manifest names exist "
                                                       "(--no-files to check a cluster manifest elsewhere).")] = True,
              ) -> None:
-    """Check a round manifest: prints ok, or one FILE:LINE: field: problem line each and exits 2."""
+    """Check a round manifest: prints ok, or one FILE:LINE: field: problem line each (or, for a KEY=VALUE
+    override, the override: field: problem) and exits 2."""
     try:
-        load_manifest(manifest_path, check_files=files)
+        load_manifest(manifest_path, check_files=files, overrides=overrides or ())
     except ManifestError as exc:
         for problem in exc.problems:
             views.say(problem)
@@ -187,7 +189,7 @@ def _ensure_turns(m) -> None:
 
 
 @app.command()
-def decode(manifest_path: ManifestArg,
+def decode(manifest_path: ManifestArg, overrides: Overrides = None,
            shard: Annotated[int | None, typer.Option(help="Decode only this shard (one array task).")] = None,
            num_shards: Annotated[int | None, typer.Option(help="Shards in all (default: decoder.shards).")] = None,
            merge: Annotated[bool, typer.Option("--merge", help="Only check the parts and merge them.")] = False,
@@ -205,7 +207,7 @@ def decode(manifest_path: ManifestArg,
     from respect_hpc.cluster.executors import run_jobs
     from respect_hpc.data.feedback import label_counts
 
-    m = manifest(manifest_path, executor)
+    m = manifest(manifest_path, executor, overrides=overrides)
     n = num_shards or m.decoder.shards
     _ensure_turns(m)
     if shard is not None:
@@ -229,7 +231,7 @@ DATASET_COLUMNS = ("source", "policy", "round", "game_turn_id", "label", "reward
 
 
 @app.command()
-def dataset(manifest_path: ManifestArg,
+def dataset(manifest_path: ManifestArg, overrides: Overrides = None, *,
             variant: Annotated[str, typer.Option(help="Variant name from the manifest, e.g. b-fft.")],
             seed: Annotated[int, typer.Option(help="Seed of the task (its draw of negatives each epoch).")],
             out: Annotated[Path, typer.Option(help="Parquet file for the examples.")]) -> None:
@@ -242,7 +244,7 @@ def dataset(manifest_path: ManifestArg,
     from respect_hpc.core.io import atomic_write_parquet
     from respect_hpc.data.datasets import negative_draws, source_counts
 
-    m = manifest(manifest_path)
+    m = manifest(manifest_path, overrides=overrides)
     prepared = jobs.train.prepare(m, variant, seed)
     examples = prepared.examples.select(DATASET_COLUMNS)
     atomic_write_parquet(examples, out)
@@ -256,7 +258,7 @@ def dataset(manifest_path: ManifestArg,
 
 
 @app.command()
-def train(manifest_path: ManifestArg,
+def train(manifest_path: ManifestArg, overrides: Overrides = None, *,
           variant: Annotated[str, typer.Option(help="Variant name from the manifest, e.g. b-fft.")],
           seed: Annotated[int, typer.Option(help="Seed: LoRA initialisation, data order, subsampling.")],
           submit: Annotated[bool, typer.Option("--submit", help="Run the task as a job of the manifest's executor "
@@ -271,7 +273,7 @@ def train(manifest_path: ManifestArg,
     import jobs.train
     from respect_hpc.cluster.executors import run_jobs
 
-    m = manifest(manifest_path, executor)
+    m = manifest(manifest_path, executor, overrides=overrides)
     if submit:
         jobs.train.variant_of(m, variant)
         result, = run_jobs(m, "train", executor, jobs.train.TrainTask(m, variant, seed), [()],
@@ -302,11 +304,13 @@ def report(sources: Annotated[list[Path], typer.Argument(help="Run directories, 
     views.say(f"{len(built.tables)} tables -> {out / 'tables'}; report -> {page}")
 
 
-def _controller(manifest_path: Path, executor: str | None, workdir: Path | None, cluster: Path | None = None):
+def _controller(manifest_path: Path, executor: str | None, workdir: Path | None, cluster: Path | None = None,
+                overrides: list[str] | None = None):
     from respect_hpc.cluster.controller import Controller
 
-    m = manifest(manifest_path, executor, workdir=workdir, cluster=cluster)
-    return Controller(m, executor, report=lambda line: views.say(line, to=views.err), source=manifest_path)
+    m = manifest(manifest_path, executor, workdir=workdir, cluster=cluster, overrides=overrides)
+    return Controller(m, executor, report=lambda line: views.say(line, to=views.err), source=manifest_path,
+                      overrides=overrides)
 
 
 def _lineage(m) -> None:
@@ -332,13 +336,13 @@ def _lineage(m) -> None:
 
 
 @app.command()
-def plan(manifest_path: ManifestArg, executor: Executor = None, workdir: Workdir = None,
-         cluster: ClusterProfile = None) -> None:
+def plan(manifest_path: ManifestArg, overrides: Overrides = None, executor: Executor = None,
+         workdir: Workdir = None, cluster: ClusterProfile = None) -> None:
     """Show the round's stages, their tasks (done and to do), resources, and the sbatch script of each
     array; submits nothing."""
     from respect_hpc.cluster.executors import sbatch_script
 
-    controller = _controller(manifest_path, executor, workdir, cluster)
+    controller = _controller(manifest_path, executor, workdir, cluster, overrides)
     m = controller.manifest
     stages = controller.plan()
     views.plan_table(f"round {m.round} of {m.experiment} ({controller.kind} executor)", stages, m.cluster.stages)
@@ -354,8 +358,8 @@ def plan(manifest_path: ManifestArg, executor: Executor = None, workdir: Workdir
 
 
 @app.command()
-def run(manifest_path: ManifestArg, executor: Executor = None, workdir: Workdir = None,
-        cluster: ClusterProfile = None,
+def run(manifest_path: ManifestArg, overrides: Overrides = None, executor: Executor = None,
+        workdir: Workdir = None, cluster: ClusterProfile = None,
         detach: Annotated[bool, typer.Option("--detach", help="Submit every stage (chained with afterok) and "
                                                               "return; Slurm only.")] = False,
         retry: Annotated[bool, typer.Option("--retry", help="Resubmit the tasks that failed (and what depends on "
@@ -364,7 +368,7 @@ def run(manifest_path: ManifestArg, executor: Executor = None, workdir: Workdir 
     -> select -> round metrics. Done tasks are skipped; a rerun of a finished round submits nothing."""
     from respect_hpc.cluster.scheduler import RunLock
 
-    controller = _controller(manifest_path, executor, workdir, cluster)
+    controller = _controller(manifest_path, executor, workdir, cluster, overrides)
     with RunLock(controller.run_dir.controller_lock, report=controller.report):
         controller.run(detach=detach, retry=retry)
     if not detach:
@@ -390,18 +394,21 @@ def round_summary(m) -> None:
         views.metrics_table(pl.read_parquet(metrics_path), title=f"round metrics ({metrics_path})")
 
 
-def write_next_round(manifest_path: Path, logs: list[Path], variants: list[dict] | None) -> Path:
-    """Write the next round's manifest beside ``manifest_path`` (config/chain.py), checked; returns its path."""
+def write_next_round(manifest_path: Path, logs: list[Path], variants: list[dict] | None,
+                     overrides: list[str] | None = None) -> Path:
+    """Write the next round's manifest beside ``manifest_path`` (config/chain.py), ``KEY=VALUE`` overrides
+    written into it, checked; returns its path."""
     import yaml
 
     from respect_hpc.config.chain import next_path, next_round
+    from respect_hpc.config.loading import apply_overrides
     from respect_hpc.core.io import atomic_write_text
 
-    m = manifest(manifest_path)
+    m = manifest(manifest_path, overrides=overrides)
     missing = [str(p) for p in logs if not p.is_file()]
     if missing:
         raise OptionError(f"--logs: no file {missing[0]}")
-    raw = yaml.safe_load(manifest_path.read_text())
+    raw, _ = apply_overrides(yaml.safe_load(manifest_path.read_text()), overrides or (), Path.cwd())
     out = next_path(manifest_path, m.round + 1)
     text = yaml.safe_dump(next_round(raw, [p.absolute() for p in logs], variants), sort_keys=False)
     atomic_write_text(f"# round {m.round + 1}, written by respect-hpc next-round from {manifest_path.name}\n{text}",
@@ -412,7 +419,7 @@ def write_next_round(manifest_path: Path, logs: list[Path], variants: list[dict]
 
 @app.command("next-round")
 def next_round_command(
-        manifest_path: ManifestArg,
+        manifest_path: ManifestArg, overrides: Overrides = None, *,
         logs: Annotated[list[Path], typer.Option("--logs", help="Logs of this round's deployment (public "
                                                                 "interaction or turn layout; repeatable).")],
         variants: Annotated[Path | None, typer.Option(
@@ -420,14 +427,16 @@ def next_round_command(
                                "from the seed round, the paper's six).")] = None) -> None:
     """Write the next round's manifest beside this one (<name>-round<R+1>.yaml): round + 1, the logs added to
     data.interactions and to each variant's lineage (under the variant's own name, the policy name its
-    deployment logs), KTO continuing from this round's selected policies. Everything else stays as written."""
-    out = write_next_round(manifest_path, logs, variants_file(variants))
+    deployment logs), KTO continuing from this round's selected policies. Everything else stays as written,
+    KEY=VALUE overrides written in."""
+    out = write_next_round(manifest_path, logs, variants_file(variants), overrides)
     views.say(f"round {manifest(out).round}: {out}")
 
 
 @app.command()
 def loop(manifest_path: Annotated[Path, typer.Argument(help="Manifest of the first round to run (usually the seed "
                                                             "round) with a simulation section.")],
+         overrides: Overrides = None, *,
          rounds: Annotated[int, typer.Option("--rounds", min=0, help="Run up to this round (0: the seed round "
                                                                      "alone).")],
          variants: Annotated[Path | None, typer.Option(
@@ -445,12 +454,14 @@ def loop(manifest_path: Annotated[Path, typer.Argument(help="Manifest of the fir
 
     chosen = variants_file(variants)
     try:
-        simulation_inputs(load_manifest(manifest_path, check_files=False), report=views.say)
+        simulation_inputs(load_manifest(manifest_path, check_files=False, overrides=overrides or ()),
+                          report=views.say)
     except ManifestError as exc:
         raise OptionError(first_problem(exc)) from None
     path = manifest_path
     while True:
-        controller = _controller(path, executor, None)
+        first = path == manifest_path  # later rounds' manifests have the overrides written in
+        controller = _controller(path, executor, None, overrides=overrides if first else None)
         m = controller.manifest
         if m.simulation is None:
             raise OptionError(f"{path}: loop deploys every round to a simulated speaker: the manifest needs a "
@@ -462,7 +473,8 @@ def loop(manifest_path: Annotated[Path, typer.Argument(help="Manifest of the fir
             controller.run()
         if m.round == rounds:
             break
-        path = write_next_round(path, [m.run_dir.deployed(m.round)], chosen if m.seed_round else None)
+        path = write_next_round(path, [m.run_dir.deployed(m.round)], chosen if m.seed_round else None,
+                                overrides if first else None)
     curve = learning_curve(m)
     atomic_write_parquet(curve, m.run_dir.learning_curve)
     views.metrics_table(curve, title=f"simulated deployments of {m.experiment}, rounds 0 to {m.round} "

@@ -31,6 +31,10 @@ Policies = Annotated[list[str] | None, typer.Option("--policy", help="A policy n
 MaxRound = Annotated[int | None, typer.Option(help="Highest round to accept; later rounds are bad rows.")]
 Executor = Annotated[str | None, typer.Option(help="Override cluster.executor: local, slurm or debug.")]
 Workdir = Annotated[Path | None, typer.Option(help="Override the manifest's workdir (where run directories go).")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="KEY=VALUE overrides of the manifest: dotted paths, a variant by its name, the value read as YAML "
+         "(training.fft.epochs=3 variants.b-fft.objective=rl seeds=[1,2]); checked as the manifest is.",
+    show_default=False)]
 ClusterProfile = Annotated[Path | None, typer.Option("--cluster", help="A cluster profile (YAML with a cluster "
                                                                        "section, see slurm/profiles/) replacing "
                                                                        "the manifest's.")]
@@ -46,11 +50,11 @@ def first_problem(exc: ManifestError) -> str:
 
 
 def manifest(path: Path, executor: str | None = None, *, workdir: Path | None = None,
-             cluster: Path | None = None, check_files: bool = True) -> Manifest:
-    """A manifest as a command runs it (``--workdir`` and ``--cluster`` applied); its first problem as the
-    error otherwise."""
+             cluster: Path | None = None, check_files: bool = True, overrides: list[str] | None = None) -> Manifest:
+    """A manifest as a command runs it (``KEY=VALUE`` overrides, ``--workdir`` and ``--cluster`` applied); its
+    first problem as the error otherwise."""
     try:
-        m = load_manifest(path, check_files=check_files)
+        m = load_manifest(path, check_files=check_files, overrides=overrides or ())
         profile = load_part(cluster, ClusterSection, key="cluster") if cluster is not None else None
     except ManifestError as exc:
         raise OptionError(first_problem(exc)) from None

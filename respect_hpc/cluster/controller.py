@@ -160,7 +160,7 @@ def _terminate_as_exit():
 
 
 def read_manifest_lock(path: Path) -> dict | None:
-    """What manifest.lock.json records (source, round, manifest), or None where there is none or it is damaged."""
+    """What manifest.lock.json records (source, its KEY=VALUE overrides, round, manifest), or None where there is none or it is damaged."""
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -178,8 +178,9 @@ class Controller:
     """Plans, submits and follows one round; ``source``: the manifest file it was read from, recorded in the run
     directory so that another manifest of the same experiment and round cannot overwrite its tables."""
 
-    def __init__(self, manifest: Manifest, executor: str | None = None, report=print, source: Path | None = None):
-        self.manifest, self.report = manifest, report
+    def __init__(self, manifest: Manifest, executor: str | None = None, report=print, source: Path | None = None,
+                 overrides: list[str] | None = None):
+        self.manifest, self.report, self.overrides = manifest, report, list(overrides or ())
         self.kind = executor or manifest.cluster.executor
         self.run_dir = manifest.run_dir
         self.source = source.resolve() if source is not None else None
@@ -268,7 +269,7 @@ class Controller:
                                   f"manifest, {recorded['source']}; this is {self.source}: give it its own "
                                   "experiment name or workdir (or remove that run directory to start over)")
         atomic_write_text(json.dumps({"source": str(self.source) if self.source else None,
-                                      "round": self.manifest.round,
+                                      "overrides": self.overrides, "round": self.manifest.round,
                                       "manifest": self.manifest.model_dump(mode="json")}, indent=1),
                           self.run_dir.manifest_lock)
 

@@ -2,13 +2,18 @@
 
 Every problem is reported as ``FILE:LINE: field.path: what is wrong``. Relative paths are resolved
 against the manifest's folder into absolute paths (a run directory's recorded manifest reads the same
-from any folder).
+from any folder). ``KEY=VALUE`` overrides from the command line (dotted paths, a variant addressed by its
+name: ``variants.b-fft.objective=rl``; the value read as YAML, a relative path against the working folder)
+go through the same schema, and a problem they cause names the override instead of a line.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Union, get_args, get_origin
@@ -190,6 +195,84 @@ def _set(data: dict, loc: tuple, value: str) -> None:
     node[loc[-1]] = value
 
 
+MAX_OVERRIDES = 64
+MAX_OVERRIDE_CHARS = 4096
+OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``KEY=VALUE`` as given, and where it lands in the manifest (variants by index)."""
+
+    text: str
+    loc: tuple
+
+
+def _override_error(text: str, problem: str) -> ManifestError:
+    return ManifestError([f"override {clip(text)}: {problem}"])
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise _override_error(text, f"longer than {MAX_OVERRIDE_CHARS} characters")
+    key, equals, value = text.partition("=")
+    if not equals or not OVERRIDE_KEY.fullmatch(key):
+        raise _override_error(text, "expected KEY=VALUE, KEY a dotted path of manifest fields (e.g. "
+                                    "training.fft.epochs=3, variants.b-fft.objective=rl)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise _override_error(text, "the value is not YAML (quote it)") from None
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str], cwd: Path | None = None) -> tuple[dict, list[Override]]:
+    """``raw`` with each ``KEY=VALUE`` set (containers copied; the input stays as it was) and where each landed.
+    A string landing on a path field is resolved against ``cwd`` where given."""
+    if len(overrides) > MAX_OVERRIDES:
+        raise ManifestError([f"{len(overrides)} overrides: expected at most {MAX_OVERRIDES}"])
+    data, applied = dict(raw), []
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node, loc = data, []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                names = [v.get("name") for v in node if isinstance(v, dict)]
+                if part.isdigit() and int(part) < len(node):
+                    index = int(part)
+                elif part in names:
+                    index = names.index(part)
+                else:
+                    raise _override_error(text, f"{_loc_text(tuple(loc))}: no entry named {clip(part)} (named: "
+                                                f"{', '.join(map(str, names)) or 'none'})")
+                part = index
+            elif not isinstance(node, dict):
+                raise _override_error(text, f"{_loc_text(tuple(loc))}: holds a value, not fields")
+            loc.append(part)
+            if last:
+                node[part] = value
+            else:
+                child = node[part] if (isinstance(node, list) or part in node) else None
+                child = {} if child is None else (dict(child) if isinstance(child, dict) else
+                                                  list(child) if isinstance(child, list) else child)
+                node[part] = child
+                node = child
+        applied.append(Override(text, tuple(loc)))
+    if cwd is not None:
+        for loc, value, _ in list(path_fields(data, Manifest)):
+            if isinstance(value, str) and any(loc[:len(o.loc)] == o.loc for o in applied):
+                _set(data, loc, _join(cwd, value))
+    return data, applied
+
+
+def _override_of(loc: tuple, applied: list[Override]) -> Override | None:
+    """The last override at or above ``loc``, or one below it (a section's own check); none for the top level."""
+    if not loc:
+        return None
+    return next((o for o in reversed(applied) if loc[:len(o.loc)] == o.loc or o.loc[:len(loc)] == loc), None)
+
+
 MAX_DEPTH = 32        # nesting levels of a manifest (its schema needs 5)
 MAX_VALUES = 100_000  # values a manifest expands to, aliases followed (a few hundred in practice)
 
@@ -273,24 +356,38 @@ def load_part(path: str | Path, kind, key: str | None = None):
     return value
 
 
-def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
-    """Read and validate a manifest; raises :class:`ManifestError` listing every problem."""
+def load_manifest(path: str | Path, *, check_files: bool = True, overrides: Sequence[str] = ()) -> Manifest:
+    """Read and validate a manifest, ``overrides`` (``KEY=VALUE``) applied; raises :class:`ManifestError` listing
+    every problem."""
     path = Path(path)
     root, raw, duplicates = _read_yaml(path)
     problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in duplicates]
     if not isinstance(raw, dict):
         raise ManifestError(problems + [f"{path}:1: (top level): expected a mapping of manifest sections"])
+    data, applied = apply_overrides(_resolve(raw, path.parent.absolute()), overrides, Path.cwd())
+    given = []  # problems an override causes: they name it, not a line of the file
+
+    def where(loc: tuple) -> str | None:
+        override = _override_of(loc, applied)
+        return None if override is None else f"override {clip(override.text)}: {_loc_text(loc)}"
+
     manifest = None
     try:
-        manifest = Manifest.model_validate(_resolve(raw, path.parent.absolute()))  # valid from any folder
+        manifest = Manifest.model_validate(data)  # valid from any folder
     except ValidationError as exc:
         for error in exc.errors():
             loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {_message(error, _fields_at(loc))}")
+            message = _message(error, _fields_at(loc))
+            if where(loc):
+                given.append(f"{where(loc)}: {message}")
+            else:
+                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {message}")
     if check_files and manifest is not None:
         for loc, target, kind in path_fields(manifest, Manifest):
             problem = _path_problem(target, kind)
-            if problem:
+            if problem and where(loc):
+                given.append(f"{where(loc)}: {problem}")
+            elif problem:
                 problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}")
         run_dir = manifest.run_dir.root.resolve()
         for loc, target, kind in path_fields(manifest, Manifest):
@@ -301,8 +398,8 @@ def load_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     if check_files and manifest is not None and not problems:  # where the run directory is must be settled first
         problems += [f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}"
                      for loc, problem in _missing_previous(manifest)]
-    if problems or manifest is None:
-        raise ManifestError(sorted(problems, key=lambda p: int(p[len(str(path)) + 1:].split(":", 1)[0])))
+    if given or problems or manifest is None:
+        raise ManifestError(given + sorted(problems, key=lambda p: int(p[len(str(path)) + 1:].split(":", 1)[0])))
     return manifest
 
 
