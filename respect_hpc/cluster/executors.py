@@ -2,7 +2,8 @@
 
 The only place that makes submitit executors. A stage's resources come from the manifest's
 ``cluster.stages`` section, whose strings were validated when the manifest was loaded, and become submitit
-parameters, never shell text.
+parameters, never shell text; ``cluster.setup`` lines (one printable line each, checked when loaded) are the
+only shell the manifest gives, run before each Slurm task as the user wrote them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def slurm_parameters(manifest: Manifest, stage: str) -> dict:
                 **({"partition": cluster.partition} if cluster.partition else {}),
                 **({"gpus_per_node": resources.gpus} if resources.gpus else {}),
                 **({"array_parallelism": resources.max_parallel} if resources.max_parallel else {}),
+                **({"setup": list(cluster.setup)} if cluster.setup else {}),
+                **({"additional_parameters": dict(cluster.additional_parameters)}
+                   if cluster.additional_parameters else {}),
+                **({"mail_user": cluster.mail.user, "mail_type": ",".join(cluster.mail.types)} if cluster.mail else {}),
                 **extra)
 
 

@@ -7,6 +7,7 @@ pattern, so nothing from a manifest reaches a shell unvalidated.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -53,6 +54,47 @@ def _safe_constraint(value: str) -> str:
     # SLURM constraint expressions also use '&', '|', ',' and '*' between feature names.
     if not value or not set(value) <= _SAFE_CHARS | set("&|,*") or value.startswith("-"):
         raise ValueError(f"unsafe value {clip(value)}: expected feature names ({_SAFE}) joined by '&', '|' or ','")
+    return value
+
+
+def _setup_line(value: str) -> str:
+    """A shell line run before each task (module load, export): one line, printable, bounded."""
+    bad = sorted({repr(c) for c in value if (ord(c) < 32 and c != "\t") or ord(c) == 127})
+    if bad:
+        raise ValueError(f"setup line {clip(value)} holds control characters {', '.join(bad)}: one shell line each")
+    if not value.strip() or len(value) > 1000:
+        raise ValueError("expected a shell line of 1 to 1000 characters")
+    return value
+
+
+# sbatch options a manifest may add (cluster.additional_parameters), with what their values may hold; the
+# options respect-hpc sets itself (time, partition, resources, array, output, signal) are not among them
+SBATCH_VALUE_CHARS = _SAFE_CHARS | set(",:=@%+/[]|&*")
+SBATCH_OPTIONS = frozenset({
+    "begin", "chdir", "comment", "cores_per_socket", "cpu_freq", "deadline", "distribution", "exclude",
+    "exclusive", "export", "get_user_env", "gpu_bind", "gpu_freq", "gres", "gres_flags", "hint", "licenses",
+    "mem_bind", "mem_per_cpu", "mem_per_gpu", "mincpus", "network", "nice", "nodelist", "no_requeue",
+    "overcommit", "oversubscribe", "power", "prefer", "priority", "profile", "propagate", "reservation",
+    "sockets_per_node", "spread_job", "switches", "thread_spec", "threads_per_core", "tmp", "uid", "umask",
+    "wait_all_nodes", "wckey",
+})
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+
+
+def _sbatch_options(value: dict[str, object]) -> dict[str, object]:
+    for name, option in value.items():
+        if name not in SBATCH_OPTIONS:
+            close = difflib.get_close_matches(name, sorted(SBATCH_OPTIONS), n=1)
+            raise ValueError(f"unknown sbatch option {clip(name)}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + ": expected one of the options respect-hpc does not set itself (README: cluster)")
+        text = str(option)
+        if isinstance(option, bool):
+            if not option:
+                raise ValueError(f"{name}: false: leave the option out instead")
+        elif not text or not set(text) <= SBATCH_VALUE_CHARS or text.startswith("-") or len(text) > 200:
+            raise ValueError(f"{name}: unsafe value {clip(text)}: expected letters, digits and _ . - , : = @ % + / "
+                             "[ ] | & *, not starting with '-'")
     return value
 
 
@@ -398,12 +440,24 @@ def _default_stages() -> dict[str, StageResources]:
     return {stage: StageResources() for stage in get_args(Stage)}
 
 
+class MailSection(Strict):
+    user: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.+-]+(@[A-Za-z0-9.-]+)?$", max_length=200)]
+    types: list[Literal[MAIL_TYPES]] = Field(["FAIL"], min_length=1, description="Slurm's --mail-type events")
+
+
 class ClusterSection(Strict):
     executor: Literal["local", "slurm", "debug"] = "local"
     partition: SafeName | None = None
     account: SafeName | None = None
     qos: SafeName | None = None
     constraint: Annotated[str, AfterValidator(_safe_constraint)] | None = None
+    setup: list[Annotated[str, AfterValidator(_setup_line)]] = Field(
+        default_factory=list, max_length=64, description="shell lines run before each Slurm task (module loads, "
+                                                         "exports, a virtual environment's activation)")
+    additional_parameters: Annotated[dict[str, str | int | bool], AfterValidator(_sbatch_options)] = Field(
+        default_factory=dict, description="further sbatch options, by name with underscores (reservation, gres, "
+                                          "exclude, ...), those respect-hpc sets itself excluded")
+    mail: MailSection | None = Field(None, description="mail from Slurm: user and event types (default FAIL)")
     stages: dict[Stage, StageResources] = Field(default_factory=_default_stages)
 
     @field_validator("stages")
