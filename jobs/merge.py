@@ -27,6 +27,7 @@ from respect_hpc.data.feedback import (
 )
 from respect_hpc.domain.prompts import LABEL_VALUES
 from respect_hpc.model.loading import model_fingerprint
+from respect_hpc.training.tracking import TrackedRun, Tracking, run_name
 
 KEY = "merge"
 console = log_console()
@@ -84,7 +85,29 @@ def run(manifest: Manifest, n_shards: int) -> pl.DataFrame:
                 if frames else pl.DataFrame(schema=FEEDBACK))
     atomic_write_parquet(feedback, manifest.run_dir.round_feedback(manifest.round),
                          {SPEC_HASH_KEY: spec(manifest, kind_plans, n_shards)})
+    track(manifest, feedback)
     return feedback
+
+
+def track(manifest: Manifest, feedback: pl.DataFrame) -> None:
+    """The round's decoded labels to the experiment tracker (run ``<experiment>-decode``, step: the round):
+    per kind, each label's count and the positive rate."""
+    section = manifest.tracking
+    if section.backend == "none" or feedback.is_empty():
+        return
+    run = TrackedRun(section, section.project or manifest.experiment, run_name(manifest.experiment, "decode"),
+                     manifest.run_dir.tracking, manifest.run_dir.tracking / "decode.json")
+    tracking = Tracking.start(run, {"experiment": manifest.experiment})
+    values = {}
+    counts = feedback.group_by("kind").agg(*(pl.col("label").eq(v).sum().alias(name) for name, v in
+                                              (("positive", 1), ("neutral", 0), ("negative", -1))),
+                                           pl.len().alias("windows"))
+    for row in counts.iter_rows(named=True):
+        values |= {f"decode/{row['kind']}/{label}": row[label] for label in ("positive", "neutral", "negative")}
+        values[f"decode/{row['kind']}/positive_rate"] = row["positive"] / max(row["windows"], 1)
+    tracking.log(manifest.round, values)
+    tracking.flush()
+    tracking.close()
 
 
 def _precomputed_feedback(manifest: Manifest, kind: str, path: Path) -> pl.DataFrame:

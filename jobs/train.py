@@ -35,6 +35,7 @@ from respect_hpc.training.checkpoints import clear_task, finished, outputs_probl
 from respect_hpc.training.propensity import collecting_adapters
 from respect_hpc.training.selection import rank
 from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps
+from respect_hpc.training.tracking import TrackedRun, run_name
 from respect_hpc.training.trainer import train
 
 console = log_console()
@@ -81,6 +82,17 @@ def task_hash(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFA
                                             manifest.data.seed_data, manifest.data.validation, adapter)],
         "seed_turns": file_digest(manifest.data.seed_turns) if manifest.data.seed_turns else None,
         "collecting": _collecting_digests(manifest, variant)})
+
+
+def tracked_run(manifest: Manifest, variant: str, seed: int, cell: str, spec_hash: str) -> TrackedRun | None:
+    """Where a task's training is tracked: one run per (experiment, round, variant, cell, seed, spec)."""
+    section = manifest.tracking
+    if section.backend == "none":
+        return None
+    return TrackedRun(section, section.project or manifest.experiment,
+                      run_name(manifest.experiment, f"round-{manifest.round}", variant, cell, f"seed-{seed}",
+                               spec_hash[:8]),
+                      manifest.run_dir.tracking, task_dir(manifest, variant, seed, cell).tracking)
 
 
 def _collecting_digests(manifest: Manifest, variant: Variant) -> dict[str, str] | None:
@@ -148,12 +160,13 @@ def prepare(manifest: Manifest, variant_name: str, seed: int, cell: str = DEFAUL
     constrained = manifest.validation.constrained
     constrained = variant.objective == "kto" if constrained is None else constrained
     collecting = None if logged is None else collecting_adapters(variant, logged[0], manifest.collecting_adapter)
+    spec_hash = task_hash(manifest, variant.name, seed, cell)
     spec = TrainSpec(objective=variant.objective, hp=hp, seed=seed, model=manifest.model,
                      policy_template=manifest.policy_template, images=manifest.data.images,
                      out=task_dir(manifest, variant.name, seed, cell), training=manifest.training,
                      validation=manifest.validation.model_copy(update={"constrained": constrained}), adapter=adapter,
-                     vision_cache=vision_cache, cell=cell, spec_hash=task_hash(manifest, variant.name, seed, cell),
-                     collecting=collecting)
+                     vision_cache=vision_cache, cell=cell, spec_hash=spec_hash, collecting=collecting,
+                     tracking=tracked_run(manifest, variant.name, seed, cell, spec_hash))
     return Prepared(spec, examples, validation)
 
 

@@ -323,6 +323,17 @@ class TrainingSection(Strict):
         return f"preset {self.preset}: " + ", ".join(f"{name} {getattr(hp, name)}" for name in decided)
 
 
+class TrackingSection(Strict):
+    """Experiment tracking through Accelerate's trackers (main process only)."""
+
+    backend: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = Field(
+        "none", description="where training losses, learning rate, gradient norm, throughput, peak memory and "
+                            "validation go, and decode's label counts")
+    project: SafeName | None = Field(None, description="the tracker's project (default: the experiment)")
+    online: bool = Field(False, description="send to the backend's server; false: files under the run directory "
+                                            "(compute nodes often have no network), synced later")
+
+
 class ValidationSection(Strict):
     """How checkpoints are scored on the human-human validation turns (the official settings by default)."""
 
@@ -479,6 +490,7 @@ class Manifest(Strict):
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     training: TrainingSection = TrainingSection()
     validation: ValidationSection = ValidationSection()
+    tracking: TrackingSection = TrackingSection()
     sweep: dict[str, list[float | int | str]] = Field(
         default_factory=dict, description="a grid on top of the seeds: hyperparameter -> values, e.g. "
                                           "{learning_rate: [1e-4, 3e-4], lora_r: [8, 16]}; every cell trains "

@@ -100,6 +100,11 @@ class TaskDir:
         return self.root / "done.json"
 
     @property
+    def tracking(self) -> Path:
+        """The tracker run this task logs to (its backend's own id where it makes one), for a resumed task."""
+        return self.root / "tracking.json"
+
+    @property
     def mismatch_reference(self) -> Path:
         """KTO: log pi_ref(a'|x) of each logged example's mismatched click."""
         return self.root / "mismatch_reference.parquet"
@@ -187,6 +192,11 @@ class RunDir:
 
     def feedback(self, decoder_key: str) -> FeedbackDir:
         return FeedbackDir(self.root / "feedback" / decoder_key)
+
+    @property
+    def tracking(self) -> Path:
+        """Experiment trackers' files (TensorBoard events, an offline W&B or MLflow store)."""
+        return self.root / "tracking"
 
     @property
     def learning_curve(self) -> Path:

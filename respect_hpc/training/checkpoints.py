@@ -35,7 +35,7 @@ def clear_task(task: TaskDir) -> None:
     """Remove a task's checkpoints, epoch adapters, metrics and done marker."""
     for folder in (task.checkpoints, task.epochs):
         shutil.rmtree(folder, ignore_errors=True)
-    for path in (task.metrics, task.mismatch_reference, task.sources, task.done):
+    for path in (task.metrics, task.mismatch_reference, task.sources, task.done, task.tracking):
         path.unlink(missing_ok=True)
 
 

@@ -15,6 +15,7 @@ import torch
 from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, ValidationSection
 from respect_hpc.core.errors import RespectError
 from respect_hpc.core.rundir import DEFAULT_CELL, TaskDir
+from respect_hpc.training.tracking import TrackedRun
 
 
 def check_optimizer(name: str, section: str) -> None:
@@ -72,6 +73,7 @@ class TrainSpec:
     collecting: dict[tuple[str, int], Path] | None = None  # KTO: (policy, round) -> the adapter that logged it
     cell: str = DEFAULT_CELL
     spec_hash: str = ""               # of the task's settings and inputs: checkpoints resume only under it
+    tracking: TrackedRun | None = None  # where losses, throughput and validation are tracked; None: nowhere
 
 
 def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int, where: str = "training",

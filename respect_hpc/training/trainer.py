@@ -15,8 +15,10 @@ process can run another task.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import polars as pl
 import torch
@@ -28,7 +30,27 @@ from respect_hpc.training.batches import TaskData
 from respect_hpc.training.checkpoints import Checkpoints, discard_unusable, latest_checkpoint
 from respect_hpc.training.losses import Losses, collecting_reference
 from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps, check_optimizer, optimizer, schedule
+from respect_hpc.training.tracking import Tracking, check_backend
 from respect_hpc.training.validation import Validator
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, over every process: the mean loss and its parts, the gradient norm before the
+    update (None where the engine gives none), and the tokens run."""
+
+    loss: float
+    objective: float
+    entropy: float
+    grad_norm: float | None
+    tokens: int
+
+
+def peak_memory_gib() -> float:
+    """This process's peak: GPU memory allocated on a GPU, resident memory on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _accelerator(spec: TrainSpec, accumulation: int, world: int):
@@ -59,6 +81,8 @@ class Trainer:
     def __init__(self, spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame):
         self.spec, self.hp = spec, spec.hp
         check_optimizer(self.hp.optimizer, f"training.{spec.objective}")
+        if spec.tracking is not None:
+            check_backend(spec.tracking.section)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         template = policy_template(spec.policy_template)
         encoder = load_encoder(spec.model, spec.images)
@@ -93,6 +117,9 @@ class Trainer:
         self.losses = Losses(spec, self.data, self.accelerator, self.model, reference)
         self.validate = Validator(validation.to_dicts(), encoder, template, spec.validation, self.accelerator,
                                   self.hp.micro_batch, spec.seed)
+        config = {"objective": spec.objective, "seed": spec.seed, "cell": spec.cell, "spec_hash": spec.spec_hash,
+                  **{k: v for k, v in self.hp.model_dump().items() if isinstance(v, (bool, int, float, str))}}
+        self.tracking = Tracking.start(spec.tracking, config, self.accelerator.is_main_process)
 
     def __enter__(self) -> Trainer:
         return self
@@ -102,6 +129,7 @@ class Trainer:
         (Accelerate has no public reset of its process-wide state; its own tests call ``_reset_state``.)"""
         from accelerate.state import AcceleratorState
 
+        self.tracking.close()
         self.accelerator.free_memory()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -127,17 +155,17 @@ class Trainer:
     def _reduce(self, values: list[float], how: str) -> list[float]:
         return self.accelerator.reduce(torch.tensor(values, device=self.accelerator.device), how).tolist()
 
-    def step(self, micro_batches: list[list[int]], epoch: int, step: int) -> tuple[float, float, float]:
-        """One optimizer step over the step's ``micro_batches`` (every process's; this process runs its share):
-        returns the step's mean loss, objective and entropy term over the processes."""
+    def step(self, micro_batches: list[list[int]], epoch: int, step: int) -> StepResult:
+        """One optimizer step over the step's ``micro_batches`` (every process's; this process runs its share)."""
         accelerator = self.accelerator
         answers = self.data.answers(micro_batches, epoch)
         first = accelerator.process_index * self.accum
         mine = micro_batches[first:first + self.accum]
         z = self.losses.reference_point(mine, epoch) if self.spec.objective == "kto" else None
-        sums = [0.0, 0.0, 0.0]
+        sums, tokens, norm = [0.0, 0.0, 0.0], 0, None
         for indices in mine:
             batch = self.data.batch(indices, epoch, accelerator.device)
+            tokens += int(batch["attention_mask"].sum())
             with accelerator.accumulate(self.model):
                 parts = self.losses.loss(batch, z, scale=self.per_step / answers)
                 bad, = self._reduce([float(not torch.isfinite(parts.total).item())], "max")
@@ -146,14 +174,19 @@ class Trainer:
                         f"step {step + 1} (epoch {epoch}): the loss is not finite; stopped; the last good "
                         f"checkpoint is {latest_checkpoint(self.spec.out) or 'none (no step finished)'}")
                 accelerator.backward(parts.total)
+                if accelerator.sync_gradients and not self.deepspeed:  # the norm alone: an infinite bound clips nothing
+                    norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
                 self.optimizer.step()
                 if accelerator.sync_gradients:
+                    if self.deepspeed:  # the engine's norm of the step it has just taken
+                        norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
                     self.scheduler.step()
                 self.optimizer.zero_grad()
             sums = [s + float(v) / self.accum for s, v in zip(sums, (parts.total.detach(), parts.objective,
                                                                       parts.entropy))]
         loss, objective, entropy = self._reduce(sums, "mean")
-        return loss, objective, entropy
+        tokens, = self._reduce([float(tokens)], "sum")
+        return StepResult(loss, objective, entropy, None if norm is None else float(norm), int(tokens))
 
     def run(self, should_stop: Callable[[], bool] = lambda: False, progress: Callable[[str], None] = print) -> str:
         """Train to the last epoch ("finished") or to a stop request ("stopped", after a checkpoint)."""
@@ -180,14 +213,25 @@ class Trainer:
             for epoch_step in range(step - self.epoch_start[epoch], self.epoch_steps[epoch]):
                 step_lr = self.scheduler.get_last_lr()[0]  # what this step's update uses (0 in early warm-up)
                 micro_batches = batches[epoch_step * self.per_step:(epoch_step + 1) * self.per_step]
-                loss, objective, entropy = self.step(micro_batches, epoch, step)
+                step_started = time.perf_counter()
+                result = self.step(micro_batches, epoch, step)
+                loss = result.loss
                 if unmoved is not None and step_lr > 0:
                     self._check_moved(unmoved, step + 1)
                     unmoved = None
                 step += 1
-                answered += self.data.answers(micro_batches, epoch)
+                actions = self.data.answers(micro_batches, epoch)
+                answered += actions
+                seconds = time.perf_counter() - step_started
                 lr = self.scheduler.get_last_lr()[0]
-                self.checkpoints.rows.append((spec.cell, step, epoch + 1, loss, objective, entropy, lr, None, None))
+                self.checkpoints.rows.append((spec.cell, step, epoch + 1, loss, result.objective, result.entropy, lr,
+                                              None, None))
+                self.tracking.log(step, {
+                    "train/loss": loss, "train/objective": result.objective, "train/entropy": result.entropy,
+                    "train/learning_rate": step_lr, "train/actions_per_s": actions / seconds,
+                    "train/tokens_per_s": result.tokens / seconds, "train/peak_memory_gib": peak_memory_gib(),
+                    "train/epoch": epoch + 1, **({} if result.grad_norm is None else
+                                                 {"train/grad_norm": result.grad_norm})})
                 last_of_epoch = epoch_step == self.epoch_steps[epoch] - 1
                 if step % 10 == 0 or last_of_epoch:
                     elapsed = time.perf_counter() - started
@@ -198,15 +242,19 @@ class Trainer:
                 stop, = self._reduce([float(should_stop())], "max")
                 if stop and not last_of_epoch:
                     self.checkpoints.save(step, epoch, epoch_done=False)
+                    self.tracking.flush()
                     progress(f"stopped at step {step}; checkpoint saved")
                     return "stopped"
                 if spec.training.checkpoint_every and step % spec.training.checkpoint_every == 0 \
                         and not last_of_epoch:
                     self.checkpoints.save(step, epoch, epoch_done=False)
+                    self.tracking.flush()
             exact, val_loss = self.validate(accelerator.unwrap_model(self.model), epoch)
             self.checkpoints.rows.append((spec.cell, step, epoch + 1, None, None, None, None, exact, val_loss))
             progress(f"epoch {epoch + 1}: validation exact match {exact:.3f}, loss {val_loss:.4f}")
+            self.tracking.log(step, {"validation/exact_match": exact, "validation/loss": val_loss})
             self.checkpoints.save(step, epoch, epoch_done=True)
+            self.tracking.flush()
             stop, = self._reduce([float(should_stop())], "max")
             if stop and epoch + 1 < hp.epochs:
                 progress(f"stopped after epoch {epoch + 1}; checkpoint saved")
