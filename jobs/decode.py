@@ -14,14 +14,22 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from jobs.registry import Stage, Task, check_shard, shard_key
 from respect_hpc.config.schema import Manifest
 from respect_hpc.core.hashing import spec_hash
 from respect_hpc.core.io import SPEC_HASH_KEY
-from respect_hpc.core.text import log_console
+from respect_hpc.core.text import duration, log_console
 from respect_hpc.data.feedback import LABELS, SPEC_KEY, KindPlan, is_current, labels_frame, plan_decoding
 from respect_hpc.domain.prompts import LABEL_VALUES, decoder_template
 from respect_hpc.model.loading import load_text_model, load_tokenizer, model_fingerprint
@@ -84,7 +92,7 @@ def _decode_to_part(manifest: Manifest, kind_plan: KindPlan, todo: pl.DataFrame,
     start = time.perf_counter()
     try:
         with pq.ParquetWriter(tmp, schema) as writer, Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=console, transient=True) as progress:
             task = progress.add_task(f"{kind_plan.kind} shard {spec['shard']}/{spec['num_shards']}",
                                      total=todo.height)
@@ -98,6 +106,11 @@ def _decode_to_part(manifest: Manifest, kind_plan: KindPlan, todo: pl.DataFrame,
                 scored.sort(key=lambda s: s.index)
                 labels = labels_frame(template, chunk["key"].to_list(), scored, manifest.round)
                 writer.write_table(labels.to_arrow().cast(schema))
+                done_rows, elapsed = offset + chunk.height, time.perf_counter() - start
+                if done_rows < todo.height:  # a line a chunk for logs, where the bar does not show
+                    rate = done_rows / max(elapsed, 1e-9)
+                    console.print(f"{kind_plan.kind} shard {spec['shard']}/{spec['num_shards']}: {done_rows}/"
+                                  f"{todo.height} windows, {rate:.1f}/s, ETA {duration((todo.height - done_rows) / rate)}")
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

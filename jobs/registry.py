@@ -40,6 +40,7 @@ class Stage:
     tasks: Callable[[Manifest], list[Task]]
     done: Callable[[Manifest], set[str]]  # keys of the tasks whose outputs are current
     applies: Callable[[Manifest], bool] = lambda manifest: True  # whether the round has this stage
+    progress: Callable[[Manifest, str], str] | None = None  # how far a running task is, by its key (status)
 
 
 class TaskError(RespectError, ValueError):

@@ -12,8 +12,8 @@ import polars as pl
 from jobs.registry import Stage, Task
 from respect_hpc.config.schema import Manifest
 from respect_hpc.core.hashing import spec_hash
-from respect_hpc.core.io import SPEC_HASH_KEY, atomic_copy_tree, atomic_write_parquet, parquet_metadata
-from respect_hpc.training.checkpoints import adapter_problem, recorded_spec
+from respect_hpc.core.io import SPEC_HASH_KEY, adapter_problem, atomic_copy_tree, atomic_write_parquet, parquet_metadata
+from respect_hpc.training.checkpoints import recorded_spec
 from respect_hpc.training.selection import CURVES, select_checkpoints
 from respect_hpc.training.spec import TrainingError
 

@@ -285,5 +285,23 @@ def done(manifest: Manifest) -> set[str]:
             if finished(task_dir(manifest, v, s, c), task_hash(manifest, v, s, c))}
 
 
-STAGE = Stage("train", upstream=("ingest", "merge"), done=done,
+def progress(manifest: Manifest, key: str) -> str:
+    """A running task's last checkpoint: its epoch of all and its last validation exact match."""
+    found = next(((v, c, s) for v, c, s in manifest.training_tasks() if task_key(v, c, s) == key), None)
+    metrics = task_dir(manifest, found[0], found[2], found[1]).metrics if found else None
+    if metrics is None or not metrics.is_file():
+        return "no checkpoint yet"
+    try:
+        rows = pl.read_parquet(metrics)
+    except (OSError, pl.exceptions.ComputeError):
+        return "no checkpoint yet"
+    epochs = manifest.objective(variant_of(manifest, found[0]), found[1]).epochs
+    validated = rows.filter(pl.col("val_exact_match").is_not_null())
+    text = f"epoch {rows['epoch'].max()}/{epochs}, step {rows['step'].max()}"
+    if validated.height:
+        text += f", validation exact match {validated['val_exact_match'][-1]:.3f} (epoch {validated['epoch'][-1]})"
+    return text
+
+
+STAGE = Stage("train", upstream=("ingest", "merge"), done=done, progress=progress,
               tasks=lambda m: [Task(task_key(v, c, s), TrainTask(m, v, s, c)) for v, c, s in m.training_tasks()])

@@ -43,6 +43,7 @@ from respect_hpc.model.families import interfaces
 from respect_hpc.report import N_RESAMPLES
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
+DEMO_VARIANTS = Path("manifests/demo-variants.yaml")
 
 
 class Commands(TyperGroup):
@@ -285,6 +286,22 @@ def train(manifest_path: ManifestArg, overrides: Overrides = None, *,
               f"{jobs.train.task_dir(m, variant, seed).root}")
 
 
+@app.command("export")
+def export_command(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir>/<experiment>).")],
+                   out: Annotated[Path, typer.Option(help="Folder for adapters/ and dataset/.")] = Path("export")
+                   ) -> None:
+    """Write a run in the public release's layout: each round's selected adapter as a PEFT folder with a model
+    card (base model, round, variant, preset, validation score, lineage), and the games and decoded feedback
+    as a dataset whose card's configs name them (interaction, feedback_decoder_binary/ternary)."""
+    from respect_hpc.report.export import export
+
+    done = export(run_dir, out)
+    views.say(f"{len(done.adapters)} adapters -> {out / 'adapters'}; dataset configs "
+              f"{', '.join(sorted(done.configs)) or 'none'} -> {out / 'dataset'}")
+    views.say(f"publish: huggingface-cli upload USER/NAME {out / 'dataset'} --repo-type dataset; "
+              f"huggingface-cli upload USER/NAME-ADAPTER {out / 'adapters'}/VARIANT-round-R")
+
+
 @app.command()
 def report(sources: Annotated[list[Path], typer.Argument(help="Run directories, and files or folders of public "
                                                                "tables (interaction, turn, human_eval, "
@@ -447,12 +464,19 @@ def loop(manifest_path: Annotated[Path, typer.Argument(help="Manifest of the fir
     and the control play simulated games), then the next round's manifest is written from those games
     (next-round) and run, up to round R; ends with success and turns per round and policy. A rerun resumes:
     done tasks are skipped and the manifests are written again the same."""
+    _chain(manifest_path, overrides, rounds, variants_file(variants), executor)
+
+
+def _chain(manifest_path: Path, overrides: list[str] | None, rounds: int, chosen: list[dict] | None,
+           executor: str | None):
+    """loop's work: the simulated setting's inputs, then every round up to ``rounds`` (next-round between
+    them), and the learning curve and the decoder's quality against the truth; returns the last round's
+    manifest and its learning curve."""
     from respect_hpc.cluster.scheduler import RunLock
     from respect_hpc.core.io import atomic_write_parquet
     from respect_hpc.simulation.inputs import simulation_inputs
     from respect_hpc.simulation.rounds import decoder_truth, learning_curve
 
-    chosen = variants_file(variants)
     try:
         simulation_inputs(load_manifest(manifest_path, check_files=False, overrides=overrides or ()),
                           report=views.say)
@@ -482,6 +506,7 @@ def loop(manifest_path: Annotated[Path, typer.Argument(help="Manifest of the fir
     quality = decoder_truth(m)
     if quality is not None:
         views.decoder_truth_table(quality)
+    return m, curve
 
 
 @app.command()
@@ -566,12 +591,22 @@ def prompts(sources: Sources,
 
 
 @app.command()
-def demo(manifest_path: Annotated[Path, typer.Argument(help="Round manifest of the demo.")] = DEMO_MANIFEST,
-         games: Annotated[int, typer.Option(min=4, max=100_000, help="Synthetic games of the logged round.")] = 40
-         ) -> None:
-    """The embedded default: writes the synthetic logs, D_0, validation games, images and the tiny model the
-    demo manifest names (once), then runs the whole round on this machine and prints its summary."""
-    from respect_hpc.simulation.demo import demo_inputs
+def demo(manifest_path: Annotated[Path, typer.Argument(help="Seed-round manifest of the demo (a simulated "
+                                                            "setting).")] = DEMO_MANIFEST,
+         overrides: Overrides = None, *,
+         rounds: Annotated[int, typer.Option("--rounds", min=1, max=10, help="Rounds after the seed round.")] = 1,
+         variants: Annotated[Path, typer.Option("--variants", help="YAML list of the variants trained from round "
+                                                                   "1 on.")] = DEMO_VARIANTS,
+         executor: Executor = None) -> None:
+    """The embedded default: the quick simulated setting, scaled to minutes on a CPU. Builds its inputs once
+    (simulated D_0 and validation games, a policy base and a feedback decoder: tiny IDEFICS2-8B replicas
+    taught offline), trains the seed policy, deploys it to a simulated speaker, decodes the speaker's
+    follow-ups, trains on that feedback, selects and deploys again; ends with each policy's success with 95%
+    intervals, the decoder against the simulator's truth, and whether the trained policy beat the control."""
+    from respect_hpc.simulation.rounds import verdict
 
-    demo_inputs(manifest(manifest_path, check_files=False), games, report=views.say)
-    run(manifest_path, executor=None, workdir=None, cluster=None, detach=False, retry=False)
+    if "=" in manifest_path.name and not manifest_path.exists():  # `demo KEY=VALUE...`: the shipped manifest
+        manifest_path, overrides = DEMO_MANIFEST, [str(manifest_path), *(overrides or [])]
+    m, curve = _chain(manifest_path, overrides, rounds, variants_file(variants), executor)
+    for line in verdict(curve, m.round):
+        views.say(line)

@@ -124,3 +124,5 @@ def status_table(title: str, rows) -> None:
     for r in rows:
         if r.state in ("failed", "cancelled"):
             say(f"{r.stage} {r.key}: {r.state}: {r.detail}  (log: {r.log})")
+        elif r.state == "running" and r.detail:
+            say(f"{r.stage} {r.key}: running: {r.detail}")

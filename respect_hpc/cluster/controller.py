@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import submitit
@@ -206,7 +206,10 @@ class Controller:
                     continue
                 scheduler = (slurm.get(rec["job_id"], SchedulerState("UNKNOWN")) if rec["executor"] == "slurm"
                              else local_state(rec["job_id"]))
-                rows.append(task_status(stage.name, task.key, rec, scheduler))
+                row = task_status(stage.name, task.key, rec, scheduler)
+                if row.state == "running" and stage.stage.progress is not None:
+                    row = replace(row, detail=stage.stage.progress(self.manifest, task.key))
+                rows.append(row)
         return with_upstream_failures(rows)
 
     # -- submitting ---------------------------------------------------------------------------------

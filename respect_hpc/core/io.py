@@ -1,4 +1,5 @@
-"""Safe writing and reading back of a run's files: atomic writes and the metadata outputs carry.
+"""Safe writing and reading back of a run's files: atomic writes, the metadata outputs carry, and whether a
+saved adapter folder is whole.
 
 Writes are atomic: a file appears complete under its final name or not at all (a temporary name in the
 same folder, then a rename), so a crash never leaves a half-written output behind. Every table records
@@ -7,6 +8,7 @@ its schema version and, where a stage made it, the hash of the spec that made it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -64,3 +66,21 @@ def parquet_metadata(path: str | Path) -> dict[str, str]:
         return pl.read_parquet_metadata(path)
     except Exception:  # polars raises ComputeError, OSError... for damaged files
         return {}
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """What is wrong with a saved adapter folder (missing or truncated files), or None; reads headers only."""
+    config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    try:
+        json.loads(config.read_text())
+        with weights.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError as exc:
+        return f"'{exc.filename}' is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"'{config}' or '{weights}' is unreadable"
+    if weights.stat().st_size != 8 + size + end:
+        return f"'{weights}' is truncated or damaged ({weights.stat().st_size} bytes, its header says {8 + size + end})"
+    return None

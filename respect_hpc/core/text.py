@@ -27,3 +27,9 @@ def clip(value: object, limit: int = CLIP) -> str:
 def log_console() -> Console:
     """A console for a job's log (stderr): lines kept whole, nothing read as markup, emoji or highlighting."""
     return Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
+
+
+def duration(seconds: float) -> str:
+    """A time span as 3m07s, or 2h05m from an hour on (progress lines, ETAs)."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from respect_hpc.core.hashing import bytes_digest
-from respect_hpc.core.io import atomic_copy_tree, atomic_write_parquet
+from respect_hpc.core.io import adapter_problem, atomic_copy_tree, atomic_write_parquet
 from respect_hpc.core.rundir import TaskDir
 
 # One row per optimizer step (loss, objective, entropy, learning rate) and per epoch (validation).
@@ -76,24 +76,6 @@ def discard_unusable(task: TaskDir, spec_hash: str, progress: Callable[[str], No
                    "settings or inputs changed")
     progress(f"{problem}; training starts afresh")
     clear_task(task)
-
-
-def adapter_problem(folder: Path) -> str | None:
-    """What is wrong with a saved adapter folder (missing or truncated files), or None; reads headers only."""
-    config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    try:
-        json.loads(config.read_text())
-        with weights.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except FileNotFoundError as exc:
-        return f"'{exc.filename}' is missing"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"'{config}' or '{weights}' is unreadable"
-    if weights.stat().st_size != 8 + size + end:
-        return f"'{weights}' is truncated or damaged ({weights.stat().st_size} bytes, its header says {8 + size + end})"
-    return None
 
 
 def outputs_problem(task: TaskDir) -> str | None:

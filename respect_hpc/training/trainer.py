@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
+from respect_hpc.core.text import duration
 from respect_hpc.domain.prompts import policy_template
 from respect_hpc.model.loading import load_encoder, load_policy
 from respect_hpc.model.vision_cache import cache_vision
@@ -238,7 +239,7 @@ class Trainer:
                     rate = answered / elapsed
                     eta = elapsed / max(step - self.epoch_start[first_epoch], 1) * (total_steps - step)
                     progress(f"epoch {epoch + 1}/{hp.epochs} step {step}/{total_steps} loss {loss:.4f} "
-                             f"lr {lr:.2e} ({rate:.1f} trained actions/s, ETA {_duration(eta)})")
+                             f"lr {lr:.2e} ({rate:.1f} trained actions/s, ETA {duration(eta)})")
                 stop, = self._reduce([float(should_stop())], "max")
                 if stop and not last_of_epoch:
                     self.checkpoints.save(step, epoch, epoch_done=False)
@@ -260,11 +261,6 @@ class Trainer:
                 progress(f"stopped after epoch {epoch + 1}; checkpoint saved")
                 return "stopped"
         return "finished"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train(spec: TrainSpec, examples: pl.DataFrame, validation: pl.DataFrame,

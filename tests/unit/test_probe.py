@@ -169,7 +169,7 @@ def test_small_manifests_that_would_expand_without_bound_are_refused_at_once(tmp
     (["metrics", "X", "--max-turns", "1000"], "--max-turns"), (["ingest", "X", "--out", "o", "--max-turns", "0"],
                                                                 "--max-turns"),
     (["synth", "o.parquet", "--games", "1000000000"], "--games"), (["synth", "o.parquet", "--seed", "-3"], "--seed"),
-    (["demo", "--games", "100000000"], "--games")])
+    (["demo", "--rounds", "100"], "--rounds")])
 def test_command_line_numbers_are_bounded(args, option):
     done = cli(*args)
     assert done.returncode == 2 and f"Invalid value for '{option}'" in " ".join(done.stderr.replace("│", " ").split())

@@ -15,7 +15,7 @@ from conftest import cli, round_inputs, write_logged_round
 
 from respect_hpc.cluster.controller import Controller, ControllerError
 from respect_hpc.config.loading import load_manifest
-from respect_hpc.training.checkpoints import adapter_problem
+from respect_hpc.core.io import adapter_problem
 
 
 def test_plan_lists_every_stage_and_task(tmp_path, taught_decoder):

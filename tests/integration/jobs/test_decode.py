@@ -1,5 +1,6 @@
 """Feedback decoding on a tiny IDEFICS2-8B replica: scoring vs generation, shards, kills, merge, cache."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -61,7 +62,8 @@ def test_scoring_and_greedy_generation_agree(loaded, fresh_logs, key):
     assert [s.index for s in scored] == list(range(len(prompts)))
     generated = scorer.generate(prompts)
     assert [s.label for s in scored] == generated
-    assert len(set(generated)) >= 2  # the fixture exercises more than one label
+    if template.window_style == "chat":  # the fixture's decoder was taught the official (chat) windows
+        assert len(set(generated)) >= 2  # the fixture exercises more than one label
 
 
 def test_prefix_cache_gives_the_full_forward_numbers(loaded, fresh_logs):
@@ -136,6 +138,7 @@ def test_a_shard_killed_mid_way_leaves_nothing_and_only_it_is_redone(round_one):
                           chunk_rows=8)
     done = cli("decode", slow, "--shard", "1", "--num-shards", "2")
     assert done.returncode == 0, done.stderr
+    assert re.search(r"shard 1/2: \d+/\d+ windows, [\d.]+/s, ETA \d+m\d\ds", done.stderr), done.stderr  # a chunk's line
     parts = root / "runs" / "test" / "feedback"
     part_1 = sorted(parts.glob("*/round-1/" + part_name(1, 2)))
     assert len(part_1) == 2  # binary and ternary

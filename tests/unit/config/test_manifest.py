@@ -232,8 +232,9 @@ def test_shipped_manifests_validate():
         assert "\n  preset: paper" in (MANIFESTS / name).read_text()
         assert load_manifest(MANIFESTS / name, check_files=False).training.preset == "paper"
     demo = load_manifest(MANIFESTS / "demo.yaml", check_files=False)
-    assert demo.cluster.executor == "local"
-    for name in ("paper-seed-round0.yaml", "demo-round0.yaml"):
+    assert demo.cluster.executor == "local" and demo.simulation is not None
+    assert demo.data.images == demo.simulation.kilogram / "tangram_pngs"
+    for name in ("paper-seed-round0.yaml", "demo.yaml", "sim.yaml"):
         seed_round = load_manifest(MANIFESTS / name, check_files=False)
         assert seed_round.seed_round and [v.name for v in seed_round.variants] == ["sft"]
     sim = load_manifest(MANIFESTS / "sim.yaml", check_files=False)

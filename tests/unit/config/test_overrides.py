@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from conftest import cli
+from conftest import REPO, cli
 from test_manifest import GOOD, problems, write
 
 from respect_hpc.cluster.controller import Controller, read_manifest_lock
@@ -99,3 +99,10 @@ def test_next_round_writes_the_overrides_into_the_next_manifest(tmp_path):
     assert written["training"]["fft"]["epochs"] == 2 and written["variants"][0]["feedback"] == "ternary"
     nxt = load_manifest(tmp_path / "round-round2.yaml")
     assert nxt.round == 2 and nxt.training.fft.epochs == 2 and nxt.data.interactions[-1] == logs
+
+
+def test_demo_takes_overrides_without_a_manifest(monkeypatch):
+    monkeypatch.chdir(REPO)  # the shipped manifests/demo.yaml
+    done = cli("demo", "simulation.games=abc")
+    assert done.returncode == 2
+    assert "override 'simulation.games=abc': simulation.games: expected an integer, got 'abc'" in done.stderr
