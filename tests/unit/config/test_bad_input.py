@@ -36,7 +36,10 @@ BASE = {
     "validation": {"decoding": "sample", "constrained": True, "constraint": "official", "turns": 390,
                    "max_new_tokens": 10},
     "sweep": {"learning_rate": [1e-4]},
+    "tracking": {"backend": "tensorboard", "project": "probe", "online": False},
     "cluster": {"executor": "local", "partition": "gpu", "account": "lab", "qos": "normal", "constraint": "a100",
+                "setup": ["module load cuda"], "additional_parameters": {"reservation": "lab"},
+                "mail": {"user": "me@lab.org", "types": ["FAIL"]},
                 "stages": {"train": {"gpus": 1, "cpus": 1, "mem_gb": 4, "time_min": 60, "nodes": 1,
                                      "max_parallel": 2, "tasks_per_node": 1}}},
     "simulation": {"kilogram": "kilogram", "games": 4, "shards": 1, "seed": 0, "control": True, "implicit": 0.3,
@@ -47,7 +50,8 @@ HYPERPARAMETERS = {"optimizer": "adamw", "learning_rate": 1e-4, "schedule": "cos
                    "weight_decay": 0.0, "effective_batch": 8, "micro_batch": 4, "entropy_weight": 0.0,
                    "temperature": 1.0, "label_smoothing": 0.0, "beta": 0.1, "lambda_desirable": 1.0,
                    "lambda_undesirable": 1.0, "negatives_per_5_positives": 1.0, "lora_r": 8, "lora_alpha": 16,
-                   "lora_dropout": 0.1, "lora_placement": "paper", "lora_init": "gaussian", "negatives": "per_epoch"}
+                   "lora_dropout": 0.1, "lora_placement": "paper", "lora_init": "gaussian", "negatives": "per_epoch",
+                   "kto_length_normalised": False}
 for _objective in ("fft", "rl", "kto", "seed"):
     BASE["training"][_objective] = dict(HYPERPARAMETERS)
 
