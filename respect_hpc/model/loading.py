@@ -66,9 +66,26 @@ def load_tokenizer(spec: ModelSection):
     return tokenizer
 
 
+TRANSFORMERS_FLOOR = (5, 21)  # a 2-D boolean logits_to_keep (answer positions only) in Idefics2 and Mistral
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Refuses, with one line, a transformers older than the code needs (``version``: the installed one)."""
+    import transformers
+
+    version = version or transformers.__version__
+    found = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if found < TRANSFORMERS_FLOOR:
+        floor = ".".join(map(str, TRANSFORMERS_FLOOR))
+        raise ModelError(f"transformers {version} is installed; respect-hpc needs >= {floor} (a 2-D logits_to_keep "
+                         f"mask in Idefics2 and Mistral): pip install -U 'transformers>={floor}'")
+
+
 def _load_model(spec: ModelSection, family: Family):
     """The checkpoint's weights in the manifest's dtype, as the family's model class."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    check_transformers()
 
     cls = AutoModelForImageTextToText if family.multimodal else AutoModelForCausalLM
     model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
