@@ -366,6 +366,7 @@ def plan(manifest_path: ManifestArg, overrides: Overrides = None, executor: Exec
     _lineage(m)
     for objective in sorted({"seed"} if m.seed_round else {v.objective for v in m.variants}):
         views.say(f"training.{objective}: {m.training.in_force(objective)}")
+    views.say(estimate(m, stages))
     if not any(stage.todo for stage in stages):
         views.say("every task is done: run would submit nothing")
     for stage in stages:
@@ -390,6 +391,28 @@ def run(manifest_path: ManifestArg, overrides: Overrides = None, executor: Execu
         controller.run(detach=detach, retry=retry)
     if not detach:
         round_summary(controller.manifest)
+
+
+def estimate(m, stages) -> str:
+    """The round's GPU-hours from the previous round's measured cost per task of each stage, or why none."""
+    import polars as pl
+
+    from respect_hpc.core.costs import costs
+
+    if m.round == 0:
+        return "GPU-hours: no estimate (no earlier round measured)"
+    before = costs(m.run_dir.timings(m.round - 1), m.round - 1)
+    per_task = {row["stage"]: row["gpu_hours"] / row["tasks"] for row in before.group_by("stage").agg(
+        pl.col("gpu_hours").sum(), pl.len().alias("tasks")).iter_rows(named=True)}
+    todo = {stage.name: len(stage.todo) for stage in stages if stage.todo}
+    if not todo:
+        return "GPU-hours: nothing to run"
+    missing = sorted(set(todo) - set(per_task))
+    if missing:
+        return f"GPU-hours: no estimate (round {m.round - 1} has no measured {', '.join(missing)} tasks)"
+    total = sum(per_task[name] * n for name, n in todo.items())
+    return (f"GPU-hours: about {total:.2f} for the {sum(todo.values())} tasks to run (round {m.round - 1}'s "
+            "measured cost per task of each stage)")
 
 
 def round_summary(m) -> None:
@@ -519,6 +542,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
 
     from respect_hpc.cluster.controller import Controller, read_manifest_lock
     from respect_hpc.config.schema import Manifest
+    from respect_hpc.core.costs import costs
     from respect_hpc.core.rundir import RunDir
 
     lock = RunDir(run_dir).manifest_lock
@@ -534,6 +558,9 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
     m = m.model_copy(update={"workdir": run_dir.absolute().parent, "experiment": run_dir.absolute().name,
                              **({} if round_ is None else {"round": round_})})
     views.status_table(f"{run_dir} round {m.round}", Controller(m).status())
+    spent = costs(m.run_dir.timings(m.round), m.round)
+    if spent.height:
+        views.cost_table(spent, f"round {m.round}: wall time and GPU-hours of the tasks that ran (every attempt)")
 
 
 @app.command("tiny-model")

@@ -126,3 +126,19 @@ def status_table(title: str, rows) -> None:
             say(f"{r.stage} {r.key}: {r.state}: {r.detail}  (log: {r.log})")
         elif r.state == "running" and r.detail:
             say(f"{r.stage} {r.key}: running: {r.detail}")
+
+
+def cost_table(spent, title: str) -> None:
+    """Per stage (training also per variant): tasks, attempts, wall hours and GPU-hours; then the total."""
+    import polars as pl
+
+    rows = spent.with_columns(pl.when(pl.col("stage") == "train").then(
+        pl.format("train {}", pl.col("task").str.split("/").list.first())).otherwise("stage").alias("part"))
+    table = _table(title, ["stage", "tasks", "attempts", "hours", "GPU-hours"], ("stage",))
+    for row in rows.group_by("part", maintain_order=True).agg(pl.len().alias("tasks"), pl.col("attempts").sum(),
+                                                              pl.col("elapsed_h").sum(),
+                                                              pl.col("gpu_hours").sum()).iter_rows(named=True):
+        _row(table, (row["part"], row["tasks"], row["attempts"], f"{row['elapsed_h']:.3f}", f"{row['gpu_hours']:.3f}"))
+    _row(table, ("round", spent.height, int(spent["attempts"].sum()), f"{spent['elapsed_h'].sum():.3f}",
+                 f"{spent['gpu_hours'].sum():.3f}"))
+    console.print(table)

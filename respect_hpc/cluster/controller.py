@@ -38,7 +38,9 @@ from respect_hpc.cluster.scheduler import (
     record,
     slurm_states,
 )
+from respect_hpc.cluster.timing import timed
 from respect_hpc.config.schema import Manifest
+from respect_hpc.core.costs import record_path
 from respect_hpc.core.errors import RespectError
 from respect_hpc.core.io import atomic_write_text
 
@@ -235,9 +237,12 @@ class Controller:
             ex.update_parameters(dependency="afterok:" + ":".join(after))
         chunks = array_chunks(stage.todo, max_array_size() if self.kind == "slurm" else len(stage.todo) or 1)
         jobs: dict[str, submitit.Job] = {}
+        resources = self.manifest.cluster.stages[stage.name]
+        folder = self.run_dir.timings(self.manifest.round) / stage.name
         for chunk in chunks:
             with ex.batch():
-                submitted = [ex.submit(task.call, *task.args) for task in chunk]
+                submitted = [ex.submit(timed(task.call, record_path(folder, task.key), resources.gpus * resources.nodes),
+                                       *task.args) for task in chunk]
             jobs.update({task.key: job for task, job in zip(chunk, submitted)})
         record(self.run_dir.jobs_record(self.manifest.round), stage.name, self.kind,
                {k: j.job_id for k, j in jobs.items()}, ex.folder)

@@ -211,6 +211,10 @@ class RunDir:
         return sorted(int(p.name.split("-", 1)[1]) for p in self.root.glob("round-*")
                       if p.is_dir() and p.name.split("-", 1)[1].isdigit())
 
+    def timings(self, round_: int) -> Path:
+        """Each submitted task's wall time per attempt, a folder per stage (cluster/timing.py)."""
+        return self.round(round_) / "timings"
+
     def jobs_record(self, round_: int) -> Path:
         return self.round(round_) / "jobs.json"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
+from respect_hpc.core.costs import costs
 from respect_hpc.core.io import SCHEMA_VERSION
 from respect_hpc.core.rundir import RunDir
 from respect_hpc.data.feedback import FEEDBACK
@@ -43,6 +44,7 @@ class Collected:
     training: list[pl.DataFrame] = field(default_factory=list)
     training_data: list[pl.DataFrame] = field(default_factory=list)
     selection: list[pl.DataFrame] = field(default_factory=list)
+    costs: list[pl.DataFrame] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
 
@@ -85,6 +87,7 @@ def _collect_run(root: Path, found: Collected) -> None:
                 pl.lit(task.cell).alias("cell"), pl.lit(task.seed).alias("seed"),
                 "source", "policy", "logged_round", "examples", "positive", "negative").cast(dict(TRAINING_DATA)))
     found.evals += [turn_evals(pl.read_parquet(p)) for r in rounds if (p := run.turn_eval(r)).is_file()]
+    found.costs += [costs(run.timings(r), r).with_columns(run=pl.lit(root.name)) for r in rounds]
 
 
 def _label(column: str) -> pl.Expr:
@@ -248,6 +251,14 @@ def build(sources: list[str | Path], embeddings: Path | None = None, *, seed: in
     selection = _concat(found.selection, TRAINING)  # the columns of a selection row it shows
     if selection.height:
         tables["selection"] = selection.sort("round", "variant")
+    spent = pl.concat(found.costs) if found.costs else pl.DataFrame()
+    if spent.height:  # per run, round, stage and (training) variant
+        part = pl.when(pl.col("stage") == "train").then(pl.col("task").str.split("/").list.first()).otherwise(None)
+        tables["costs"] = (spent.with_columns(variant=part)
+                           .group_by("run", "round", "stage", "variant", maintain_order=True)
+                           .agg(pl.len().alias("tasks"), pl.col("attempts").sum(), pl.col("elapsed_h").sum(),
+                                pl.col("gpu_hours").sum())
+                           .sort("run", "round", "stage", "variant", nulls_last=True))
     return Report(tables, found.missing)
 
 

@@ -15,6 +15,7 @@ from conftest import cli, round_inputs, write_logged_round
 
 from respect_hpc.cluster.controller import Controller, ControllerError
 from respect_hpc.config.loading import load_manifest
+from respect_hpc.core.costs import costs
 from respect_hpc.core.io import adapter_problem
 
 
@@ -63,6 +64,13 @@ def test_a_tiny_round_end_to_end_with_the_local_executor_then_a_rerun_submits_no
     assert lines[-1] == "every task is done: nothing submitted"
     done = cli("status", run)
     assert done.returncode == 0 and re.search(r"│ train\s+│\s+2 │", done.stdout), done.stdout
+    # each task recorded its own wall time (one attempt each; no GPU here, so no GPU-hours)
+    spent = costs(run / "round-1" / "timings", 1)
+    assert sorted(spent["stage"].unique()) == ["decode", "ingest", "merge", "metrics", "select", "train"]
+    assert spent.height == 8 and spent["attempts"].to_list() == [1] * 8 and (spent["elapsed_h"] > 0).all()
+    assert spent["gpu_hours"].sum() == 0
+    assert "wall time and GPU-hours" in " ".join(done.stdout.split())
+    assert re.search(r"│ train b-fft\s+│\s+2 │\s+2 │", done.stdout), done.stdout
 
     # a damaged selected adapter is never trusted: the task that wrote it is redone, and the selection after it
     weights = source / "adapter_model.safetensors"

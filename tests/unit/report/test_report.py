@@ -1,5 +1,6 @@
 """Offline report: every metric against a hand computation, plots that are not blank, the HTML in a browser."""
 
+import json
 import math
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from conftest import REPO, game, write_jsonl
 from PIL import Image
 
+from respect_hpc.core.costs import record_path
 from respect_hpc.core.io import atomic_write_parquet
 from respect_hpc.data.datasets import source_counts
 from respect_hpc.data.logs import ingest
@@ -142,6 +144,12 @@ def make_run(root: Path, logs: Path) -> Path:
     atomic_write_parquet(pl.DataFrame({"round": [1, 1], "variant": ["b-fft", "t-rl"], "cell": ["default"] * 2,
                                        "seed": [2, 1], "epoch": [3, 1], "val_exact_match": [0.6, 0.3],
                                        "val_loss": [0.8, 1.0]}), root / "round-1" / "selection.parquet")
+    for stage, key, attempts in (("train", "b-fft/seed-1", [(1800, 4), (1800, 4)]), ("train", "b-fft/seed-2", [(3600, 4)]),
+                                 ("train", "t-rl/seed-1", [(360, 4)]), ("decode", "shard-00000-of-00001", [(720, 1)])):
+        record = record_path(root / "round-1" / "timings" / stage, key)  # as the tasks write them
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text("".join(json.dumps({"started": 0, "elapsed_s": e, "gpus": g, "ok": True}) + "\n"
+                                  for e, g in attempts))
     return root
 
 
@@ -158,7 +166,10 @@ def test_report_tables_plots_and_html(tmp_path):
     report = build([run, tmp_path / "turn_eval.parquet", tmp_path / "feedback_decoder_binary.parquet"],
                    tmp_path / "embeddings.parquet", n_resamples=500)
     assert set(report.tables) == {"round_metrics", "turn_metrics", "decoder_confusion", "decoder_quality",
-                                  "validation_curves", "sweep", "selection", "training_data"}
+                                  "validation_curves", "sweep", "selection", "training_data", "costs"}
+    # wall hours and GPU-hours per stage and training variant: b-fft 2 tasks, 3 attempts, 2 h on 4 GPUs
+    assert report.tables["costs"].select("stage", "variant", "tasks", "attempts", "elapsed_h", "gpu_hours").rows() == [
+        ("decode", None, 1, 1, 0.2, 0.2), ("train", "b-fft", 2, 3, 2.0, 8.0), ("train", "t-rl", 1, 1, 0.1, 0.4)]
     data = report.tables["training_data"]
     assert data.select("variant", "seed", "source", "policy", "logged_round", "examples", "positive",
                        "negative").rows() == [("t-rl", 1, "d0", "human", 0, 1, 1, 0),
