@@ -39,8 +39,13 @@ class Timed:
             if _first_process():
                 self.record.parent.mkdir(parents=True, exist_ok=True)
                 line = {"started": started, "elapsed_s": time.time() - started, "gpus": self.gpus, "ok": ok}
-                with self.record.open("a") as handle:  # one short line: appended whole
-                    handle.write(json.dumps(line) + "\n")
+                with self.record.open("a+b") as handle:  # one short line, appended whole (a+: writes go last)
+                    size = handle.seek(0, os.SEEK_END)
+                    cut = False
+                    if size:  # a line cut short by a crash stays alone on its line
+                        handle.seek(size - 1)
+                        cut = handle.read(1) != b"\n"
+                    handle.write((("\n" if cut else "") + json.dumps(line) + "\n").encode())
 
 
 class TimedCheckpointable(Timed):

@@ -35,9 +35,11 @@ def test_each_attempt_is_recorded_with_its_gpus_and_outcome(tmp_path):
     assert [(line["gpus"], line["ok"]) for line in lines] == [(4, True), (4, False)]
     with record.open("a") as handle:
         handle.write('{"started": 1, "elapsed_s": 36')  # a killed task's half-written line
+    timed(double, record, 4)(1)  # the next attempt after the cut line is read whole
+    lines += [json.loads(record.read_text().splitlines()[-1])]
     spent = costs(tmp_path / "timings", 3).row(0, named=True)
     elapsed = sum(line["elapsed_s"] for line in lines)
-    assert (spent["round"], spent["stage"], spent["task"], spent["attempts"]) == (3, "train", "b-fft/seed-1", 2)
+    assert (spent["round"], spent["stage"], spent["task"], spent["attempts"]) == (3, "train", "b-fft/seed-1", 3)
     assert spent["elapsed_h"] == pytest.approx(elapsed / 3600)
     assert spent["gpu_hours"] == pytest.approx(4 * elapsed / 3600)
 
