@@ -298,6 +298,10 @@ class TrainingSection(Strict):
         True, description="compute the frozen vision model's output once per image and reuse it across epochs, "
                           "seeds, variants and validation (on disk in the round folder); off by itself where the "
                           "LoRA placement trains the vision model (enhanced)")
+    prefetch: bool | None = Field(None, description=(
+        "build each micro-batch (tokens, pixels) in a worker thread while the one before it runs, off the GPU's "
+        "critical path; the same batches. Default: on a GPU only (on a CPU the worker competes with the model "
+        "for the same cores)"))
     d0_augmentation: Literal["official", "corrected", "paper", "none"] = Field(
         "official", description="synthetic deselection turns added to D_0: official (two kinds, 'remove the "
                                 "last selection' and 'remove the current selection', mixed 0.88 / 0.06 / 0.06; a "

@@ -18,6 +18,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import polars as pl
@@ -121,6 +122,7 @@ class Trainer:
         config = {"objective": spec.objective, "seed": spec.seed, "cell": spec.cell, "spec_hash": spec.spec_hash,
                   **{k: v for k, v in self.hp.model_dump().items() if isinstance(v, (bool, int, float, str))}}
         self.tracking = Tracking.start(spec.tracking, config, self.accelerator.is_main_process)
+        self.waited = 0.0  # seconds the loop waited for micro-batches to be built (batches)
 
     def __enter__(self) -> Trainer:
         return self
@@ -164,8 +166,7 @@ class Trainer:
         mine = micro_batches[first:first + self.accum]
         z = self.losses.reference_point(mine, epoch) if self.spec.objective == "kto" else None
         sums, tokens, norm = [0.0, 0.0, 0.0], 0, None
-        for indices in mine:
-            batch = self.data.batch(indices, epoch, accelerator.device)
+        for batch in self.batches(mine, epoch):
             tokens += int(batch["attention_mask"].sum())
             with accelerator.accumulate(self.model):
                 parts = self.losses.loss(batch, z, scale=self.per_step / answers)
@@ -188,6 +189,34 @@ class Trainer:
         loss, objective, entropy = self._reduce(sums, "mean")
         tokens, = self._reduce([float(tokens)], "sum")
         return StepResult(loss, objective, entropy, None if norm is None else float(norm), int(tokens))
+
+    def batches(self, mine: list[list[int]], epoch: int):
+        """This process's micro-batches of a step, in order, on the device; with ``training.prefetch`` (default:
+        on a GPU) each is built (tokens, pixels; pinned on a GPU) in a worker thread while the one before it
+        runs. ``waited`` adds up the seconds the loop waited for them."""
+        device, cuda = self.accelerator.device, torch.cuda.is_available()
+
+        def build(indices: list[int]) -> dict[str, torch.Tensor]:
+            batch = self.data.batch(indices, epoch)
+            return {k: v.pin_memory() for k, v in batch.items()} if cuda else batch
+
+        prefetch = self.spec.training.prefetch
+        if not (cuda if prefetch is None else prefetch):
+            for indices in mine:
+                started = time.perf_counter()
+                batch = build(indices)
+                self.waited += time.perf_counter() - started
+                yield {k: v.to(device) for k, v in batch.items()}
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="micro-batch") as pool:
+            pending = pool.submit(build, mine[0]) if mine else None
+            for i in range(len(mine)):
+                started = time.perf_counter()
+                batch = pending.result()
+                self.waited += time.perf_counter() - started
+                if i + 1 < len(mine):
+                    pending = pool.submit(build, mine[i + 1])
+                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def run(self, should_stop: Callable[[], bool] = lambda: False, progress: Callable[[str], None] = print) -> str:
         """Train to the last epoch ("finished") or to a stop request ("stopped", after a checkpoint)."""

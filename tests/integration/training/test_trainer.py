@@ -555,3 +555,27 @@ def test_kto_measures_z_against_each_examples_collecting_policy_with_dropout_on(
         jobs.train.prepare(load_manifest(manifest), "b-kto", 1)
     with pytest.raises(IngestError, match=missing):  # the round's first stage already refuses, before decoding
         jobs.ingest.run(load_manifest(manifest))
+
+
+def test_micro_batches_built_ahead_train_the_same_adapter(round_files, tmp_path):
+    """training.prefetch builds each micro-batch in a worker thread while the one before it runs: the same
+    batches, so the same losses and, bit for bit, the same adapter as building them in the loop."""
+    jobs.train.set_distributed_env()
+    prepared = jobs.train.prepare(load_manifest(round_files), "t-rl", 1)
+    outcomes = {}
+    for prefetch in (True, False):
+        spec = TrainSpec(**{**prepared.spec.__dict__, "out": TaskDir(tmp_path / f"prefetch-{prefetch}"),
+                            "training": prepared.spec.training.model_copy(update={"prefetch": prefetch}),
+                            "hp": prepared.spec.hp.model_copy(update={"epochs": 1, "effective_batch": 16,
+                                                                       "micro_batch": 1}), "tracking": None})
+        with Trainer(spec, prepared.examples, prepared.validation) as trainer:
+            per_step = trainer.per_step
+            assert per_step > 1  # several micro-batches a step: each but the first built ahead
+            losses = [trainer.step(list(trainer.data.epoch(0, per_step)[i * per_step:(i + 1) * per_step]), 0, i).loss
+                      for i in range(3)]
+            weights = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model)
+                       .named_parameters() if "lora_" in n}
+            assert trainer.waited >= 0
+        outcomes[prefetch] = (losses, weights)
+    assert outcomes[True][0] == outcomes[False][0]
+    assert all(torch.equal(outcomes[True][1][n], outcomes[False][1][n]) for n in outcomes[False][1])

@@ -32,7 +32,7 @@ BASE = {
     "seeds": [1],
     "training": {**{o: {} for o in ("fft", "rl", "kto", "seed")}, "zero_stage": 2, "checkpoint_every": 0,
                  "d0_augmentation": "official", "d0_augmentation_seed": 42, "preset": "paper", "packing": "game",
-                 "vision_cache": True},
+                 "vision_cache": True, "prefetch": True},
     "validation": {"decoding": "sample", "constrained": True, "constraint": "official", "turns": 390,
                    "max_new_tokens": 10},
     "sweep": {"learning_rate": [1e-4]},
