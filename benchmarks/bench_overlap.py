@@ -17,20 +17,12 @@ from pathlib import Path
 
 import polars as pl
 import torch
+from bench_train import synthetic_round
 
 from jobs.train import set_distributed_env
 from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, Variant
 from respect_hpc.core.rundir import TaskDir
 from respect_hpc.data.datasets import training_set
-from respect_hpc.data.logs import ingest
-from respect_hpc.domain.prompts import LABEL_VALUES
-from respect_hpc.domain.synthetic import (
-    DEFAULT_KILOGRAM,
-    draw_procedural_images,
-    follow_up_label,
-    load_image_bank,
-    synthesize,
-)
 from respect_hpc.model.replica import replica_like
 from respect_hpc.training.spec import TrainSpec
 from respect_hpc.training.trainer import Trainer
@@ -44,18 +36,8 @@ TEXT, VISION = (256, 4), (64, 3)
 def main() -> str:
     set_distributed_env()
     root = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
-    bank = load_image_bank(DEFAULT_KILOGRAM)
-    images = DEFAULT_KILOGRAM / "tangram_pngs"
-    if bank.source == "procedural":
-        images = root / "images"
-        draw_procedural_images(bank, images)
-    logs = root / "logs.parquet"
-    synthesize(GAMES, seed=11, policies={"sft": 0.6}, rounds=[0], bank=bank).write_parquet(logs)
-    turns = ingest([logs]).turns
-    observed = turns.filter("has_follow_up")
-    feedback = observed.select("game_turn_id", kind=pl.lit("binary"), label=pl.Series(
-        [LABEL_VALUES[follow_up_label(f, ("Positive", "Negative"))] for f in observed["follow_up"]], dtype=pl.Int8))
-    examples = training_set((turns, feedback), None, hp=Hyperparameters(),
+    _, images, turns, feedback = synthetic_round(root, GAMES)
+    examples = training_set((turns, feedback.filter(pl.col("kind") == "binary")), None, hp=Hyperparameters(),
                             variant=Variant(name="x-fft", feedback="binary", objective="fft"))
     model = replica_like("idefics2-8b", root / "model", hidden_size=TEXT[0], layers=TEXT[1], vision=VISION)
     hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH * ACCUMULATED, warmup_steps=0)

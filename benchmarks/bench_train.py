@@ -126,20 +126,27 @@ def _vision_ratio(model: Path) -> float:
     return vision * patches / text
 
 
-def main() -> str:
-    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+def synthetic_round(root: Path, games: int):
+    """The benchmarks' training data: ``games`` synthetic games on the KiloGram tangrams (drawn ones where
+    absent), their turns and the follow-ups' binary and ternary labels; returns (bank, images, turns, feedback)."""
     bank = load_image_bank(DEFAULT_KILOGRAM)
     images = DEFAULT_KILOGRAM / "tangram_pngs"
     if bank.source == "procedural":
         images = root / "images"
         draw_procedural_images(bank, images)
     logs = root / "logs.parquet"
-    synthesize(GAMES, seed=11, policies={"sft": 0.6}, rounds=[0], bank=bank).write_parquet(logs)
+    synthesize(games, seed=11, policies={"sft": 0.6}, rounds=[0], bank=bank).write_parquet(logs)
     turns = ingest([logs]).turns
     observed = turns.filter("has_follow_up")
     feedback = pl.concat([observed.select("game_turn_id", kind=pl.lit(kind), label=pl.Series(
         [LABEL_VALUES[follow_up_label(f, labels)] for f in observed["follow_up"]], dtype=pl.Int8))
         for kind, labels in (("binary", ("Positive", "Negative")), ("ternary", ("Positive", "Neutral", "Negative")))])
+    return bank, images, turns, feedback
+
+
+def main() -> str:
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    bank, images, turns, feedback = synthetic_round(root, GAMES)
     model = replica_like("idefics2-8b", root / "model", hidden_size=TEXT[0], layers=TEXT[1], vision=VISION)
     rows, notes = [], []
     for objective, kind in (("fft", "binary"), ("rl", "ternary")):

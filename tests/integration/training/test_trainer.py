@@ -575,7 +575,7 @@ def test_micro_batches_built_ahead_train_the_same_adapter(round_files, tmp_path)
                       for i in range(3)]
             weights = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model)
                        .named_parameters() if "lora_" in n}
-            assert trainer.waited >= 0
+            assert trainer.waited > 0  # the first micro-batch of each step is always awaited
         outcomes[prefetch] = (losses, weights)
     assert outcomes[True][0] == outcomes[False][0]
     assert all(torch.equal(outcomes[True][1][n], outcomes[False][1][n]) for n in outcomes[False][1])
