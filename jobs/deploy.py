@@ -29,7 +29,13 @@ from respect_hpc.core.io import SPEC_HASH_KEY, atomic_write_parquet, parquet_met
 from respect_hpc.core.text import log_console
 from respect_hpc.domain.multiref import Action, ActionError, format_action, letters_of, parse_action
 from respect_hpc.domain.prompts import policy_template
-from respect_hpc.domain.simulator import SimulatedGame, action_images, description_pool, interaction_row
+from respect_hpc.domain.simulator import (
+    SimulatedGame,
+    action_images,
+    deployed_game_id,
+    description_pool,
+    interaction_row,
+)
 from respect_hpc.domain.synthetic import load_image_bank
 from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
 from respect_hpc.model.loading import load_encoder, load_policy, model_fingerprint
@@ -166,6 +172,7 @@ def run(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
     encoder = load_encoder(manifest.model, manifest.data.images)
     template = policy_template(manifest.policy_template)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(manifest.cluster.stages["deploy"].cpus)  # the task's cores, not the node's
     rows, played = [], {}
     for name, adapter in policies.items():
         numbers = list(range(shard, manifest.games_played(name), n_shards))
@@ -180,7 +187,7 @@ def run(manifest: Manifest, shard: int, n_shards: int) -> dict[str, int]:
                 records = play(model, encoder, template, games, decoding=sim.decoding,
                                objective=_objective(manifest, name))
             for i, game, record in zip(chunk, games, records):
-                game_id = f"sim-r{manifest.round}-{name}-{sim.seed}-{i:06d}"
+                game_id = deployed_game_id(manifest.round, name, sim.seed, i)
                 rows.append(interaction_row(game, game_id, name, manifest.round, record["clicks"], record["probs"]))
             console.print(f"{name}: {min(start + sim.batch, len(numbers))}/{len(numbers)} games of shard {shard}")
         played[name] = len(numbers)

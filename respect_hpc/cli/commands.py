@@ -630,10 +630,10 @@ def demo(manifest_path: Annotated[Path, typer.Argument(help="Seed-round manifest
     taught offline), trains the seed policy, deploys it to a simulated speaker, decodes the speaker's
     follow-ups, trains on that feedback, selects and deploys again; ends with each policy's success with 95%
     intervals, the decoder against the simulator's truth, and whether the trained policy beat the control."""
-    from respect_hpc.simulation.rounds import verdict
+    from respect_hpc.simulation.rounds import round_differences, verdict
 
     if "=" in manifest_path.name and not manifest_path.exists():  # `demo KEY=VALUE...`: the shipped manifest
         manifest_path, overrides = DEMO_MANIFEST, [str(manifest_path), *(overrides or [])]
     m, curve = _chain(manifest_path, overrides, rounds, variants_file(variants), executor)
-    for line in verdict(curve, m.round):
+    for line in verdict(curve, round_differences(m), m.round):
         views.say(line)

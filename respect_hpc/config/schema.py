@@ -416,6 +416,9 @@ class SimulationSection(Strict):
     teach_steps: int = Field(0, ge=0, description="steps of full fine-tuning that teach a policy base built by "
                                                    "`loop` the listener's task on the seed half of the "
                                                    "descriptions (0: the base keeps random weights)")
+    decoder_steps: int = Field(1000, ge=1, description="steps of full fine-tuning that teach a decoder built by "
+                                                       "`loop` the decoder's answers (fewer can leave it calling "
+                                                       "most rejections positive)")
     decoding: Literal["official", "constrained"] = Field(
         "official", description="official, as the official bots deploy: the legal tokens only (FFT and RL "
                                 "variants, the seed policy) or the official state-agnostic regex (KTO), an "

@@ -188,6 +188,15 @@ def human_action(game: SimulatedGame, rng: random.Random, skill: float) -> tuple
     return frozenset(), frozenset({rng.choice(free)})
 
 
+GAME_NUMBER = r"-(\d{6})$"  # the end of a simulated game's id: its number, the same game for every policy
+
+
+def deployed_game_id(round_: int, policy: str, seed: int, number: int) -> str:
+    """The id of a policy's simulated game ``number`` of a round (game ``number`` shows every policy of the
+    round the same tangrams and targets, and its speaker starts from the same draws)."""
+    return f"sim-r{round_}-{policy}-{seed}-{number:06d}"
+
+
 def interaction_row(game: SimulatedGame, game_id: str, policy: str, round_: int, clicks: list[list[str]],
                     probabilities: list[float | None]) -> dict:
     """A finished game in the public interaction layout, with the simulator's truth of each turn."""

@@ -18,7 +18,6 @@ from respect_hpc.domain.prompts import DECODER_TEMPLATES
 from respect_hpc.model.loading import load_text_model, load_tokenizer
 
 DECODER_LESSON_SKILL = 0.5  # the simulated setting's decoder learns on games of a person often wrong
-DECODER_LESSON_STEPS = 1000  # fewer can leave it calling most rejections positive
 
 
 def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> None:
@@ -64,8 +63,8 @@ def teach_label_words(folder: Path, turns, steps: int = 300, seed: int = 0) -> N
     model.save_pretrained(folder)
 
 
-def teach_decoder(folder: Path, descriptions: dict[str, list[str]], settings, games: int) -> None:
-    """Teach a replica a simulated setting's decoder: :func:`teach_label_words` for ``DECODER_LESSON_STEPS``
+def teach_decoder(folder: Path, descriptions: dict[str, list[str]], settings, games: int, steps: int) -> None:
+    """Teach a replica a simulated setting's decoder: :func:`teach_label_words` for ``steps``
     steps on ``games`` simulated games of a person often wrong (``DECODER_LESSON_SKILL``: about 40% of the
     actions wrong, so that it sees rejections)."""
     import tempfile
@@ -79,7 +78,7 @@ def teach_decoder(folder: Path, descriptions: dict[str, list[str]], settings, ga
         lessons = Path(tmp) / "lessons.parquet"
         pl.DataFrame(human_games(games, descriptions, settings, seed=3, skill=DECODER_LESSON_SKILL)).drop(
             "truth").write_parquet(lessons)
-        teach_label_words(folder, ingest([lessons], policies=None).turns, steps=DECODER_LESSON_STEPS)
+        teach_label_words(folder, ingest([lessons], policies=None).turns, steps=steps)
 
 
 def listener_examples(rng: random.Random, descriptions: dict[str, list[str]], settings, template, n: int,

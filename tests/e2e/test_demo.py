@@ -1,7 +1,7 @@
 """The README's first command: the demo (the quick simulated setting, scaled down further here through
 KEY=VALUE overrides) from nothing to round 1's verdict against the control, then a rerun that submits
 nothing. Whether the trained policy beats the control at the shipped size is measured by `make demo` and
-recorded in benchmarks/RESULTS.md (bench_demo); this test checks the whole path and its summary."""
+recorded in benchmarks/RESULTS.md (benchmarks/bench_demo.py); this test checks the whole path and its summary."""
 
 import polars as pl
 import pytest
@@ -26,7 +26,8 @@ def test_the_demo_runs_the_seed_round_and_round_one_and_says_what_it_shows(tmp_p
     done = cli("demo", manifest, *small)
     assert done.returncode == 0, done.stderr
     for shown in ("simulated deployments of demo, rounds 0 to 1", "decoded feedback against the simulator's truth",
-                  "round 1: b-fft succeeds in", "the control (the seed policy) in", "simulated: the speaker is a "
+                  "round 1: b-fft succeeds in", "the control (the seed policy) in", "on the 12 games both played",
+                  "simulated: the speaker is a "
                   "program"):
         assert shown in " ".join(done.stdout.split()), shown
     run = tmp_path / "runs" / "demo"

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from respect_hpc.config.schema import ModelSection
+from respect_hpc.config.schema import ModelSection, SimulationSection
 from respect_hpc.domain.multiref import images_of, parse_action
 from respect_hpc.domain.prompts import policy_template
 from respect_hpc.domain.simulator import SpeakerSettings, description_pool
@@ -109,7 +109,7 @@ def test_the_simulated_settings_decoder_reads_the_speakers_feedback(bank, tmp_pa
     settings = SpeakerSettings(pool="seed", order="fixed", credit="asked")
     descriptions = description_pool(bank.descriptions, "seed", 10, per_image=4)
     folder = replica_like("idefics2-8b", tmp_path / "decoder")
-    teach_decoder(folder, descriptions, settings, 200)
+    teach_decoder(folder, descriptions, settings, 200, SimulationSection.model_fields["decoder_steps"].default)
     spec = ModelSection(path=folder, dtype="fp32")
     model, tokenizer = load_text_model(spec).eval(), load_tokenizer(spec)
     template = decoder_template("respect-binary@2")
