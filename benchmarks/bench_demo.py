@@ -42,7 +42,7 @@ def main() -> str:
     tasks = pl.concat([costs(root / "runs" / "demo" / f"round-{r}" / "timings", r) for r in (0, 1)])
     stages = "\n".join(f"| {r['round']} | {r['stage']} | {r['task']} | {3600 * r['elapsed_h']:.1f} |"
                        for r in tasks.filter(pl.col("elapsed_h") * 3600 >= 1).sort("round", "stage").iter_rows(named=True))
-    table = out[out.find("simulated deployments of demo"):out.find("simulated: the speaker")]
+    table = out[out.find("simulated deployments of demo"):out.find("round 1: b-fft")]
     ending = [line for line in lines if line.startswith(("round 1: b-fft", "simulated: "))]
     return f"""## The demo from nothing (issue: what researchers expect around a run)
 
