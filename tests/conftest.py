@@ -21,6 +21,21 @@ class Done:
     stderr: str
 
 
+MULTIMODAL = ["idefics2-8b", "smolvlm"]  # the interfaces (one a family) every model stage is tested on
+
+
+def multimodal_replica(like: str, folder: Path) -> Path:
+    """A tiny replica of ``like``; skips, saying why, where the package of its tokenizer is missing (`make venv`
+    installs every one)."""
+    from respect_hpc.model.families import FamilyError
+    from respect_hpc.model.replica import replica_like
+
+    try:
+        return replica_like(like, folder)
+    except FamilyError as exc:
+        pytest.skip(str(exc))
+
+
 def cli(*args, cwd: Path | None = None) -> Done:
     """``respect-hpc ARGS`` in this process (typer's CliRunner): its exit status, stdout and stderr. Tests where a
     real process is the point (signals, kills, the installed entry point) start one themselves."""

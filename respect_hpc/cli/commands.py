@@ -39,7 +39,7 @@ from respect_hpc.config.loading import ManifestError, load_manifest
 from respect_hpc.core.errors import RespectError
 from respect_hpc.domain.multiref import DEFAULT_MAX_TURNS
 from respect_hpc.domain.policies import PUBLIC_POLICIES
-from respect_hpc.model.families import interfaces
+from respect_hpc.model.families import interfaces, model_problems
 from respect_hpc.report import N_RESAMPLES
 
 DEMO_MANIFEST = Path("manifests/demo.yaml")
@@ -75,7 +75,7 @@ def validate(manifest_path: ManifestArg, overrides: Overrides = None,
     """Check a round manifest: prints ok, or one FILE:LINE: field: problem line each (or, for a KEY=VALUE
     override, the override: field: problem) and exits 2."""
     try:
-        load_manifest(manifest_path, check_files=files, overrides=overrides or ())
+        load_manifest(manifest_path, check_files=files, overrides=overrides or (), checks=model_problems)
     except ManifestError as exc:
         for problem in exc.problems:
             views.say(problem)

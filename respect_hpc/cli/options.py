@@ -14,6 +14,7 @@ import typer
 from respect_hpc.config.loading import ManifestError, load_manifest, load_part
 from respect_hpc.config.schema import ClusterSection, Manifest, Variant
 from respect_hpc.core.errors import RespectError
+from respect_hpc.model.families import model_problems
 
 EXECUTORS = ("local", "slurm", "debug")
 
@@ -54,7 +55,7 @@ def manifest(path: Path, executor: str | None = None, *, workdir: Path | None = 
     """A manifest as a command runs it (``KEY=VALUE`` overrides, ``--workdir`` and ``--cluster`` applied); its
     first problem as the error otherwise."""
     try:
-        m = load_manifest(path, check_files=check_files, overrides=overrides or ())
+        m = load_manifest(path, check_files=check_files, overrides=overrides or (), checks=model_problems)
         profile = load_part(cluster, ClusterSection, key="cluster") if cluster is not None else None
     except ManifestError as exc:
         raise OptionError(first_problem(exc)) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -356,9 +356,11 @@ def load_part(path: str | Path, kind, key: str | None = None):
     return value
 
 
-def load_manifest(path: str | Path, *, check_files: bool = True, overrides: Sequence[str] = ()) -> Manifest:
+def load_manifest(path: str | Path, *, check_files: bool = True, overrides: Sequence[str] = (),
+                  checks: Callable[[Manifest], list[tuple[tuple, str]]] | None = None) -> Manifest:
     """Read and validate a manifest, ``overrides`` (``KEY=VALUE``) applied; raises :class:`ManifestError` listing
-    every problem."""
+    every problem. With ``check_files``, ``checks`` (from a higher layer: what the named files hold, such as a
+    model's family) adds its (field location, problem) pairs, each reported at its line."""
     path = Path(path)
     root, raw, duplicates = _read_yaml(path)
     problems = [f"{path}:{line}: {_loc_text(loc)}: duplicate key" for loc, line in duplicates]
@@ -396,8 +398,11 @@ def load_manifest(path: str | Path, *, check_files: bool = True, overrides: Sequ
                                 f"inside {_loc_text(loc)} '{target}': its outputs would be read back as inputs; "
                                 "put workdir elsewhere")
     if check_files and manifest is not None and not problems:  # where the run directory is must be settled first
-        problems += [f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}"
-                     for loc, problem in _missing_previous(manifest)]
+        for loc, problem in [*_missing_previous(manifest), *(checks(manifest) if checks else [])]:
+            if where(loc):
+                given.append(f"{where(loc)}: {problem}")
+            else:
+                problems.append(f"{path}:{_line_of(root, loc)}: {_loc_text(loc)}: {problem}")
     if given or problems or manifest is None:
         raise ManifestError(given + sorted(problems, key=lambda p: int(p[len(str(path)) + 1:].split(":", 1)[0])))
     return manifest

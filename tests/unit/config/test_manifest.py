@@ -231,6 +231,8 @@ def test_shipped_manifests_validate():
     for name in ("paper-b-fft-round1.yaml", "paper-seed-round0.yaml"):  # each names its preset
         assert "\n  preset: paper" in (MANIFESTS / name).read_text()
         assert load_manifest(MANIFESTS / name, check_files=False).training.preset == "paper"
+    smolvlm = load_manifest(MANIFESTS / "smolvlm-b-fft-round1.yaml", check_files=False)
+    assert smolvlm.model.path.name == "SmolVLM-Instruct" and smolvlm.decoder_model.path.name == "idefics2-8b"
     demo = load_manifest(MANIFESTS / "demo.yaml", check_files=False)
     assert demo.cluster.executor == "local" and demo.simulation is not None
     assert demo.data.images == demo.simulation.kilogram / "tangram_pngs"
