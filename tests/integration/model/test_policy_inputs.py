@@ -202,3 +202,21 @@ def test_a_smolvlm_policy_generates_only_legal_actions_when_constrained(smolvlm,
         out = generate_actions(model, encoder, [view] * 6, [state] * 6, legal=legal, constrained=True)
     assert all(action_prefix(g.text, 10, state.selected) == "complete" for g in out), [g.text for g in out]
     assert all(0 < g.probability <= 1 for g in out)
+
+
+def test_a_smolvlm_replica_with_fewer_image_tokens_has_crops_that_give_them(smolvlm, images, tmp_path):
+    """image_tokens sizes an Idefics3 crop (vision image_size and the processor's max_image_size together) so
+    that the pixel shuffle gives that many tokens: 4 tokens, scale 3, patch 14 -> 84 px crops."""
+    from respect_hpc.model.families import FamilyError
+    from respect_hpc.model.replica import replica_from
+
+    small = replica_from(smolvlm, tmp_path / "small", image_tokens=4)
+    encoder = encoder_for(small, images)
+    item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
+    encoder.check(item)
+    assert item.input_ids.count(encoder.image_token_id) == 10 * 4
+    batch = encoder.collate([item])
+    assert tuple(batch["pixel_values"].shape[-2:]) == (84, 84)
+    assert forward(small, batch).shape == (1, 3, 49192)
+    with pytest.raises(FamilyError, match="an Idefics3 crop gives a square number of tokens"):
+        replica_from(smolvlm, tmp_path / "odd", image_tokens=5)
