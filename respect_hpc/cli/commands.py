@@ -537,10 +537,12 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
            round_: Annotated[int | None, typer.Option("--round", help="Round (default: the latest submitted).")]
            = None) -> None:
     """Tasks per stage (done, pending, running, failed, cancelled) from the scheduler, with each failed
-    task's last error line and log."""
+    task's last error line and log; then the round's wall time and GPU-hours per stage and variant (from sacct
+    on Slurm, from the tasks' own timings elsewhere)."""
     from pydantic import ValidationError
 
     from respect_hpc.cluster.controller import Controller, read_manifest_lock
+    from respect_hpc.cluster.scheduler import slurm_costs
     from respect_hpc.config.schema import Manifest
     from respect_hpc.core.costs import costs
     from respect_hpc.core.rundir import RunDir
@@ -558,9 +560,12 @@ def status(run_dir: Annotated[Path, typer.Argument(help="Run directory (<workdir
     m = m.model_copy(update={"workdir": run_dir.absolute().parent, "experiment": run_dir.absolute().name,
                              **({} if round_ is None else {"round": round_})})
     views.status_table(f"{run_dir} round {m.round}", Controller(m).status())
-    spent = costs(m.run_dir.timings(m.round), m.round)
+    spent, source = slurm_costs(m.run_dir.jobs_record(m.round), m.round), "sacct's Elapsed and AllocTRES"
+    if spent is None:
+        spent, source = costs(m.run_dir.timings(m.round), m.round), "the tasks' own timings"
     if spent.height:
-        views.cost_table(spent, f"round {m.round}: wall time and GPU-hours of the tasks that ran (every attempt)")
+        views.cost_table(spent, f"round {m.round}: wall time and GPU-hours of the tasks that ran (every attempt; "
+                                f"{source})")
 
 
 @app.command("tiny-model")

@@ -5,7 +5,8 @@ since) and each round's ``jobs.json`` (every submission: stage, task key -> job 
 
 Task states come from the scheduler (squeue for live jobs, sacct for ended ones)
 for Slurm jobs, and from the process table for local ones; a task whose
-output is current is done whatever the scheduler says.
+output is current is done whatever the scheduler says. What Slurm jobs cost (elapsed time, GPUs allocated,
+every attempt) comes from sacct too.
 """
 
 from __future__ import annotations
@@ -175,6 +176,54 @@ def read_states(sacct: str | None, squeue: str) -> dict[str, SchedulerState]:
 def _fields(output: str) -> list[tuple[str, str, str]]:
     """``JOB|STATE|REASON`` lines of sacct -P or squeue -o as triples."""
     return [tuple((line.split("|") + ["", "", ""])[:3]) for line in output.splitlines() if line.strip()]
+
+
+def slurm_usage(job_ids: list[str]) -> str | None:
+    """What ``sacct -n -P -X -D -o JobID,ElapsedRaw,AllocTRES`` prints for the jobs (every attempt of each:
+    ``-D`` keeps the ones a requeue replaced), or None where accounting does not answer."""
+    if not job_ids:
+        return ""
+    ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    try:
+        sacct = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,ElapsedRaw,AllocTRES"],
+                               capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    return sacct.stdout if sacct.returncode == 0 else None
+
+
+def read_usage(sacct: str) -> dict[str, list[tuple[int, int]]]:
+    """Job or array task id -> (elapsed seconds, GPUs allocated) of each attempt, from :func:`slurm_usage`'s
+    lines. GPUs are AllocTRES's ``gres/gpu=N`` (or its typed ``gres/gpu:TYPE=N`` where only that is given);
+    an attempt that never started has no elapsed time."""
+    usage: dict[str, list[tuple[int, int]]] = {}
+    for job, elapsed, tres in _fields(sacct):
+        counts = {typed: int(n) for typed, n in re.findall(r"gres/gpu(:[^=,]+)?=(\d+)", tres)}
+        gpus = counts.get("", max(counts.values(), default=0))
+        for one in _expand(job):
+            usage.setdefault(one, []).append((int(elapsed) if elapsed.isdigit() else 0, gpus))
+    return usage
+
+
+def slurm_costs(jobs: Path, round_: int):
+    """Per (stage, task) of a round's Slurm submissions (``jobs``: its jobs.json), as :data:`~respect_hpc.core.
+    costs.COSTS`: attempts, wall hours and GPU-hours from sacct's ElapsedRaw and AllocTRES, every submission and
+    requeue of the task counted; None where the round submitted nothing to Slurm or accounting does not answer."""
+    import polars as pl
+
+    from respect_hpc.core.costs import COSTS
+
+    submitted = [(r["stage"], key, job) for r in read_jobs(jobs) if r["executor"] == "slurm"
+                 for key, job in r["tasks"].items()]
+    text = slurm_usage([job for *_, job in submitted]) if submitted else None
+    if text is None:
+        return None
+    usage, attempts = read_usage(text), {}
+    for stage, key, job in submitted:
+        attempts.setdefault((stage, key), []).extend(usage.get(job, []))
+    rows = [(round_, stage, key, len(a), sum(e for e, _ in a) / 3600, sum(e * g for e, g in a) / 3600)
+            for (stage, key), a in attempts.items() if a]
+    return pl.DataFrame(rows, schema=COSTS, orient="row")
 
 
 def local_state(job_id: str) -> SchedulerState:

@@ -5,6 +5,7 @@ what it started; elsewhere the tests skip, saying why.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,10 @@ def test_a_tiny_round_on_slurm_with_a_failure_a_preemption_a_retry_and_a_rerun(s
     shown = cli("status", tmp_path / "runs" / "tiny")
     assert "train b-kto/seed-1: failed: variant b-kto: continues from the previous round's adapter" in shown.stdout
     assert "select select: cancelled" in shown.stdout
+    # the round's cost from accounting: every attempt, the preempted task's requeue too (no GPUs here)
+    assert "sacct's Elapsed and AllocTRES" in " ".join(shown.stdout.split()), shown.stdout
+    attempts = re.search(r"│ train b-fft\s+│\s+2 │\s+(\d+) │\s+([\d.]+) │\s+0\.000 │", shown.stdout)
+    assert attempts and int(attempts.group(1)) >= 3 and float(attempts.group(2)) > 0, shown.stdout
 
     with pytest.raises(ControllerError, match="run again with --retry"):
         controller.run()

@@ -130,3 +130,44 @@ def test_lock_refuses_a_second_controller_and_takes_over_a_stale_one(tmp_path):
         pass
     assert notes and notes[0].startswith(f"stale lock: {lock} was left by pid")
     assert not lock.exists()
+
+
+# `sacct -n -P -X -D -j 40,41,42 -o JobID,ElapsedRaw,AllocTRES`: an array task requeued once (two attempts, -D),
+# a GPU array whose TRES names the generic and the typed count, a task whose TRES gives only the typed count,
+# pending tasks shown collapsed (never started: no TRES)
+USAGE = """40_0|12|billing=1,cpu=1,mem=4G,node=1
+40_0|95|billing=1,cpu=1,mem=4G,node=1
+41_0|3600|billing=8,cpu=8,gres/gpu=4,gres/gpu:a100=4,mem=256G,node=1
+41_1|1800|billing=8,cpu=8,gres/gpu:h100=2,mem=256G,node=1
+42_[0-1]|0|
+"""
+
+
+def test_usage_counts_every_attempt_and_the_gpus_slurm_allocated():
+    from respect_hpc.cluster.scheduler import read_usage
+
+    usage = read_usage(USAGE)
+    assert usage["40_0"] == [(12, 0), (95, 0)]
+    assert usage["41_0"] == [(3600, 4)] and usage["41_1"] == [(1800, 2)]
+    assert usage["42_0"] == usage["42_1"] == [(0, 0)]
+
+
+def test_slurm_costs_sum_attempts_per_task_of_every_submission(tmp_path, monkeypatch):
+    """The round's jobs.json names the tasks; sacct (its recorded output: no Slurm here) gives their usage."""
+    import respect_hpc.cluster.scheduler as scheduler
+
+    jobs = tmp_path / "jobs.json"
+    record(jobs, "train", "slurm", {"b-fft/seed-1": "41_0", "b-fft/seed-2": "41_1"}, tmp_path)
+    record(jobs, "ingest", "slurm", {"ingest": "40_0"}, tmp_path)
+    record(jobs, "train", "slurm", {"b-fft/seed-1": "42_0"}, tmp_path)  # a retry still pending: an attempt, no time yet
+    monkeypatch.setattr(scheduler, "slurm_usage", lambda ids: USAGE)
+    spent = scheduler.slurm_costs(jobs, 1).sort("stage", "task")
+    assert spent.select("stage", "task", "attempts").rows() == [
+        ("ingest", "ingest", 2), ("train", "b-fft/seed-1", 2), ("train", "b-fft/seed-2", 1)]
+    assert spent["elapsed_h"].to_list() == [107 / 3600, 1.0, 0.5]
+    assert spent["gpu_hours"].to_list() == [0.0, 4.0, 1.0]
+    monkeypatch.setattr(scheduler, "slurm_usage", lambda ids: None)  # accounting does not answer
+    assert scheduler.slurm_costs(jobs, 1) is None
+    local = tmp_path / "local.json"
+    record(local, "train", "local", {"b-fft/seed-1": "1234"}, tmp_path)
+    assert scheduler.slurm_costs(local, 1) is None
