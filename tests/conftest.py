@@ -21,7 +21,7 @@ class Done:
     stderr: str
 
 
-MULTIMODAL = ["idefics2-8b", "smolvlm"]  # the interfaces (one a family) every model stage is tested on
+MULTIMODAL = ["idefics2-8b", "smolvlm", "qwen2.5-vl"]  # the interfaces (one a family) every model stage is tested on
 
 
 def multimodal_replica(like: str, folder: Path) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from respect_hpc.domain.multiref import LETTERS, action_prefix
-from respect_hpc.model.policy_inputs import PolicyEncoder, PolicyView
+from respect_hpc.model.policy_inputs import PolicyEncoder, PolicyView, model_inputs
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,16 @@ class GameState:
 
 
 def legal_token_ids(encoder: PolicyEncoder, view: PolicyView) -> list[int]:
-    """The tokens actions are made of, as the policy's answers tokenize in context, and the end tokens."""
+    """The tokens actions are made of, as the policy's answers tokenize in context (an answer opening with
+    either verb: a tokenizer may split a verb at the start of the answer otherwise than after a space), and the
+    end tokens."""
     letters = " ".join(LETTERS[:len(view.images) or 10])
-    every = PolicyView(view.messages, view.images, f"deselect {letters} select {letters}")
-    encoded = encoder.encode(every)
-    (start, length), = encoded.answers
-    ends = {encoder.end_id, encoder.tokenizer.eos_token_id} - {None}
-    return sorted(set(encoded.input_ids[start:start + length]) | ends)
+    legal = {encoder.end_id, encoder.tokenizer.eos_token_id} - {None}
+    for action in (f"deselect {letters} select {letters}", f"select {letters}"):
+        encoded = encoder.encode(PolicyView(view.messages, view.images, action))
+        (start, length), = encoded.answers
+        legal |= set(encoded.input_ids[start:start + length])
+    return sorted(legal)
 
 
 class ActionLogits:
@@ -93,9 +96,7 @@ def generate_actions(model, encoder: PolicyEncoder, views: list[PolicyView], sta
     inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
               "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
     if encoder.multimodal:
-        images = encoder.image_batch([view.images for view in views])
-        inputs["pixel_values"] = images["pixel_values"].to(next(model.parameters()).dtype)
-        inputs["pixel_attention_mask"] = images["pixel_attention_mask"]
+        inputs = model_inputs(model, {**inputs, **encoder.image_inputs(inputs["input_ids"], [v.images for v in views])})
     inputs = {k: v.to(device) for k, v in inputs.items()}
     ends = {encoder.end_id, tokenizer.eos_token_id} - {None}
     processor = ActionLogits(tokenizer, legal, ends, width, states if constrained else None)

@@ -145,7 +145,7 @@ def load_processor(spec: ModelSection):
     family = model_family(spec)
     if not family.multimodal:
         return None
-    processor = AutoProcessor.from_pretrained(spec.path)
+    processor = (family.load_processor or AutoProcessor.from_pretrained)(spec.path)
     family.configure_processor(processor, spec.image_size, spec.image_splitting)
     return processor
 

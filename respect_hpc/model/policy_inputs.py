@@ -176,7 +176,8 @@ class PolicyEncoder:
         return Encoded(sequence, tuple(reversed(spans)), views[-1].images if self.multimodal else [])
 
     def pixels(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """An image's crops (one, or five with splitting) and their pixel masks."""
+        """An image's crops (one, or five with splitting) and their pixel masks, or in a family of flattened
+        patches (Qwen2-VL) its patches and their (t, h, w) grid."""
         if image not in self._pixels:
             from PIL import Image
 
@@ -184,27 +185,38 @@ class PolicyEncoder:
             problem = image_problem(path)
             if problem:
                 raise PolicyDataError(f"data.images: '{path}': {problem}")
-            tiles = {"return_row_col_info": True} if self.family.image_text is not None else {}
             with Image.open(path) as picture:
-                out = self.processor.image_processor(images=[[picture.convert("RGB")]], return_tensors="pt",
-                                                     **tiles)
+                picture = picture.convert("RGB")
+            if self.family.grid_tokens is not None:
+                out = self.processor.image_processor(images=[picture], return_tensors="pt")
+                self._pixels[image] = (out["pixel_values"], out["image_grid_thw"][0])
+                self._tiles[image] = tuple(out["image_grid_thw"][0].tolist())
+                return self._pixels[image]
+            tiles = {"return_row_col_info": True} if self.family.image_text is not None else {}
+            out = self.processor.image_processor(images=[[picture]], return_tensors="pt", **tiles)
             self._pixels[image] = (out["pixel_values"][0], out["pixel_attention_mask"][0].bool())
             if tiles:
                 self._tiles[image] = (out["rows"][0][0], out["cols"][0][0])
         return self._pixels[image]
+
+    def image_tokens(self, image: str) -> int:
+        """How many image tokens ``image`` becomes in the text."""
+        values, layout = self.pixels(image)
+        if self.family.grid_tokens is not None:
+            return self.family.grid_tokens(self.processor, layout)
+        return values.shape[0] * self.family.image_tokens_per_crop(self.processor)
 
     def check(self, item: Encoded) -> None:
         """Refuses an example whose text has image tokens for another number of crops than its pixels have."""
         if not self.multimodal:
             return
         tokens = item.input_ids.count(self.image_token_id)
-        crops = sum(self.pixels(name)[0].shape[0] for name in item.images)
-        per_crop = self.family.image_tokens_per_crop(self.processor)
-        if tokens != crops * per_crop:
+        expected = sum(self.image_tokens(name) for name in item.images)
+        if tokens != expected:
             raise PolicyDataError(
                 f"image tokens do not match the pixels: the prompt has {tokens} {self.family.image_token} tokens, the "
-                f"{len(item.images)} images give {crops} crops x {per_crop} = {crops * per_crop} (check "
-                "model.image_splitting and the processor's image_seq_len)")
+                f"{len(item.images)} images give {expected} (check model.image_splitting and the processor's "
+                "image settings)")
 
     def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         """Left-padded ids (to the longest item) and, per answer (all answers of all items,
@@ -231,13 +243,25 @@ class PolicyEncoder:
             answer_index[a, :length] = flat[row, start - 1:start + length - 1]
         batch = {
             "input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
             "answer_mask": answer_mask, "answer_index": answer_index,
             "targets": targets, "target_mask": target_mask,
         }
+        if self.family.grid_tokens is None:  # a family of patch grids has 3-D positions the model computes
+            batch["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if self.multimodal:
-            batch.update(self.image_batch([e.images for e in items]))
+            batch.update(self.image_inputs(input_ids, [e.images for e in items]))
         return batch
+
+    def image_inputs(self, input_ids: torch.Tensor, images: list[list[str]]) -> dict[str, torch.Tensor]:
+        """The model's image inputs for a batch of ids (each row's images in prompt order). A family of patch
+        grids (Qwen2-VL) also gets ``mm_token_type_ids``, from which the model computes its 3-D positions (left
+        padding skipped)."""
+        if self.family.grid_tokens is None:
+            return self.image_batch(images)
+        pixels = [self.pixels(name) for names in images for name in names]
+        return {"pixel_values": torch.cat([values for values, _ in pixels]),
+                "image_grid_thw": torch.stack([grid for _, grid in pixels]),
+                "mm_token_type_ids": (input_ids == self.image_token_id).int()}
 
     def image_batch(self, images: list[list[str]]) -> dict[str, torch.Tensor]:
         """Every sequence's crops in prompt order, zero-padded to the most crops (the model drops padding
@@ -255,10 +279,18 @@ class PolicyEncoder:
         return {"pixel_values": values, "pixel_attention_mask": masks}
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "pixel_attention_mask",
+                "image_grid_thw", "mm_token_type_ids")
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What of a batch the model reads (pixels in the model's dtype)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    return inputs
+
+
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(A, T, V): the logits that predict each answer's tokens, computed at those positions only."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "pixel_values" in batch:
-        inputs["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-        inputs["pixel_attention_mask"] = batch["pixel_attention_mask"]
-    return model(**inputs, logits_to_keep=batch["answer_mask"]).logits[batch["answer_index"]]
+    return model(**model_inputs(model, batch), logits_to_keep=batch["answer_mask"]).logits[batch["answer_index"]]

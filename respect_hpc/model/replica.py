@@ -73,15 +73,37 @@ def scaled_config(config: dict, text_sizes: dict = TEXT_SIZE, vision_sizes: dict
     if "text_config" in config:
         text = _scaled(config["text_config"], text_sizes)
         out = {**config, "text_config": text}
-        if "vision_config" in config:
-            out["vision_config"] = _scaled(config["vision_config"], vision_sizes)
-        for section, sizes in family_of(config).replica_sizes.items():  # e.g. IDEFICS2's perceiver
-            if section in config:
-                out[section] = {**_scaled(config[section], sizes), "hidden_size": text["hidden_size"]}
-        return out
-    if not any(k in config for k in TEXT_SIZE):
+    elif any(k in config for k in TEXT_SIZE):  # the text model's settings at the top (a causal LM, Qwen2-VL)
+        out = text = _scaled(config, text_sizes)
+    else:
         raise ReplicaError("config.json names none of " + ", ".join(TEXT_SIZE) + ": cannot scale this model down")
-    return _scaled(config, text_sizes)
+    if "vision_config" in config:
+        out["vision_config"] = _scaled(config["vision_config"], vision_sizes)
+    family = family_of(config)
+    for section, sizes in family.replica_sizes.items():  # e.g. IDEFICS2's perceiver
+        if section in config:
+            out[section] = {**_scaled(config[section], sizes), "hidden_size": text["hidden_size"]}
+    if family.scale_config is not None:
+        family.scale_config(out, text_sizes, vision_sizes)
+    return out
+
+
+def _set_image_tokens(config: dict, folder: Path, tokens: int, source: Path) -> None:
+    """The family's image token count written into the replica's config and processor config (a processor's
+    ``processor_config.json``, or an image processor's own ``preprocessor_config.json``)."""
+    family = family_of(config)
+    processor_file, images_file = folder / "processor_config.json", folder / "preprocessor_config.json"
+    if family.set_image_tokens is None or not (processor_file.is_file() or images_file.is_file()):
+        raise ReplicaError(f"image_tokens: the {family.name} family of '{source}' sets no image token count "
+                           "(or the folder has no processor config)")
+    if processor_file.is_file():
+        processor = json.loads(processor_file.read_text())
+        family.set_image_tokens(config, processor, tokens)
+        processor_file.write_text(json.dumps(processor, indent=2))
+    else:
+        processor = {"image_processor": json.loads(images_file.read_text())}
+        family.set_image_tokens(config, processor, tokens)
+        images_file.write_text(json.dumps(processor["image_processor"], indent=2))
 
 
 def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidden_size: int = 64,
@@ -106,14 +128,7 @@ def replica_from(source: str | Path, folder: str | Path, *, seed: int = 0, hidde
                 and path.name != "config.json":
             shutil.copy(path, folder / path.name)
     if image_tokens is not None:
-        processor_file = folder / "processor_config.json"
-        family = family_of(config)
-        if family.set_image_tokens is None or not processor_file.is_file():
-            raise ReplicaError(f"image_tokens: the {family.name} family of '{source}' sets no image token count "
-                               "(or the folder has no processor config)")
-        processor = json.loads(processor_file.read_text())
-        family.set_image_tokens(config, processor, image_tokens)
-        processor_file.write_text(json.dumps(processor, indent=2))
+        _set_image_tokens(config, folder, image_tokens, source)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     loaded = AutoConfig.from_pretrained(folder)
     torch.manual_seed(seed)

