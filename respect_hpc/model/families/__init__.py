@@ -31,6 +31,7 @@ class Family:
     lora_targets: dict[str, str]          # LoRA placement -> regex of target module names (PEFT)
     end_of_turn: str | None = None        # the token that ends a chat message, where the tokenizer has one
     image_token: str | None = None        # the placeholder the processor expands into image tokens
+    splits_images: bool = True            # whether model.image_splitting may be on
     vision_tower: str | None = None       # the last part of the frozen vision model's module name
     load_processor: Callable | None = None  # folder -> processor, where AutoProcessor is not the way
     configure_processor: Callable | None = None  # (processor, image_size, image_splitting) -> None
@@ -69,19 +70,24 @@ def family_of(config: dict) -> Family:
 
 def model_problems(m) -> list[tuple[tuple, str]]:
     """A manifest's models (``m``: a :class:`~respect_hpc.config.schema.Manifest`) whose checkpoint is of a
-    multimodal family respect-hpc does not know, as (field location, problem); ``validate`` and every command
-    that reads a manifest report them at their line."""
+    multimodal family respect-hpc does not know, or asks image splitting of a family without it, as (field
+    location, problem); ``validate`` and every command that reads a manifest report them at their line."""
     problems = []
     for loc, spec in ((("model", "path"), m.model), (("decoder", "model", "path"), m.decoder.model)):
         config = spec.path / "config.json" if spec is not None and not spec.gguf_file else None
         if config is None or not config.is_file():
             continue
         try:
-            family_of(json.loads(config.read_text()))
+            family = family_of(json.loads(config.read_text()))
         except FamilyError as exc:
             problems.append((loc, str(exc)))
+            continue
         except ValueError:
             problems.append((loc, f"'{config}' is not valid JSON"))
+            continue
+        if spec.image_splitting and family.multimodal and not family.splits_images:
+            problems.append(((*loc[:-1], "image_splitting"), f"the {family.name} family does not split images "
+                                                              "(expected false)"))
     return problems
 
 

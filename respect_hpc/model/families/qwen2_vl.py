@@ -202,7 +202,7 @@ FAMILY = Family(
         # also the vision blocks' attention output and MLP
         "enhanced": rf".*language_model.*{_PAPER_TEXT}$|{_CONNECTOR}$|{_VISION}$",
     },
-    end_of_turn="<|im_end|>", image_token="<|image_pad|>",
+    end_of_turn="<|im_end|>", image_token="<|image_pad|>", splits_images=False,
     load_processor=load_processor, configure_processor=configure_processor, interfaces=("qwen2.5-vl",), write_interface=write_interface,
     set_image_tokens=set_image_tokens, image_text=image_text, scale_config=scale_config,
     grid_tokens=grid_tokens,

@@ -10,13 +10,18 @@ from conftest import MULTIMODAL, multimodal_replica, write_round
 import jobs.train
 from respect_hpc.config.loading import load_manifest
 from respect_hpc.core.rundir import TaskDir
+from respect_hpc.model.families import interface_family
 from respect_hpc.model.loading import load_policy
 from respect_hpc.model.policy_inputs import answer_logits
 from respect_hpc.model.vision_cache import CachedVision, cache_vision
 from respect_hpc.training.trainer import Trainer
 
 
-@pytest.fixture(scope="module", params=MULTIMODAL)
+# the interfaces whose family has a vision tower apart from its connector (Qwen2-VL's merger sits inside its tower)
+FROZEN_TOWER = [like for like in MULTIMODAL if interface_family(like).vision_tower is not None]
+
+
+@pytest.fixture(scope="module", params=FROZEN_TOWER)
 def round_files(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("vision")
     return write_round(root, model=multimodal_replica(request.param, root / "model"))
@@ -85,3 +90,15 @@ def test_a_vision_model_that_trains_is_never_cached(round_files, tmp_path):
     paper = load_policy(m.model, placement="paper")
     assert isinstance(cache_vision(paper, tmp_path, "vision_model"), CachedVision)
     assert sum(isinstance(x, CachedVision) for x in paper.modules()) == 1
+
+
+def test_qwen_trains_its_merger_so_its_vision_tower_is_never_cached(tmp_path):
+    """The official placement's intent puts LoRA in Qwen2-VL's connector, the merger at the end of its vision
+    tower: the tower is not frozen, and training runs without the cache (the same trainer, asked for it)."""
+    root = tmp_path / "round"
+    with trainer_for(write_round(root, model=multimodal_replica("qwen2.5-vl", root / "model")), tmp_path / "out",
+                     tmp_path / "cache") as trainer:
+        assert trainer.vision_cache is None and not (tmp_path / "cache").exists()
+        trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any(".visual.merger.mlp.0.lora_A" in name for name in trained)
+    assert not any(".visual.blocks." in name for name in trained)
