@@ -41,10 +41,17 @@ def _as_strings(messages: list[dict]) -> list[dict]:
 
 
 def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> str:
-    """``messages`` through the tokenizer's chat template, stripped (as the official code strips)."""
+    """``messages`` through the tokenizer's chat template, stripped (as the official code strips), except for
+    the whitespace that ends the template's own generation prompt: ChatML's ``<|im_start|>assistant\n`` keeps
+    its newline, after which the model writes its answer (IDEFICS2's ``Assistant:`` has none to keep)."""
     if not _reads_typed_content(tokenizer):
         messages = _as_strings(messages)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt).strip()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if generation_prompt:
+        body = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        if text.startswith(body) and text[len(body):].strip():
+            return text.lstrip()
+    return text.strip()
 
 
 def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:

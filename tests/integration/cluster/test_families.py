@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from respect_hpc.cluster.controller import Controller
 from respect_hpc.config.loading import load_manifest
 
-
 # the official placement's intent in each family: (modules LoRA must reach, modules it must not)
 PLACED = {"smolvlm": ((".connector.", ".text_model."), ".vision_model."),
           "qwen2.5-vl": ((".visual.merger.", ".language_model."), ".visual.blocks.")}

@@ -283,3 +283,25 @@ def test_windows_whose_follow_up_is_empty_are_not_decoded_and_are_counted(tmp_pa
     assert decoded and decoded.isdisjoint(
         turns.filter(pl.col("follow_up") == "")["game_turn_id"])
     assert len(decoded) == turns.filter(pl.col("has_follow_up")).height - expected
+
+
+def test_a_qwen_decoder_reads_chatml_and_its_prefix_cache_gives_the_full_forward_numbers(fresh_logs, tmp_path):
+    """A Qwen2.5-VL checkpoint as the decoder: the prompt is ChatML ending with the generation prompt's newline
+    (after which Qwen writes its answer), each label counts by its own first token there (``Positive``, no
+    space), and scoring with the shared prefix cached gives the numbers of full forwards (text only: the model's
+    positions are its 1-D ones on all three mRoPE axes)."""
+    from conftest import multimodal_replica
+
+    spec = ModelSection(path=multimodal_replica("qwen2.5-vl", tmp_path / "qwen"), dtype="fp32")
+    model, tokenizer = load_text_model(spec), load_tokenizer(spec)
+    template = decoder_template("respect-ternary@2")
+    prompts = prompts_of(fresh_logs, template, tokenizer)[:24]
+    assert prompts[0].startswith("<|im_start|>system\n") and prompts[0].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    pieces = [tokenizer.convert_ids_to_tokens(ids) for ids in label_token_ids(tokenizer, template.labels)]
+    assert "Positive" in pieces[0] and "Neutral" in pieces[1] and "Negative" in pieces[2]
+    runs = {}
+    for prefix_cache in (True, False):
+        scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=prefix_cache)
+        runs[prefix_cache] = np.array([s.logprobs for s in sorted(
+            (s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
+    np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)

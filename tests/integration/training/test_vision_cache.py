@@ -16,7 +16,6 @@ from respect_hpc.model.policy_inputs import answer_logits
 from respect_hpc.model.vision_cache import CachedVision, cache_vision
 from respect_hpc.training.trainer import Trainer
 
-
 # the interfaces whose family has a vision tower apart from its connector (Qwen2-VL's merger sits inside its tower)
 FROZEN_TOWER = [like for like in MULTIMODAL if interface_family(like).vision_tower is not None]
 

@@ -32,18 +32,19 @@ def test_validate_ok_and_problems(tmp_path):
 
 
 def test_a_checkpoint_of_an_unknown_multimodal_family_is_refused_at_its_line(tmp_path):
-    """Qwen2-VL's config (model_type, a vision config) in the model folder: validate names the model type and the
+    """LLaVA's config (model_type, a vision config) in the model folder: validate names the model type and the
     families known, at model.path's line, before anything is loaded."""
     (tmp_path / "logs.jsonl").write_text("")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {}}))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llava", "vision_config": {}}))
     manifest = tmp_path / "m.yaml"
     manifest.write_text("experiment: t\nround: 1\ndata: {interactions: [logs.jsonl]}\n\nmodel: {path: m}\n"
                         "variants: [{name: b-fft, feedback: binary, objective: fft}]\n")
     done = cli("validate", manifest)
     assert done.returncode == 2
-    assert done.stdout == (f"{manifest}:5: model.path: model type 'qwen2_vl' is not a multimodal family respect-hpc "
-                           "knows; known: idefics2 (idefics2), idefics3 (idefics3, smolvlm)\n")
+    assert done.stdout == (f"{manifest}:5: model.path: model type 'llava' is not a multimodal family respect-hpc "
+                           "knows; known: idefics2 (idefics2), idefics3 (idefics3, smolvlm), qwen2_vl (qwen2_vl, "
+                           "qwen2_5_vl)\n")
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "smolvlm", "vision_config": {}}))
     assert cli("validate", manifest).stdout == "ok\n"
 
