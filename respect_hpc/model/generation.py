@@ -15,6 +15,7 @@ import torch
 
 from respect_hpc.domain.multiref import LETTERS, action_prefix
 from respect_hpc.model.policy_inputs import PolicyEncoder, PolicyView, model_inputs
+from respect_hpc.model.vision_cache import known_crops
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,16 @@ def generate_actions(model, encoder: PolicyEncoder, views: list[PolicyView], sta
     device = next(model.parameters()).device
     inputs = {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
               "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
-    if encoder.multimodal:
-        inputs = model_inputs(model, {**inputs, **encoder.image_inputs(inputs["input_ids"], [v.images for v in views])})
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    images = encoder.image_inputs(inputs["input_ids"], [v.images for v in views]) if encoder.multimodal else {}
+    inputs = {k: v.to(device) for k, v in model_inputs(model, {**inputs, **images}).items()}
     ends = {encoder.end_id, tokenizer.eos_token_id} - {None}
     processor = ActionLogits(tokenizer, legal, ends, width, states if constrained else None)
     sampling = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None} \
         if decoding == "sample" else {"do_sample": False}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(ends),
-                         logits_processor=[processor], output_scores=True, output_logits=full_vocabulary,
-                         return_dict_in_generate=True, **sampling)
+    with known_crops(images.get("crop_keys")):  # the first step runs the vision model (a cache's digests)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(ends),
+                             logits_processor=[processor], output_scores=True, output_logits=full_vocabulary,
+                             return_dict_in_generate=True, **sampling)
     tokens = out.sequences[:, width:]
     steps = out.logits if full_vocabulary else out.scores
     logprobs = torch.stack(steps, 1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

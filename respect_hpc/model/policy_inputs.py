@@ -27,6 +27,7 @@ from respect_hpc.domain.multiref import LETTERS, Action, format_action, letters_
 from respect_hpc.domain.prompts import PolicyTemplate, policy_messages
 from respect_hpc.model.chat import PolicyText, policy_text, token_ids, without_images
 from respect_hpc.model.families import Family
+from respect_hpc.model.vision_cache import crop_key, known_crops
 
 
 class PolicyDataError(RespectError, ValueError):
@@ -117,6 +118,8 @@ class PolicyEncoder:
         self.image_folder, self.multimodal = image_folder, family.multimodal
         self._pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._tiles: dict[str, tuple[int, int]] = {}  # image -> (rows, cols) of its tiles, where the family asks
+        self.digests = False  # whether batches carry their crops' digests ("crop_keys", for the vision cache)
+        self._digests: dict[tuple[str, int, int, int], str] = {}  # (image, crop, padded height, width) -> digest
         end = tokenizer.convert_tokens_to_ids(family.end_of_turn) if family.end_of_turn else None
         self.end_id = end if end is not None and end != tokenizer.unk_token_id else tokenizer.eos_token_id
         self.image_token_id = tokenizer.convert_tokens_to_ids(family.image_token) if self.multimodal else None
@@ -276,7 +279,15 @@ class PolicyEncoder:
             for j, (value, mask) in enumerate(example):
                 values[i, j, :, :value.shape[-2], :value.shape[-1]] = value
                 masks[i, j, :mask.shape[-2], :mask.shape[-1]] = mask
-        return {"pixel_values": values, "pixel_attention_mask": masks}
+        batch = {"pixel_values": values, "pixel_attention_mask": masks}
+        if self.digests:  # each real crop's, in the order the model gives them to the vision model
+            places = [(name, j) for names in images for name in names for j in range(len(self.pixels(name)[0]))]
+            rows = [(i, j) for i, example in enumerate(crops) for j in range(len(example))]
+            for (name, j), (row, col) in zip(places, rows):
+                if (name, j, height, width) not in self._digests:
+                    self._digests[name, j, height, width] = crop_key(values[row, col], masks[row, col])
+            batch["crop_keys"] = [self._digests[name, j, height, width] for name, j in places]
+        return batch
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "pixel_attention_mask",
@@ -292,5 +303,8 @@ def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(A, T, V): the logits that predict each answer's tokens, computed at those positions only."""
-    return model(**model_inputs(model, batch), logits_to_keep=batch["answer_mask"]).logits[batch["answer_index"]]
+    """(A, T, V): the logits that predict each answer's tokens, computed at those positions only (the crops'
+    digests handed to a vision cache, where the batch has them)."""
+    with known_crops(batch.get("crop_keys")):
+        logits = model(**model_inputs(model, batch), logits_to_keep=batch["answer_mask"]).logits
+    return logits[batch["answer_index"]]

@@ -3,17 +3,27 @@
 Where the LoRA placement leaves the vision model frozen (the paper's), its output for a crop depends on
 the crop's pixels and the model only. :func:`cache_vision` puts a :class:`CachedVision` in the model's
 place: it keys every crop by a digest of its pixels and patch mask (so image, size, splitting and dtype
-are all in the key), answers from memory, then from ``folder`` (one safetensors file a crop, written
-atomically, shared by every task of a round: epochs, seeds, variants, validation), and runs the vision
-model (in eval mode, without gradient) only for crops seen nowhere. The trainable parts after it (the
-modality projection and the perceiver resampler) run as usual. A model whose vision parameters train (the
-enhanced placement) is left as it is.
+are all in the key), answers from memory (on the device the states were computed on, so a step moves no
+features between host and GPU), then from ``folder`` (one safetensors file a crop, written atomically,
+shared by every task of a round: epochs, seeds, variants, validation), and runs the vision model (in eval
+mode, without gradient) only for crops seen nowhere. The trainable parts after it (the modality projection
+and the perceiver resampler) run as usual. A model whose vision parameters train (the enhanced placement) is
+left as it is.
+
+The digests are the costly part (every pixel hashed): the batch builder computes them on the CPU, where the
+pixels are made (in the prefetch worker on a GPU, off the critical path, and once per image and padded size),
+of the pixels and pixel masks, and hands them over with :func:`known_crops` around the forward pass (training,
+validation, generation). Without them the cache hashes what the vision model is given (pixels and patch masks):
+other keys for the same crops, so those crops are computed once more, never mixed up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -29,16 +39,31 @@ def crop_key(pixels: torch.Tensor, patch_mask: torch.Tensor | None) -> str:
     return digest.hexdigest()
 
 
+_KNOWN: ContextVar[list[str] | None] = ContextVar("known_crops", default=None)
+
+
+@contextmanager
+def known_crops(keys: list[str] | None) -> Iterator[None]:
+    """Within: the crops a forward pass gives the vision model are those of ``keys`` (their
+    :func:`crop_key`, in order), so a :class:`CachedVision` need not hash them; None changes nothing."""
+    token = _KNOWN.set(keys)
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
+
+
 class CachedVision(torch.nn.Module):
     """Stands in for a frozen vision model (``vision``), answering each crop's last hidden state once known."""
 
     def __init__(self, vision: torch.nn.Module, folder: Path | None):
         super().__init__()
         self.vision, self.folder = vision, folder
-        self.memory: dict[str, torch.Tensor] = {}  # on the CPU
+        self.memory: dict[str, torch.Tensor] = {}  # on the device they were computed on or read to
         self.computed = 0  # crops the vision model ran on in this process
+        self.hashed = 0  # crops whose pixels the cache had to hash itself (no known_crops)
 
-    def _load(self, key: str) -> torch.Tensor | None:
+    def _load(self, key: str, device: torch.device) -> torch.Tensor | None:
         if key in self.memory:
             return self.memory[key]
         path = self.folder / f"{key}.safetensors" if self.folder else None
@@ -48,7 +73,7 @@ class CachedVision(torch.nn.Module):
         from safetensors.torch import load_file
 
         try:
-            self.memory[key] = load_file(path)["state"]
+            self.memory[key] = load_file(path, device=str(device))["state"]
         except (SafetensorError, OSError, KeyError):  # damaged: computed again and rewritten
             return None
         return self.memory[key]
@@ -61,14 +86,20 @@ class CachedVision(torch.nn.Module):
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        save_file({"state": state}, tmp)
+        save_file({"state": state.to("cpu")}, tmp)
         os.replace(tmp, self.folder / f"{key}.safetensors")
 
     def forward(self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None = None,
                 **kwargs) -> BaseModelOutput:
-        masks = [None] * len(pixel_values) if patch_attention_mask is None else list(patch_attention_mask)
-        keys = [crop_key(p, m) for p, m in zip(pixel_values, masks)]
-        states = {key: self._load(key) for key in set(keys)}
+        digests = _KNOWN.get()
+        if digests is None or len(digests) != len(pixel_values):
+            masks = [None] * len(pixel_values) if patch_attention_mask is None else list(patch_attention_mask)
+            digests = [crop_key(p, m) for p, m in zip(pixel_values, masks)]
+            self.hashed += len(digests)
+        # a digest is of the pixels as built; the state also depends on the dtype the model reads them in
+        keys = [f"{digest}-{str(pixel_values.dtype).removeprefix('torch.')}" for digest in digests]
+        device = pixel_values.device
+        states = {key: self._load(key, device) for key in set(keys)}
         missing = sorted({k for k, state in states.items() if state is None}, key=keys.index)
         if missing:
             rows = [keys.index(k) for k in missing]
@@ -80,9 +111,8 @@ class CachedVision(torch.nn.Module):
             self.vision.train(was_training)
             self.computed += len(rows)
             for key, state in zip(missing, out):
-                states[key] = state.detach().to("cpu").clone()
+                states[key] = state.detach().clone()
                 self._store(key, states[key])
-        device = pixel_values.device
         return BaseModelOutput(last_hidden_state=torch.stack([states[k] for k in keys]).to(device))
 
 

@@ -17,6 +17,18 @@ from respect_hpc.domain.prompts import PolicyTemplate
 from respect_hpc.model.policy_inputs import Encoded, PolicyEncoder, image_order, policy_view
 from respect_hpc.training.spec import TrainSpec
 
+Batch = dict[str, torch.Tensor | list[str]]  # tensors, and the crops' digests ("crop_keys") that stay on the host
+
+
+def to_device(batch: Batch, device: torch.device | str, non_blocking: bool = False) -> Batch:
+    """A micro-batch's tensors on ``device`` (the crops' digests stay where they are: only the host reads them)."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def pinned(batch: Batch) -> Batch:
+    """A micro-batch's tensors in pinned host memory (for an asynchronous copy to a GPU)."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
 
 class TaskData:
     """One task's examples, their sequences (each encoded once up front, which checks every packed prefix
@@ -89,8 +101,7 @@ class TaskData:
         return [self.examples[i] for batch in micro_batches for s in batch for i in seqs[s]
                 if self.examples[i]["source"] not in REHEARSAL]
 
-    def batch(self, indices: list[int], epoch: int | None, device: torch.device | str = "cpu"
-              ) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], epoch: int | None, device: torch.device | str = "cpu") -> Batch:
         """Sequences ``indices`` of ``epoch`` as model inputs (images in ``epoch``'s order; None: every sequence
         whole, in the logged order), with each answer's reward, p, weight and kind."""
         seqs = self.sequences_of(epoch)
@@ -102,4 +113,4 @@ class TaskData:
         batch["rehearsal"] = torch.tensor([r["source"] in REHEARSAL for r in rows])
         batch["desirable"] = torch.tensor([r["label"] == 1 for r in rows])
         batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
-        return {k: v.to(device) for k, v in batch.items()}
+        return to_device(batch, device)

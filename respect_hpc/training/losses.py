@@ -19,7 +19,7 @@ from respect_hpc.core.io import atomic_write_parquet
 from respect_hpc.data.batching import REHEARSAL
 from respect_hpc.domain.multiref import letters_of, mismatched_click
 from respect_hpc.model.policy_inputs import answer_logits, policy_view
-from respect_hpc.training.batches import TaskData
+from respect_hpc.training.batches import TaskData, to_device
 from respect_hpc.training.objectives import ActionScores, cross_entropy_loss, kto_loss, reinforce_loss, score_actions
 from respect_hpc.training.spec import TrainSpec
 
@@ -46,7 +46,7 @@ def click_logprobs(model, rows: list[dict], data: TaskData, hp, device) -> list[
                                                                               row["context"]))}
                  for row in rows[start:start + hp.micro_batch]]
         encoded = [data.encoder.encode(policy_view(row, data.template)) for row in chunk]
-        batch = {k: v.to(device) for k, v in data.encoder.collate(encoded).items()}
+        batch = to_device(data.encoder.collate(encoded), device)
         scores = score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"], hp.temperature)
         values += (scores.logprob / scores.length if hp.kto_length_normalised else scores.logprob).tolist()
     return values

@@ -28,7 +28,7 @@ from respect_hpc.core.text import duration
 from respect_hpc.domain.prompts import policy_template
 from respect_hpc.model.loading import load_encoder, load_policy
 from respect_hpc.model.vision_cache import cache_vision
-from respect_hpc.training.batches import TaskData
+from respect_hpc.training.batches import Batch, TaskData, pinned, to_device
 from respect_hpc.training.checkpoints import Checkpoints, discard_unusable, latest_checkpoint
 from respect_hpc.training.losses import Losses, collecting_reference
 from respect_hpc.training.spec import TrainingError, TrainSpec, accumulation_steps, check_optimizer, optimizer, schedule
@@ -103,6 +103,7 @@ class Trainer:
                             gradient_checkpointing=spec.training.gradient_checkpointing)
         self.vision_cache = (cache_vision(model, spec.vision_cache, encoder.family.vision_tower)
                              if spec.vision_cache else None)
+        encoder.digests = self.vision_cache is not None  # batches bring their crops' digests to the cache
         model.to(self.accelerator.device)
         if spec.objective == "kto" and spec.collecting is None:
             raise TrainingError("KTO needs the adapters that logged its examples (TrainSpec.collecting)")
@@ -196,9 +197,9 @@ class Trainer:
         runs. ``waited`` adds up the seconds the loop waited for them."""
         device, cuda = self.accelerator.device, torch.cuda.is_available()
 
-        def build(indices: list[int]) -> dict[str, torch.Tensor]:
+        def build(indices: list[int]) -> Batch:
             batch = self.data.batch(indices, epoch)
-            return {k: v.pin_memory() for k, v in batch.items()} if cuda else batch
+            return pinned(batch) if cuda else batch
 
         prefetch = self.spec.training.prefetch
         if not (cuda if prefetch is None else prefetch):
@@ -206,7 +207,7 @@ class Trainer:
                 started = time.perf_counter()
                 batch = build(indices)
                 self.waited += time.perf_counter() - started
-                yield {k: v.to(device) for k, v in batch.items()}
+                yield to_device(batch, device)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="micro-batch") as pool:
             pending = pool.submit(build, mine[0]) if mine else None
@@ -216,7 +217,7 @@ class Trainer:
                 self.waited += time.perf_counter() - started
                 if i + 1 < len(mine):
                     pending = pool.submit(build, mine[i + 1])
-                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                yield to_device(batch, device, non_blocking=True)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False, progress: Callable[[str], None] = print) -> str:
         """Train to the last epoch ("finished") or to a stop request ("stopped", after a checkpoint)."""

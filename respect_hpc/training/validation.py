@@ -15,6 +15,7 @@ from respect_hpc.domain.multiref import letters_of
 from respect_hpc.domain.prompts import PolicyTemplate
 from respect_hpc.model.generation import GameState, generate_actions, legal_token_ids
 from respect_hpc.model.policy_inputs import PolicyEncoder, PolicyView, answer_logits, policy_view
+from respect_hpc.training.batches import to_device
 from respect_hpc.training.objectives import score_actions
 
 
@@ -38,7 +39,7 @@ class Validator:
                 rows = [self.turns[i] for i in mine[start:start + self.batch_size]]
                 views = [policy_view(row, self.template) for row in rows]
                 encoded = [self.encoder.encode(view) for view in views]
-                batch = {k: v.to(accelerator.device) for k, v in self.encoder.collate(encoded).items()}
+                batch = to_device(self.encoder.collate(encoded), accelerator.device)
                 scores = score_actions(answer_logits(model, batch), batch["targets"], batch["target_mask"])
                 loss -= (scores.logprob / scores.length).sum().item()
                 aware = self.settings.constraint == "state_aware"

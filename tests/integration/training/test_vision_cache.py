@@ -52,12 +52,20 @@ def test_cached_features_give_the_same_logits_and_each_crop_is_computed_once(rou
         first = [logits_of(trainer, [s]) for s in range(3)]
         images = {name for s in range(3) for i in trainer.data.sequences[s] for name in trainer.data.examples[i]["context"]}
         assert cache.computed == len(images)  # one crop an image at 224 px; repeats across sequences reused
-        assert len(list(folder.glob("*.safetensors"))) == len(images) and not list(folder.glob(".*tmp"))
+        written = sorted(folder.glob("*.safetensors"))
+        assert len(written) == len(images) and not list(folder.glob(".*tmp"))
         again = [logits_of(trainer, [s]) for s in range(3)]
-        assert cache.computed == len(images)
+        assert cache.computed == len(images) and cache.hashed == 0  # the batches brought their crops' digests
         for a, b, c in zip(expected, first, again):
             assert torch.allclose(a, b, atol=1e-5, rtol=0) and torch.equal(b, c)
-    damaged = sorted(folder.glob("*.safetensors"))[0]
+        trainer.validate(trainer.accelerator.unwrap_model(trainer.model), 0)  # generation too brings digests
+        assert cache.hashed == 0
+        batch = trainer.data.batch([0], epoch=0)
+        del batch["crop_keys"]  # pixels alone: the cache hashes them (pixels and patch masks, other keys)
+        with torch.no_grad():
+            assert torch.equal(answer_logits(trainer.model, batch), first[0])
+        assert cache.hashed == len(trainer.data.sequence(trainer.data.sequences[0], 0).images)
+    damaged = written[0]
     damaged.write_bytes(damaged.read_bytes()[:100])
     with trainer_for(round_files, tmp_path / "fresh", folder) as fresh:  # another task of the round: from disk
         assert [torch.allclose(a, logits_of(fresh, [s]), atol=1e-5, rtol=0) for s, a in enumerate(expected)] == [
