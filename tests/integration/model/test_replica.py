@@ -207,6 +207,8 @@ def test_the_rebuilt_qwen_tokenizer_gives_qwen_s_own_ids_on_every_kilogram_text(
         for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
             strings(child)
 
+    if not (KILOGRAM / "dense.json").is_file():
+        pytest.skip(f"KiloGram data not found at {KILOGRAM}: its texts are the corpus")
     strings(json.loads((KILOGRAM / "dense.json").read_text()))
     assert len(texts) > 60_000
     ours = qwen2_tokenizer()(texts, add_special_tokens=False)["input_ids"]
