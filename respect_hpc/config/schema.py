@@ -173,7 +173,8 @@ class DecoderSection(Strict):
     model: ModelSection | None = Field(None, description="decoder model; default: the round's base model")
     templates: dict[FeedbackKind, str] = Field(default_factory=lambda: dict(DEFAULT_DECODER_TEMPLATE))
     shards: int = Field(1, ge=1, le=MAX_SHARDS, description="array tasks that decoding is split into")
-    batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
+    batch_tokens: int | None = Field(None, ge=64, description="token budget of one scoring batch; unset: 8192 on "
+                                     "a CPU, sized to the free memory on a GPU (the first batch measures it)")
     chunk_rows: int = Field(4096, ge=1, description="windows scored and streamed to disk at a time")
     labels: dict[FeedbackKind, InputFile] = Field(
         default_factory=dict, description="decoded labels to use instead of decoding that kind: a Parquet or "

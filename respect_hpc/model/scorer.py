@@ -13,6 +13,12 @@ key/value cache of the prompts' shared token prefix is computed once and each
 prompt runs only its own suffix. Suffixes are tokenised once, sorted by length,
 cut into batches that fit a token budget, left-padded to the longest of their
 batch, and the language-model head runs on the last position only.
+
+The token budget is ``decoder.batch_tokens`` where the manifest sets it. Unset, it is 8192 on a CPU; on a GPU
+the first batch runs at 8192 tokens and measures the memory a token takes (its peak over what was allocated
+before it), and the budget becomes what fits in 80% of the memory torch can still use after it (free plus its
+cached blocks), at most 262,144 tokens. A batch that runs out of GPU memory anyway is split: the budget halves and the
+batch runs again, so nothing is lost or scored twice.
 """
 
 from __future__ import annotations
@@ -28,6 +34,35 @@ from respect_hpc.domain.prompts import DecoderTemplate, text
 from respect_hpc.model.chat import decoder_text, render, token_ids
 
 _PROBE = "Answer a single word."
+CPU_BATCH_TOKENS = 8192      # the budget on a CPU, and a GPU's first (measuring) batch
+MAX_BATCH_TOKENS = 262_144   # a GPU's budget at most (past 65,536 an H200 gains little: benchmarks/RESULTS.md)
+MEMORY_SHARE = 0.8           # of the memory torch can still use, what a batch may take
+
+
+class GpuMemory:
+    """The CUDA allocator's readings a sized budget needs (one GPU: the scorer's device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        """Bytes the work since :meth:`start` took at its peak."""
+        return torch.cuda.max_memory_allocated(self.device) - self.base
+
+    def usable(self) -> int:
+        """Bytes torch can still use: the device's free memory and its own cached, unused blocks."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+
+def sized_budget(usable_bytes: int, bytes_per_token: float) -> int:
+    """The token budget that fits in :data:`MEMORY_SHARE` of ``usable_bytes``, at most :data:`MAX_BATCH_TOKENS`
+    (a batch holds one prompt at least, whatever the budget)."""
+    return max(1, min(MAX_BATCH_TOKENS, int(MEMORY_SHARE * usable_bytes / max(bytes_per_token, 1.0))))
 
 
 def decoder_prompts(windows, template: DecoderTemplate, tokenizer) -> list[str]:
@@ -92,12 +127,17 @@ def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int
     """Indices sorted by length (longest first) and cut so that rows x longest <= batch_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+    while order:
+        batches.append(first_batch(order, lengths, batch_tokens))
+        order = order[len(batches[-1]):]
     return batches
+
+
+def first_batch(order: list[int], lengths: list[int], batch_tokens: int) -> list[int]:
+    """The longest start of ``order`` (longest first) with rows x its first length <= batch_tokens (one row at
+    least)."""
+    rows = max(1, batch_tokens // lengths[order[0]]) if order else 0
+    return order[:rows]
 
 
 def shared_prefix_length(rows: list[list[int]]) -> int:
@@ -114,13 +154,18 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
 class FeedbackScorer:
     """Scores decoder prompts with a causal LM (or the LM of a multimodal model)."""
 
-    def __init__(self, model, tokenizer, template: DecoderTemplate, batch_tokens: int = 8192,
-                 prefix_cache: bool = True):
+    def __init__(self, model, tokenizer, template: DecoderTemplate, batch_tokens: int | None = None,
+                 prefix_cache: bool = True, memory: GpuMemory | None = None):
+        """``batch_tokens`` None: sized to the device (module docstring); ``memory``: the readings that size it
+        (default: the CUDA allocator's, on a GPU)."""
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.batch_tokens = batch_tokens
         self.prefix_cache = prefix_cache
         self.label_ids = label_token_ids(tokenizer, template.labels)
         self.device = next(model.parameters()).device
+        if memory is None and batch_tokens is None and self.device.type == "cuda":
+            memory = GpuMemory(self.device)
+        self.memory = memory if batch_tokens is None else None  # set until the first batch has sized the budget
+        self.batch_tokens = batch_tokens or CPU_BATCH_TOKENS
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         return token_ids(self.tokenizer, prompts)
@@ -145,12 +190,29 @@ class FeedbackScorer:
             cached = self.model(input_ids=torch.tensor([encoded[0][:prefix]], device=self.device),
                                 use_cache=True, logits_to_keep=1).past_key_values
         suffixes = [e[prefix:] for e in encoded]
-        for batch in token_budget_batches([len(s) for s in suffixes], self.batch_tokens):
+        lengths = [len(s) for s in suffixes]
+        order = sorted(range(len(suffixes)), key=lambda i: -lengths[i])
+        while order:
+            batch = first_batch(order, lengths, self.batch_tokens)
             inputs = self._padded([suffixes[i] for i in batch], prefix)
             if cached is not None:
                 inputs["past_key_values"] = cache = copy.deepcopy(cached)
                 cache.batch_repeat_interleave(len(batch))
-            logits = self.model(**inputs, logits_to_keep=1, use_cache=cached is not None).logits[:, -1, :].float()
+            if self.memory is not None:
+                self.memory.start()
+            try:
+                logits = self.model(**inputs, logits_to_keep=1, use_cache=cached is not None).logits[:, -1, :].float()
+            except torch.cuda.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise
+                del inputs
+                torch.cuda.empty_cache()
+                self.memory, self.batch_tokens = None, len(batch) * lengths[batch[0]] // 2
+                continue
+            if self.memory is not None:  # the first batch: the budget from the memory a token took
+                per_token = self.memory.peak() / (len(batch) * lengths[batch[0]])
+                self.batch_tokens, self.memory = sized_budget(self.memory.usable(), per_token), None
+            order = order[len(batch):]
             logprobs = torch.log_softmax(logits, dim=-1)
             per_label = torch.stack([torch.logsumexp(logprobs[:, ids], dim=-1) for ids in self.label_ids], dim=-1)
             best = per_label.argmax(dim=-1).tolist()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from conftest import cli, write_decode_round
 
 import jobs.decode
@@ -305,3 +306,80 @@ def test_a_qwen_decoder_reads_chatml_and_its_prefix_cache_gives_the_full_forward
         runs[prefix_cache] = np.array([s.logprobs for s in sorted(
             (s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
     np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)
+
+
+class Recording(torch.nn.Module):
+    """The decoder as the scorer calls it, recording each batch's rows x width; with ``fits`` (tokens) it raises
+    CUDA's out-of-memory error above that many tokens, as a GPU too small for the batch does (no GPU here)."""
+
+    def __init__(self, model, fits: int | None = None):
+        super().__init__()
+        self.inner, self.fits, self.shapes = model, fits, []
+
+    def forward(self, input_ids, **kwargs):
+        if self.fits is not None and input_ids.numel() > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.shapes.append(tuple(input_ids.shape))
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+class Readings:
+    """The allocator's readings of a GPU with ``usable`` bytes where a token takes ``per_token`` bytes (CUDA's
+    own cannot be read without a GPU)."""
+
+    def __init__(self, usable: int, per_token: int, model: Recording):
+        self.free, self.per_token, self.model = usable, per_token, model
+
+    def start(self):
+        self.before = len(self.model.shapes)
+
+    def peak(self):
+        rows, width = self.model.shapes[self.before]
+        return rows * width * self.per_token
+
+    def usable(self):
+        return self.free
+
+
+def scores(scorer, prompts):
+    return np.array([s.logprobs for s in sorted((s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
+
+
+def test_an_unset_budget_is_sized_to_the_gpu_memory_by_the_first_batch(loaded, fresh_logs):
+    """decoder.batch_tokens unset on a GPU: the first batch runs at 8192 tokens and measures the memory a token
+    takes; the rest run in batches that fit 80% of the usable memory. The scores are a fixed budget's."""
+    from respect_hpc.model.scorer import CPU_BATCH_TOKENS, MEMORY_SHARE, sized_budget
+
+    model, tokenizer = loaded
+    template = decoder_template("respect-ternary@2")
+    prompts = prompts_of(fresh_logs, template, tokenizer)
+    fixed = scores(FeedbackScorer(model, tokenizer, template, batch_tokens=512), prompts)
+    recording = Recording(model)
+    usable, per_token = 2_500_000, 2_000  # bytes: 1,000 tokens fit in 80%
+    scorer = FeedbackScorer(recording, tokenizer, template, memory=Readings(usable, per_token, recording))
+    assert scorer.batch_tokens == CPU_BATCH_TOKENS
+    sized = scores(scorer, prompts)
+    assert scorer.batch_tokens == sized_budget(usable, per_token) == int(MEMORY_SHARE * usable / per_token) == 1_000
+    _prefix, first, *rest = recording.shapes  # the shared prefix runs once, on its own
+    assert 1_000 < first[0] * first[1] <= CPU_BATCH_TOKENS
+    assert rest and all(r * w <= 1_000 for r, w in rest)
+    np.testing.assert_allclose(sized, fixed, atol=1e-4)
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_nothing_is_scored_twice(loaded, fresh_logs):
+    model, tokenizer = loaded
+    template = decoder_template("respect-ternary@2")
+    prompts = prompts_of(fresh_logs, template, tokenizer)[:60]
+    fixed = scores(FeedbackScorer(model, tokenizer, template, batch_tokens=512), prompts)
+    recording = Recording(model, fits=300)
+    scorer = FeedbackScorer(recording, tokenizer, template, batch_tokens=4096)
+    np.testing.assert_allclose(scores(scorer, prompts), fixed, atol=1e-4)  # every prompt once, in its place
+    assert scorer.batch_tokens < 4096 and all(r * w <= 300 for r, w in recording.shapes)
+
+
+def test_sized_budgets_stay_under_the_ceiling():
+    from respect_hpc.model.scorer import MAX_BATCH_TOKENS, sized_budget
+
+    assert sized_budget(10**6, 10**6) == 1  # a crowded GPU: a prompt a batch
+    assert sized_budget(140 * 2**30, 10_000) == MAX_BATCH_TOKENS
+    assert sized_budget(20_000 * 1_000, 1_000) == 16_000  # 80% of 20,000 tokens' memory
