@@ -40,6 +40,11 @@ def prompts_of(logs: Path, template: DecoderTemplate, tokenizer, policies=("sft"
             for t in turns.iter_rows(named=True)]
 
 
+def scores(scorer, prompts) -> np.ndarray:
+    """Every prompt's label log-probabilities, in prompt order."""
+    return np.array([s.logprobs for s in sorted((s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
+
+
 @pytest.fixture(scope="module")
 def loaded(taught_decoder):
     spec = ModelSection(path=taught_decoder[0], dtype="fp32")
@@ -71,11 +76,8 @@ def test_prefix_cache_gives_the_full_forward_numbers(loaded, fresh_logs):
     model, tokenizer = loaded
     template = decoder_template("respect-ternary@2")
     prompts = prompts_of(fresh_logs, template, tokenizer)[:40]
-    runs = {}
-    for prefix_cache in (True, False):
-        scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=prefix_cache)
-        runs[prefix_cache] = np.array([s.logprobs for s in sorted(
-            (s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
+    runs = {cached: scores(FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=cached), prompts)
+            for cached in (True, False)}
     np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)
 
 
@@ -300,11 +302,8 @@ def test_a_qwen_decoder_reads_chatml_and_its_prefix_cache_gives_the_full_forward
     assert prompts[0].startswith("<|im_start|>system\n") and prompts[0].endswith("<|im_end|>\n<|im_start|>assistant\n")
     pieces = [tokenizer.convert_ids_to_tokens(ids) for ids in label_token_ids(tokenizer, template.labels)]
     assert "Positive" in pieces[0] and "Neutral" in pieces[1] and "Negative" in pieces[2]
-    runs = {}
-    for prefix_cache in (True, False):
-        scorer = FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=prefix_cache)
-        runs[prefix_cache] = np.array([s.logprobs for s in sorted(
-            (s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
+    runs = {cached: scores(FeedbackScorer(model, tokenizer, template, batch_tokens=4096, prefix_cache=cached), prompts)
+            for cached in (True, False)}
     np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)
 
 
@@ -339,10 +338,6 @@ class Readings:
 
     def usable(self):
         return self.free
-
-
-def scores(scorer, prompts):
-    return np.array([s.logprobs for s in sorted((s for b in scorer.score(prompts) for s in b), key=lambda s: s.index)])
 
 
 def test_an_unset_budget_is_sized_to_the_gpu_memory_by_the_first_batch(loaded, fresh_logs):
