@@ -71,7 +71,7 @@ def reference(model, tokenizer, prompts: list[str], labels: tuple[str, ...]) -> 
     tokenizer.padding_side = "left"
     for start in range(0, len(prompts), 16):
         inputs = tokenizer(prompts[start:start + 16], return_tensors="pt", padding="max_length", max_length=256,
-                           truncation=True)
+                           truncation=True).to(model.device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers += [parse_label(t, labels) for t in tokenizer.batch_decode(out[:, 256:], skip_special_tokens=True)]

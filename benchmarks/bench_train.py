@@ -17,9 +17,12 @@ is filled before timing (what the first epoch of a round's first task does; its 
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -28,7 +31,6 @@ import torch
 from jobs.train import set_distributed_env
 from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, Variant
 from respect_hpc.core.rundir import TaskDir
-from respect_hpc.data.batching import epoch_batches
 from respect_hpc.data.datasets import training_set
 from respect_hpc.data.logs import ingest
 from respect_hpc.domain.prompts import LABEL_VALUES
@@ -49,14 +51,15 @@ MICRO_BATCH = 4
 SLICES = 8
 TEXT = (256, 4)
 VISION = (64, 3)  # width, depth
+PHASES = ("build", "forward", "backward", "optimizer")
 WAYS = {"a": "per turn, random micro-batches padded to their longest (official)",
         "b": "per turn, length-grouped", "c": "game packing", "d": "game packing + vision feature cache"}
 
 
 def _trainer(examples: pl.DataFrame, model: Path, images: Path, out: Path, objective: str, packing: str,
-             cache: Path | None) -> Trainer:
-    hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH, warmup_steps=0)
-    spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype="fp32"),
+             cache: Path | None, dtype: str, micro_batch: int) -> Trainer:
+    hp = Hyperparameters(micro_batch=micro_batch, effective_batch=micro_batch, warmup_steps=0)
+    spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype=dtype),
                      policy_template="respect-listener@1", images=images, out=TaskDir(out),
                      training=TrainingSection(zero_stage=None, packing=packing), vision_cache=cache)
     return Trainer(spec, examples, examples.head(1))
@@ -69,13 +72,44 @@ def _vision_swap(trainer: Trainer, cached: bool) -> None:
     trainer.model.set_submodule(name, cache if cached else cache.vision)
 
 
-def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objective: str) -> dict:
+def _step(trainer: Trainer, batch_of: list[int], sync: Callable[[], None]) -> tuple[dict[str, float], dict]:
+    """One micro-batch as a task runs it, timed phase by phase (``sync`` waits for the device before each
+    clock read): building it (tokens and pixels), forward, backward, optimizer step; and the batch."""
+    clock = [time.perf_counter()]
+
+    def lap() -> None:
+        sync()
+        clock.append(time.perf_counter())
+
+    batch = trainer.data.batch(batch_of, 0)
+    lap()
+    parts = trainer.losses.loss(batch, scale=1 / trainer.data.answers([batch_of], 0))
+    lap()
+    trainer.accelerator.backward(parts.total)
+    lap()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    lap()
+    return dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:])))), batch
+
+
+def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objective: str, *, dtype: str = "fp32",
+            micro_batch: int = MICRO_BATCH, sync: Callable[[], None] = lambda: None,
+            budget_s: float = math.inf) -> dict:
+    """Each way's seconds, tokens (without and with padding) and trained actions over the slices run, the
+    cache's fill time, and the phases of one more micro-batch per way. ``sync`` waits for the device before a
+    clock is read; after ``budget_s`` seconds of timed micro-batches no further slice starts (every way has
+    then run the same share of its micro-batches)."""
     set_distributed_env()
-    turn = _trainer(examples, model, images, root / f"{objective}-turn", objective, "turn", None)
-    game = _trainer(examples, model, images, root / f"{objective}-game", objective, "game", root / "cache")
+    turn = _trainer(examples, model, images, root / f"{objective}-turn", objective, "turn", None, dtype, micro_batch)
+    game = _trainer(examples, model, images, root / f"{objective}-game", objective, "game", root / "cache", dtype,
+                    micro_batch)
+    grouped = turn.data.epoch(0, turn.per_step)
+    shuffled = [s for batch in grouped for s in batch]  # the same sequences in random micro-batches
+    random.Random(1).shuffle(shuffled)
     plans = {
-        "a": (turn, epoch_batches(turn.data.lengths, MICRO_BATCH, turn.per_step, seed=1, epoch=0, group=None)),
-        "b": (turn, turn.data.epoch(0, turn.per_step)),
+        "a": (turn, [shuffled[i:i + micro_batch] for i in range(0, len(shuffled), micro_batch)]),
+        "b": (turn, grouped),
         "c": (game, game.data.epoch(0, game.per_step)),
         "d": (game, game.data.epoch(0, game.per_step)),
     }
@@ -86,33 +120,37 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
     for sequence in range(len(game.data.sequences)):  # fill the cache: the first epoch of the round's first task
         with torch.no_grad():
             game.losses.action_losses(game.data.batch([sequence], epoch=0))
+    sync()
     fill = time.perf_counter() - began
     seconds = dict.fromkeys(plans, 0.0)
     tokens = dict.fromkeys(plans, 0)
     padded = dict.fromkeys(plans, 0)
-    actions = {w: trainer.data.answers(batches, 0) for w, (trainer, batches) in plans.items()}
-    for k in range(SLICES):
+    done = dict.fromkeys(plans, 0)
+    slices = 0
+    while slices < SLICES and sum(seconds.values()) < budget_s:
         for way, (trainer, batches) in plans.items():
             if trainer is game:
                 _vision_swap(game, cached=way == "d")
-            for batch_of in batches[k * len(batches) // SLICES:(k + 1) * len(batches) // SLICES]:
-                began = time.perf_counter()
-                batch = trainer.data.batch(batch_of, 0)
-                parts = trainer.losses.loss(batch, scale=1 / trainer.data.answers([batch_of], 0))
-                trainer.accelerator.backward(parts.total)
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad()
-                seconds[way] += time.perf_counter() - began
+            for batch_of in batches[slices * len(batches) // SLICES:(slices + 1) * len(batches) // SLICES]:
+                phases, batch = _step(trainer, batch_of, sync)
+                seconds[way] += sum(phases.values())
                 tokens[way] += int(batch["attention_mask"].sum())
                 padded[way] += batch["input_ids"].numel()
-        print(f"{objective}: slice {k + 1}/{SLICES}: " + ", ".join(f"{w} {s:.0f} s" for w, s in seconds.items()),
+                done[way] += trainer.data.answers([batch_of], 0)
+        slices += 1
+        print(f"{objective}: slice {slices}/{SLICES}: " + ", ".join(f"{w} {s:.0f} s" for w, s in seconds.items()),
               flush=True)
+    phases = {}
+    for way, (trainer, batches) in plans.items():
+        if trainer is game:
+            _vision_swap(game, cached=way == "d")
+        phases[way], _ = _step(trainer, batches[0], sync)
     assert isinstance(game.vision_cache, CachedVision)
     sequences = {"turn": len(turn.data.sequences), "game": len(game.data.sequences)}
     for trainer in (turn, game):
         trainer.__exit__(None, None, None)  # both trainers live through the slices: released by hand
-    return {"seconds": seconds, "tokens": tokens, "padded": padded, "actions": actions, "fill": fill,
-            "sequences": sequences}
+    return {"seconds": seconds, "tokens": tokens, "padded": padded, "actions": done, "fill": fill,
+            "sequences": sequences, "slices": slices, "phases": phases}
 
 
 def _vision_ratio(model: Path) -> float:
@@ -129,6 +167,7 @@ def _vision_ratio(model: Path) -> float:
 def synthetic_round(root: Path, games: int):
     """The benchmarks' training data: ``games`` synthetic games on the KiloGram tangrams (drawn ones where
     absent), their turns and the follow-ups' binary and ternary labels; returns (bank, images, turns, feedback)."""
+    root.mkdir(parents=True, exist_ok=True)
     bank = load_image_bank(DEFAULT_KILOGRAM)
     images = DEFAULT_KILOGRAM / "tangram_pngs"
     if bank.source == "procedural":

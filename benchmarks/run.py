@@ -1,6 +1,6 @@
 """Run benchmarks and record their results in benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # every benchmark
+    python benchmarks/run.py            # every benchmark (gpu only where a CUDA device is)
     python benchmarks/run.py metrics    # one of them (bench_<name>.py)
 
 Each benchmark module has ``main() -> str`` returning a Markdown section; this
@@ -45,7 +45,13 @@ def record(name: str, body: str) -> None:
 
 def main(names: list[str]) -> None:
     sys.path.insert(0, str(HERE))
-    names = names or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+    if not names:
+        import torch
+
+        names = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+        if not torch.cuda.is_available():
+            names.remove("gpu")
+            print("== gpu: skipped, no CUDA device here (benchmarks/bench_gpu.py says how to run it)", flush=True)
     for name in names:
         print(f"== {name}", flush=True)
         body = importlib.import_module(f"bench_{name}").main()

@@ -1,0 +1,45 @@
+"""The GPU benchmark's code paths (benchmarks/bench_gpu.py) on this CPU: BENCH_GPU_TINY=1 runs the same
+training ways, decoder comparison and ZeRO-2 task on a replica-sized IDEFICS2-8B interface with random weights
+built from its config (no weights file), in fp32. The figures mean nothing here; the test checks that every part
+runs through to its table. Without a GPU and without TINY, it refuses in one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = "import bench_gpu; print(bench_gpu.main())"
+
+
+def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RUN], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+                                            "PYTHONPATH": str(ROOT), **env})
+
+
+def test_every_part_of_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
+    done = _run(tmp_path, BENCH_GPU_TINY="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = done.stdout
+    for heading in ("### Training", "### Decoding", "### A ZeRO-2 task"):
+        assert heading in report
+    rows = re.findall(r"^\| (FFT|RL) \| \((\w)\) [^|]+\| ([\d.]+) \| ([\d,]+) \|", report, re.M)
+    assert [(o, w) for o, w, _, _ in rows] == [(o, w) for o in ("FFT", "RL") for w in "abcd"]
+    assert all(float(rate) > 0 and int(tokens.replace(",", "")) > 0 for _, _, rate, tokens in rows)
+    assert re.search(r"^\| FeedbackScorer, one call \| [\d.]+ \| [\d.]+x \|", report, re.M)
+    assert re.search(r"validation exact match [\d.]+, loss [\d.]+", report)
+    # the models were built from the interface's config: the folder has no weights, and none were written
+    interface, = tmp_path.rglob("idefics2-8b/config.json")
+    assert not list(interface.parent.glob("*.safetensors"))
+    assert not [p for p in tmp_path.rglob("model*.safetensors")]
+    assert list(tmp_path.rglob("adapter_model.safetensors"))  # the ZeRO-2 task's checkpoint
+
+
+def test_without_a_gpu_it_refuses_in_one_line(tmp_path):
+    done = _run(tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("bench gpu: no CUDA device here; run it on a GPU node")
