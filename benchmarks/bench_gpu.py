@@ -11,18 +11,21 @@ loaders' ``AutoModel*.from_pretrained`` builds a folder that holds no weights fr
 
 1. Training: ``bench_train.measure`` synchronized (``torch.cuda.synchronize`` before each clock read), the four
    ways alternating in slices until the time budget; LoRA in the paper's placement, Accelerate, bf16 autocast.
-2. Decoding: the FeedbackScorer at its defaults (``decoder.batch_tokens`` unset: sized to the GPU's free memory)
+2. Memory: FFT with game packing and the vision cache at micro-batches of 4, 8 and 16 games, with and without
+   gradient checkpointing: what a bigger micro-batch gains and what checkpointing costs, for choosing
+   ``micro_batch`` and ``training.gradient_checkpointing`` on this GPU.
+3. Decoding: the FeedbackScorer at its defaults (``decoder.batch_tokens`` unset: sized to the GPU's free memory)
    against ``bench_decode.reference`` (3 generated tokens, prompts padded to 256, batches of 16), alternating
    on chunks of prompts, then the scorer once over all of them.
-3. A ZeRO-2 task: ``Trainer.run`` with DeepSpeed ZeRO-2 in one process, one epoch of game packing with the
+4. A ZeRO-2 task: ``Trainer.run`` with DeepSpeed ZeRO-2 in one process, one epoch of game packing with the
    vision cache: engine build, trained actions/s, validation and checkpoint included.
 
 MFU: model FLOPs per second over the GPU's dense bf16 peak (989 TFLOP/s on an H100 SXM or H200), with N the
 text model's parameters without embeddings: training 6 x N x the non-padding tokens trained, decoding
 2 x N x the tokens the decoder runs. Peak memory is torch's peak allocation in each part.
 BENCH_GPU_TINY=1: the same code paths on a replica-sized model in fp32 on this CPU (the figures mean nothing;
-the tests run it). Knobs: BENCH_GPU_GAMES (48), BENCH_GPU_MICRO (4), BENCH_GPU_TRAIN_S (75 s of timed
-micro-batches per objective), BENCH_GPU_PROMPTS (1000), BENCH_GPU_ZERO2_GAMES (24).
+the tests run it). Knobs: BENCH_GPU_GAMES (48), BENCH_GPU_MICRO (4), BENCH_GPU_TRAIN_S (45 s of timed
+micro-batches per objective), BENCH_GPU_SWEEP_S (8 s a point of the memory sweep), BENCH_GPU_PROMPTS (1000), BENCH_GPU_ZERO2_GAMES (24).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 from bench_decode import benchmark_prompts, reference
-from bench_train import PHASES, WAYS, measure, synthetic_round
+from bench_train import PHASES, WAYS, measure, synthetic_round, timed_step, trainer_for
 
 from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, Variant
 from respect_hpc.core.rundir import TaskDir
@@ -50,11 +53,14 @@ from respect_hpc.training.spec import TrainSpec
 from respect_hpc.training.trainer import Trainer, peak_memory_gib
 
 TINY = os.environ.get("BENCH_GPU_TINY") == "1"
+RECORD = not TINY  # benchmarks/run.py records the section in RESULTS.md (not a TINY run's figures)
 GAMES = int(os.environ.get("BENCH_GPU_GAMES", 4 if TINY else 48))
 MICRO_BATCH = int(os.environ.get("BENCH_GPU_MICRO", 4))
-TRAIN_S = float(os.environ.get("BENCH_GPU_TRAIN_S", 75))
+TRAIN_S = float(os.environ.get("BENCH_GPU_TRAIN_S", 45))
 PROMPTS = int(os.environ.get("BENCH_GPU_PROMPTS", 16 if TINY else 1000))
 ZERO2_GAMES = int(os.environ.get("BENCH_GPU_ZERO2_GAMES", 2 if TINY else 24))
+MEMORY_SWEEP = (2, 4) if TINY else (4, 8, 16)  # micro-batches (games) the memory part tries
+SWEEP_S = float(os.environ.get("BENCH_GPU_SWEEP_S", 8))
 CHUNK = 80  # prompts per alternation of the two decoders
 PEAK_FLOPS = 989e12  # dense bf16, H100 SXM and H200
 
@@ -76,6 +82,14 @@ def _timed(work) -> float:
 def _reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _release() -> None:
+    """Free what the last part left (its models), so that the next peak counts only its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    _reset_peak()
 
 
 def interface(root: Path) -> Path:
@@ -160,6 +174,56 @@ Micro-batches of {MICRO_BATCH} sequences; {TRAIN_S:.0f} s of timed micro-batches
 {table}"""
 
 
+def memory_section(folder: Path, images: Path, turns, feedback, root: Path, dtype: str, n: int) -> str:
+    """FFT, game packing with the vision cache, at each micro-batch of MEMORY_SWEEP with and without gradient
+    checkpointing: trained actions/s, MFU and peak memory, or where it runs out of memory."""
+    examples = training_set((turns, feedback), None, hp=Hyperparameters(),
+                            variant=Variant(name="x-fft", feedback="binary", objective="fft"))
+    rows = []
+    for checkpointing in (False, True):
+        too_big = False
+        for micro_batch in MEMORY_SWEEP:
+            cell = f"| {micro_batch} | {'on' if checkpointing else 'off'} |"
+            if too_big:
+                rows.append(f"{cell} not tried (a smaller one ran out of memory) | | |")
+                continue
+            trainer = None
+            try:
+                _release()
+                trainer = trainer_for(examples, folder, images, root / f"sweep-{micro_batch}-{checkpointing}", "fft",
+                                      "game", root / "cache", dtype, micro_batch,
+                                      gradient_checkpointing=checkpointing)
+                trainer.model.train()
+                batches = trainer.data.epoch(0, trainer.per_step)
+                timed_step(trainer, batches[0], _sync)  # warm-up, untimed
+                seconds = tokens = actions = 0
+                for batch_of in batches[1:] or batches:  # (the warm-up's again where it is the only one)
+                    phases, batch = timed_step(trainer, batch_of, _sync)
+                    seconds += sum(phases.values())
+                    tokens += int(batch["attention_mask"].sum())
+                    actions += trainer.data.answers([batch_of], 0)
+                    if seconds > SWEEP_S:
+                        break
+                rows.append(f"{cell} {actions / seconds:.2f} | {6 * n * tokens / seconds / PEAK_FLOPS:.3f} | "
+                            f"{peak_memory_gib():.1f} |")
+            except torch.cuda.OutOfMemoryError:
+                rows.append(f"{cell} out of memory | | {peak_memory_gib():.1f} |")
+                too_big = True
+            finally:
+                if trainer is not None:
+                    trainer.__exit__(None, None, None)
+                del trainer
+    table = "\n".join(rows)
+    return f"""### Memory: micro-batch and gradient checkpointing
+
+FFT, game packing with the vision cache (filled in the training part), one trainer resident, up to {SWEEP_S:.0f} s of
+timed micro-batches after an untimed one; peak memory since the trainer was built.
+
+| micro-batch (games) | gradient checkpointing | trained actions/s | MFU (6N) | peak (GiB) |
+|---|---|---|---|---|
+{table}"""
+
+
 def decode_section(folder: Path, dtype: str, device: str, n: int) -> str:
     spec = ModelSection(path=folder, dtype=dtype)
     model, tokenizer = load_text_model(spec, device), load_tokenizer(spec)
@@ -235,12 +299,11 @@ def main() -> str:
     parts = []
     with random_weights(device):
         for section in (lambda: train_section(folder, images, turns, feedback, root, dtype, n),
+                        lambda: memory_section(folder, images, turns, feedback, root, dtype, n),
                         lambda: decode_section(folder, dtype, device, n),
                         lambda: zero2_section(folder, images, root, dtype)):
             parts.append(section())
-            gc.collect()  # the part's models go before the next part's peak is read
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            _release()
     import transformers
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (BENCH_GPU_TINY: the figures mean nothing)"

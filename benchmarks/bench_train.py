@@ -56,12 +56,13 @@ WAYS = {"a": "per turn, random micro-batches padded to their longest (official)"
         "b": "per turn, length-grouped", "c": "game packing", "d": "game packing + vision feature cache"}
 
 
-def _trainer(examples: pl.DataFrame, model: Path, images: Path, out: Path, objective: str, packing: str,
-             cache: Path | None, dtype: str, micro_batch: int) -> Trainer:
+def trainer_for(examples: pl.DataFrame, model: Path, images: Path, out: Path, objective: str, packing: str,
+                cache: Path | None, dtype: str = "fp32", micro_batch: int = MICRO_BATCH, **training) -> Trainer:
+    """A trainer of one micro-batch a step (Accelerate, no ZeRO; ``training``: other TrainingSection fields)."""
     hp = Hyperparameters(micro_batch=micro_batch, effective_batch=micro_batch, warmup_steps=0)
     spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype=dtype),
                      policy_template="respect-listener@1", images=images, out=TaskDir(out),
-                     training=TrainingSection(zero_stage=None, packing=packing), vision_cache=cache)
+                     training=TrainingSection(zero_stage=None, packing=packing, **training), vision_cache=cache)
     return Trainer(spec, examples, examples.head(1))
 
 
@@ -72,7 +73,7 @@ def _vision_swap(trainer: Trainer, cached: bool) -> None:
     trainer.model.set_submodule(name, cache if cached else cache.vision)
 
 
-def _step(trainer: Trainer, batch_of: list[int], sync: Callable[[], None]) -> tuple[dict[str, float], dict]:
+def timed_step(trainer: Trainer, batch_of: list[int], sync: Callable[[], None]) -> tuple[dict[str, float], dict]:
     """One micro-batch as a task runs it, timed phase by phase (``sync`` waits for the device before each
     clock read): building it (tokens and pixels), forward, backward, optimizer step; and the batch."""
     clock = [time.perf_counter()]
@@ -101,9 +102,10 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
     clock is read; after ``budget_s`` seconds of timed micro-batches no further slice starts (every way has
     then run the same share of its micro-batches)."""
     set_distributed_env()
-    turn = _trainer(examples, model, images, root / f"{objective}-turn", objective, "turn", None, dtype, micro_batch)
-    game = _trainer(examples, model, images, root / f"{objective}-game", objective, "game", root / "cache", dtype,
-                    micro_batch)
+    turn = trainer_for(examples, model, images, root / f"{objective}-turn", objective, "turn", None, dtype,
+                       micro_batch)
+    game = trainer_for(examples, model, images, root / f"{objective}-game", objective, "game", root / "cache", dtype,
+                       micro_batch)
     grouped = turn.data.epoch(0, turn.per_step)
     shuffled = [s for batch in grouped for s in batch]  # the same sequences in random micro-batches
     random.Random(1).shuffle(shuffled)
@@ -132,7 +134,7 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
             if trainer is game:
                 _vision_swap(game, cached=way == "d")
             for batch_of in batches[slices * len(batches) // SLICES:(slices + 1) * len(batches) // SLICES]:
-                phases, batch = _step(trainer, batch_of, sync)
+                phases, batch = timed_step(trainer, batch_of, sync)
                 seconds[way] += sum(phases.values())
                 tokens[way] += int(batch["attention_mask"].sum())
                 padded[way] += batch["input_ids"].numel()
@@ -144,7 +146,7 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
     for way, (trainer, batches) in plans.items():
         if trainer is game:
             _vision_swap(game, cached=way == "d")
-        phases[way], _ = _step(trainer, batches[0], sync)
+        phases[way], _ = timed_step(trainer, batches[0], sync)
     assert isinstance(game.vision_cache, CachedVision)
     sequences = {"turn": len(turn.data.sequences), "game": len(game.data.sequences)}
     for trainer in (turn, game):

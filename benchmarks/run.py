@@ -5,7 +5,8 @@
 
 Each benchmark module has ``main() -> str`` returning a Markdown section; this
 script stamps it with the machine, the date and the command, and replaces that
-benchmark's section in RESULTS.md, leaving the others as they were.
+benchmark's section in RESULTS.md, leaving the others as they were (a module whose
+``RECORD`` is false only prints it).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def main(names: list[str]) -> None:
             print("== gpu: skipped, no CUDA device here (benchmarks/bench_gpu.py says how to run it)", flush=True)
     for name in names:
         print(f"== {name}", flush=True)
-        body = importlib.import_module(f"bench_{name}").main()
+        module = importlib.import_module(f"bench_{name}")
+        body = module.main()
         print(body)
-        record(name, body)
+        if getattr(module, "RECORD", True):
+            record(name, body)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The GPU benchmark's code paths (benchmarks/bench_gpu.py) on this CPU: BENCH_GPU_TINY=1 runs the same
-training ways, decoder comparison and ZeRO-2 task on a replica-sized IDEFICS2-8B interface with random weights
+training ways, micro-batch and gradient checkpointing sweep, decoder comparison
+and ZeRO-2 task on a replica-sized IDEFICS2-8B interface with random weights
 built from its config (no weights file), in fp32. The figures mean nothing here; the test checks that every part
 runs through to its table. Without a GPU and without TINY, it refuses in one line."""
 
@@ -25,8 +26,11 @@ def test_every_part_of_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
     done = _run(tmp_path, BENCH_GPU_TINY="1")
     assert done.returncode == 0, done.stderr[-3000:]
     report = done.stdout
-    for heading in ("### Training", "### Decoding", "### A ZeRO-2 task"):
+    for heading in ("### Training", "### Memory", "### Decoding", "### A ZeRO-2 task"):
         assert heading in report
+    sweep = re.findall(r"^\| (\d+) \| (on|off) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", report, re.M)
+    assert [(m, c) for m, c, *_ in sweep] == [(m, c) for c in ("off", "on") for m in ("2", "4")]
+    assert all(float(rate) > 0 for _, _, rate, _, _ in sweep)  # (MFU rounds to 0 on a CPU)
     rows = re.findall(r"^\| (FFT|RL) \| \((\w)\) [^|]+\| ([\d.]+) \| ([\d,]+) \|", report, re.M)
     assert [(o, w) for o, w, _, _ in rows] == [(o, w) for o in ("FFT", "RL") for w in "abcd"]
     assert all(float(rate) > 0 and int(tokens.replace(",", "")) > 0 for _, _, rate, tokens in rows)
