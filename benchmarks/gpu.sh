@@ -24,6 +24,12 @@ if [ "${1:-}" = prepare ]; then
     mkdir -p gpu/whl
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d gpu/whl $EXTRA
+    if [ ! -f gpu/interface/config.json ]; then  # prepare.sh's own interface step looks for an older module path
+        rm -rf gpu/interface.part
+        PYTHONPATH=$PWD .venv/bin/python -c "import sys; from respect_hpc.model.replica import write_interface; \
+write_interface('idefics2-8b', sys.argv[1])" gpu/interface.part
+        mv gpu/interface.part gpu/interface
+    fi
     KILOGRAM_SRC=${KILOGRAM_SRC:-/nonexistent} bash ../shared/tools/gpu-check/prepare.sh
     echo "gpu.sh: ready; on the GPU machine: bash benchmarks/gpu.sh (send gpu/ along; allow it 480 s)"
     exit 0

@@ -28,6 +28,8 @@ def test_every_part_of_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
     report = done.stdout
     for heading in ("### Training", "### Memory", "### Decoding", "### A ZeRO-2 task"):
         assert heading in report
+    assert " failed: " not in report
+    assert re.search(r"Square matmuls ran at [\d.]+ TFLOP/s here", report)
     sweep = re.findall(r"^\| (\d+) \| (on|off) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", report, re.M)
     assert [(m, c) for m, c, *_ in sweep] == [(m, c) for c in ("off", "on") for m in ("2", "4")]
     assert all(float(rate) > 0 for _, _, rate, _, _ in sweep)  # (MFU rounds to 0 on a CPU)
