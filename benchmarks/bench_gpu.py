@@ -11,13 +11,15 @@ loaders' ``AutoModel*.from_pretrained`` builds a folder that holds no weights fr
 
 1. Training: ``bench_train.measure`` synchronized (``torch.cuda.synchronize`` before each clock read), the four
    ways alternating in slices until the time budget; LoRA in the paper's placement, Accelerate, bf16 autocast.
-2. Memory: FFT with game packing and the vision cache at micro-batches of 4, 8 and 16 games, with and without
+2. Where a step's time goes: two FFT micro-batches (game packing + cache) under torch.profiler, the device
+   time split into matmuls, attention and the rest, its busy share of the wall time, and the top kernels.
+3. Memory: FFT with game packing and the vision cache at micro-batches of 4, 8 and 16 games, with and without
    gradient checkpointing: what a bigger micro-batch gains and what checkpointing costs, for choosing
    ``micro_batch`` and ``training.gradient_checkpointing`` on this GPU.
-3. Decoding: the FeedbackScorer at its defaults (``decoder.batch_tokens`` unset: sized to the GPU's free memory)
+4. Decoding: the FeedbackScorer at its defaults (``decoder.batch_tokens`` unset: sized to the GPU's free memory)
    against ``bench_decode.reference`` (3 generated tokens, prompts padded to 256, batches of 16), alternating
    on chunks of prompts, then the scorer once over all of them.
-4. A ZeRO-2 task: ``Trainer.run`` with DeepSpeed ZeRO-2 in one process, one epoch of game packing with the
+5. A ZeRO-2 task: ``Trainer.run`` with DeepSpeed ZeRO-2 in one process, one epoch of game packing with the
    vision cache: engine build, trained actions/s, validation and checkpoint included.
 
 MFU: model FLOPs per second over the GPU's dense bf16 peak (989 TFLOP/s on an H100 SXM or H200), with N the
@@ -27,7 +29,8 @@ timed on the same device. Peak memory is torch's peak allocation in each part. A
 as failed, with its error, and the next one runs; each part's table goes to stderr as soon as it is done.
 BENCH_GPU_TINY=1: the same code paths on a replica-sized model in fp32 on this CPU (the figures mean nothing;
 the tests run it). Knobs: BENCH_GPU_GAMES (48), BENCH_GPU_MICRO (4), BENCH_GPU_TRAIN_S (45 s of timed
-micro-batches per objective), BENCH_GPU_SWEEP_S (8 s a point of the memory sweep), BENCH_GPU_PROMPTS (1000), BENCH_GPU_ZERO2_GAMES (24).
+micro-batches per objective), BENCH_GPU_SWEEP_S (8 s a point of the memory sweep), BENCH_GPU_PROMPTS (1000),
+BENCH_GPU_ZERO2_GAMES (24).
 """
 
 from __future__ import annotations
@@ -192,6 +195,52 @@ Micro-batches of {MICRO_BATCH} sequences; {TRAIN_S:.0f} s of timed micro-batches
 {table}"""
 
 
+KERNELS = {"matmul": ("gemm", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+           "attention": ("flash", "fmha", "attention", "attn")}  # by name: CUDA kernels, or aten ops on a CPU
+
+
+def _kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNELS.items() if any(m in lowered for m in marks)), "other")
+
+
+def profile_section(folder: Path, images: Path, turns, feedback, root: Path, dtype: str) -> str:
+    """Two FFT micro-batches (game packing + cache) after an untimed one, under torch.profiler: the device's
+    self time by kind of kernel and the top kernels (on a CPU: the aten ops' self CPU time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    examples = training_set((turns, feedback), None, hp=Hyperparameters(),
+                            variant=Variant(name="x-fft", feedback="binary", objective="fft"))
+    with trainer_for(examples, folder, images, root / "profile", "fft", "game", root / "cache", dtype,
+                     MICRO_BATCH) as trainer:
+        trainer.model.train()
+        batches = trainer.data.epoch(0, trainer.per_step)
+        timed_step(trainer, batches[0], _sync)
+        profiled = (batches[1:3] or batches)
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            wall = _timed(lambda: [timed_step(trainer, b, _sync) for b in profiled])
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attribute), e.count) for e in prof.key_averages()
+              if not cuda or e.device_type == DeviceType.CUDA]
+    total = sum(t for _, t, _ in events) or 1
+    kinds = {kind: sum(t for key, t, _ in events if _kind(key) == kind) for kind in (*KERNELS, "other")}
+    split = ", ".join(f"{kind} {100 * t / total:.0f}%" for kind, t in kinds.items())
+    top = sorted(events, key=lambda e: e[1], reverse=True)[:12]
+    rows = "\n".join(f"| `{key[:90]}` | {_kind(key)} | {t / 1e3 / len(profiled):.1f} | {100 * t / total:.1f}% | "
+                     f"{count // len(profiled)} |" for key, t, count in top)
+    busy = f"busy {100 * total / 1e6 / wall:.0f}% of the wall time under the profiler" if cuda else "CPU self time"
+    return f"""### Where a step's time goes: torch.profiler over FFT micro-batches
+
+Game packing + cache, micro-batches of {MICRO_BATCH}, {len(profiled)} profiled after an untimed one; {"device" if cuda else "CPU"} time {total / 1e6:.2f} s \
+({busy}): {split}.
+
+| kernel or op | kind | ms a micro-batch | share | calls a micro-batch |
+|---|---|---|---|---|
+{rows}"""
+
+
 def memory_section(folder: Path, images: Path, turns, feedback, root: Path, dtype: str, n: int) -> str:
     """FFT, game packing with the vision cache, at each micro-batch of MEMORY_SWEEP with and without gradient
     checkpointing: trained actions/s, MFU and peak memory, or where it runs out of memory."""
@@ -319,6 +368,7 @@ def main() -> str:
     with random_weights(device):
         for title, section in (
                 ("Training", lambda: train_section(folder, images, turns, feedback, root, dtype, n)),
+                ("Where a step's time goes", lambda: profile_section(folder, images, turns, feedback, root, dtype)),
                 ("Memory", lambda: memory_section(folder, images, turns, feedback, root, dtype, n)),
                 ("Decoding", lambda: decode_section(folder, dtype, device, n)),
                 ("A ZeRO-2 task", lambda: zero2_section(folder, images, root, dtype))):

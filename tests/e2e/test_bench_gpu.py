@@ -26,10 +26,12 @@ def test_every_part_of_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
     done = _run(tmp_path, BENCH_GPU_TINY="1")
     assert done.returncode == 0, done.stderr[-3000:]
     report = done.stdout
-    for heading in ("### Training", "### Memory", "### Decoding", "### A ZeRO-2 task"):
+    for heading in ("### Training", "### Where a step's time goes", "### Memory", "### Decoding", "### A ZeRO-2 task"):
         assert heading in report
     assert " failed: " not in report
     assert re.search(r"Square matmuls ran at [\d.]+ TFLOP/s here", report)
+    assert re.search(r"CPU time [\d.]+ s \(CPU self time\): matmul \d+%, attention \d+%, other \d+%", report)
+    assert len(re.findall(r"^\| `[^`]+` \| (matmul|attention|other) \| [\d.]+ \| [\d.]+% \| \d+ \|$", report, re.M)) == 12
     sweep = re.findall(r"^\| (\d+) \| (on|off) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", report, re.M)
     assert [(m, c) for m, c, *_ in sweep] == [(m, c) for c in ("off", "on") for m in ("2", "4")]
     assert all(float(rate) > 0 for _, _, rate, _, _ in sweep)  # (MFU rounds to 0 on a CPU)
