@@ -137,7 +137,8 @@ def random_weights(device: str):
             if any(folder.glob("*.safetensors")) or kwargs.get("gguf_file"):
                 return original.__func__(cls, path, *args, dtype=dtype, **kwargs)
             with torch.device(device):
-                model = cls.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+                model = cls.from_config(AutoConfig.from_pretrained(folder), dtype=dtype,
+                                        attn_implementation=kwargs.get("attn_implementation"))
             model.generation_config = GenerationConfig.from_pretrained(folder)
             return model.eval()
         return classmethod(from_pretrained)

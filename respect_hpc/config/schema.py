@@ -167,6 +167,16 @@ class ModelSection(Strict):
                             "whatever the checkpoint's processor says)")
     image_splitting: bool = Field(False, description="split each image into 4 crops plus the whole (IDEFICS2's "
                                   "do_image_splitting; official: false)")
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="attention kernels: sdpa (PyTorch's, on every machine), flash_attention_2 (the official "
+                            "runs; needs the flash-attn package, a CUDA GPU and bf16 or fp16), eager")
+
+    @model_validator(mode="after")
+    def _flash_attention_in_half_precision(self) -> ModelSection:
+        if self.attention == "flash_attention_2" and self.dtype == "fp32":
+            raise ValueError("attention flash_attention_2 runs in bf16 or fp16, not dtype fp32: set model.dtype, or "
+                             "attention: sdpa")
+        return self
 
 
 class DecoderSection(Strict):

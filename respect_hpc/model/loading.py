@@ -8,6 +8,7 @@ interface come from :mod:`respect_hpc.model.replica`.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -81,14 +82,27 @@ def check_transformers(version: str | None = None) -> None:
                          f"mask in Idefics2 and Mistral): pip install -U 'transformers>={floor}'")
 
 
+def check_attention(spec: ModelSection) -> None:
+    """Refuses, with one line, ``model.attention: flash_attention_2`` where it cannot run: without the flash-attn
+    package or without a CUDA GPU (the manifest already refuses it in fp32)."""
+    if spec.attention != "flash_attention_2":
+        return
+    missing = [what for what, there in (("the flash-attn package", importlib.util.find_spec("flash_attn")),
+                                        ("a CUDA GPU", torch.cuda.is_available())) if not there]
+    if missing:
+        raise ModelError(f"model.attention: flash_attention_2 needs {' and '.join(missing)}, which this machine "
+                         f"lacks: install flash-attn on a GPU node, or set model.attention=sdpa")
+
+
 def _load_model(spec: ModelSection, family: Family):
     """The checkpoint's weights in the manifest's dtype, as the family's model class."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     check_transformers()
-
+    check_attention(spec)
     cls = AutoModelForImageTextToText if family.multimodal else AutoModelForCausalLM
-    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype])
+    model = cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[spec.dtype],
+                                attn_implementation=spec.attention)
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantised
         model.hf_quantizer.remove_quantization_config(model)
     return model

@@ -106,3 +106,16 @@ def test_demo_takes_overrides_without_a_manifest(monkeypatch):
     done = cli("demo", "simulation.games=abc")
     assert done.returncode == 2
     assert "override 'simulation.games=abc': simulation.games: expected an integer, got 'abc'" in done.stderr
+
+
+def test_flash_attention_in_fp32_is_refused_and_in_bf16_accepted(tmp_path):
+    """FlashAttention-2 has no fp32 kernels: the manifest says so before any job; in bf16 it validates (whether
+    flash-attn is installed is checked where the model loads, on the GPU node)."""
+    path = write(tmp_path, VARIANTS)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, overrides=["model.attention=flash_attention_2", "model.dtype=fp32"])
+    assert str(info.value).splitlines() == [
+        "override 'model.dtype=fp32': model: attention flash_attention_2 runs in bf16 or fp16, not dtype fp32: set model.dtype, or "
+        "attention: sdpa"]
+    assert load_manifest(path, overrides=["model.attention=flash_attention_2"]).model.attention == "flash_attention_2"
+    assert load_manifest(path).model.attention == "sdpa"
