@@ -10,7 +10,7 @@ loaders' ``AutoModel*.from_pretrained`` builds a folder that holds no weights fr
 (synthetic games on the KiloGram tangrams) and the recipe's FFT and RL training sets.
 
 1. Training: ``bench_train.measure`` synchronized (``torch.cuda.synchronize`` before each clock read), the four
-   ways alternating in slices until the time budget; LoRA in the paper's placement, Accelerate, bf16 autocast.
+   ways alternating in slices until the time budget; LoRA in the official placement (the default), Accelerate, bf16.
 2. Where a step's time goes: two FFT micro-batches (game packing + cache) under torch.profiler, the device
    time split into matmuls, attention and the rest, its busy share of the wall time, and the top kernels.
 3. Memory: FFT with game packing and the vision cache at micro-batches of 4, 8 and 16 games, with and without

@@ -7,7 +7,7 @@
 
 Model: the IDEFICS2-8B replica (its tokenizer, chat template and processor) with random weights, text model
 hidden 256 x 4 layers, vision model sized so that encoding an image costs about as many text tokens' work as
-SigLIP-so400m's 256 patches do in IDEFICS2-8B; LoRA with the paper's placement, fp32 on this CPU. Data:
+SigLIP-so400m's 256 patches do in IDEFICS2-8B; LoRA in the official placement (the default), fp32 on this CPU. Data:
 synthetic games shaped like the public round-6 log (about 7 turns a game; that log: 6.5) on the real KiloGram tangrams (10
 images at 224 px a prompt), labelled by the synthetic follow-ups; the FFT and RL training sets the recipe builds.
 Timed per micro-batch (4 sequences: turns, or games): building it (tokens and pixels), forward, backward and the
@@ -203,7 +203,7 @@ def main() -> str:
                      f"{m['fill']:.0f} s (once a round)")
     ratio = _vision_ratio(model)
     table = "\n".join(rows)
-    return f"""## Training throughput: game packing and the vision feature cache, LoRA (paper placement), fp32, CPU (issue: training at the speed of the data)
+    return f"""## Training throughput: game packing and the vision feature cache, LoRA (official placement), fp32, CPU (issue: training at the speed of the data)
 
 {turns.height} turns of {GAMES} synthetic games ({turns.height / GAMES:.1f} turns a game, {bank.source} images,
 10 a prompt at 224 px); IDEFICS2-8B replica, text model hidden {TEXT[0]} x {TEXT[1]} layers, vision model
