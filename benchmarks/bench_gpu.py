@@ -30,7 +30,8 @@ as failed, with its error, and the next one runs; each part's table goes to stde
 BENCH_GPU_TINY=1: the same code paths on a replica-sized model in fp32 on this CPU (the figures mean nothing;
 the tests run it). Knobs: BENCH_GPU_GAMES (48), BENCH_GPU_MICRO (4), BENCH_GPU_TRAIN_S (45 s of timed
 micro-batches per objective), BENCH_GPU_SWEEP_S (8 s a point of the memory sweep), BENCH_GPU_PROMPTS (1000),
-BENCH_GPU_ZERO2_GAMES (24).
+BENCH_GPU_ZERO2_GAMES (24), BENCH_GPU_ATTENTION (``model.attention``: sdpa, or flash_attention_2 where flash-attn
+is installed).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ PROMPTS = int(os.environ.get("BENCH_GPU_PROMPTS", 16 if TINY else 1000))
 ZERO2_GAMES = int(os.environ.get("BENCH_GPU_ZERO2_GAMES", 2 if TINY else 24))
 MEMORY_SWEEP = (2, 4) if TINY else (4, 8, 16)  # micro-batches (games) the memory part tries
 SWEEP_S = float(os.environ.get("BENCH_GPU_SWEEP_S", 8))
+ATTENTION = os.environ.get("BENCH_GPU_ATTENTION", "sdpa")  # model.attention (flash_attention_2 needs flash-attn)
 CHUNK = 80  # prompts per alternation of the two decoders
 PEAK_FLOPS = 989e12  # dense bf16, H100 SXM and H200
 
@@ -172,7 +174,8 @@ def train_section(folder: Path, images: Path, turns, feedback, root: Path, dtype
         examples = training_set((turns, feedback), None, hp=Hyperparameters(),
                                 variant=Variant(name=f"x-{objective}", feedback=kind, objective=objective))
         _reset_peak()
-        m = measure(examples, folder, images, root, objective, dtype=dtype, micro_batch=MICRO_BATCH, sync=_sync,
+        m = measure(examples, folder, images, root, objective, dtype=dtype, micro_batch=MICRO_BATCH,
+                    attention=ATTENTION, sync=_sync,
                     budget_s=TRAIN_S)
         peak = peak_memory_gib()
         s, t, p, a = m["seconds"], m["tokens"], m["padded"], m["actions"]
@@ -215,7 +218,7 @@ def profile_section(folder: Path, images: Path, turns, feedback, root: Path, dty
     examples = training_set((turns, feedback), None, hp=Hyperparameters(),
                             variant=Variant(name="x-fft", feedback="binary", objective="fft"))
     with trainer_for(examples, folder, images, root / "profile", "fft", "game", root / "cache", dtype,
-                     MICRO_BATCH) as trainer:
+                     MICRO_BATCH, ATTENTION) as trainer:
         trainer.model.train()
         batches = trainer.data.epoch(0, trainer.per_step)
         timed_step(trainer, batches[0], _sync)
@@ -260,7 +263,7 @@ def memory_section(folder: Path, images: Path, turns, feedback, root: Path, dtyp
                 _release()
                 trainer = trainer_for(examples, folder, images, root / f"sweep-{micro_batch}-{checkpointing}", "fft",
                                       "game", root / "cache", dtype, micro_batch,
-                                      gradient_checkpointing=checkpointing)
+                                      ATTENTION, gradient_checkpointing=checkpointing)
                 trainer.model.train()
                 batches = trainer.data.epoch(0, trainer.per_step)
                 timed_step(trainer, batches[0], _sync)  # warm-up, untimed
@@ -293,7 +296,7 @@ timed micro-batches after an untimed one; peak memory since the trainer was buil
 
 
 def decode_section(folder: Path, dtype: str, device: str, n: int) -> str:
-    spec = ModelSection(path=folder, dtype=dtype)
+    spec = ModelSection(path=folder, dtype=dtype, attention=ATTENTION)
     model, tokenizer = load_text_model(spec, device), load_tokenizer(spec)
     template = decoder_template("respect-binary@2")
     prompts = benchmark_prompts(PROMPTS, tokenizer)
@@ -329,7 +332,7 @@ def zero2_section(folder: Path, images: Path, root: Path, dtype: str) -> str:
     examples = training_set((turns, feedback), None, hp=Hyperparameters(),
                             variant=Variant(name="x-fft", feedback="binary", objective="fft"))
     hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH, warmup_steps=0, epochs=1)
-    spec = TrainSpec(objective="fft", hp=hp, seed=1, model=ModelSection(path=folder, dtype=dtype),
+    spec = TrainSpec(objective="fft", hp=hp, seed=1, model=ModelSection(path=folder, dtype=dtype, attention=ATTENTION),
                      policy_template="respect-listener@1", images=images, out=TaskDir(root / "zero2"),
                      training=TrainingSection(zero_stage=2, packing="game"), vision_cache=root / "zero2-cache")
     validation = validation_turns(turns, limit=2 * MICRO_BATCH)
@@ -384,7 +387,7 @@ def main() -> str:
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (BENCH_GPU_TINY: the figures mean nothing)"
     body = "\n\n".join(parts)
-    return f"""## GPU: IDEFICS2-8B size, random weights, {dtype}, one GPU (issue: fast on a GPU node)
+    return f"""## GPU: IDEFICS2-8B size, random weights, {dtype}, {ATTENTION} attention, one GPU (issue: fast on a GPU node)
 
 {name}; torch {torch.__version__}, transformers {transformers.__version__}; N = {n / 1e9:.2f} B text parameters
 without embeddings; {GAMES} synthetic games ({turns.height} turns, {bank.source} images). MFU against 989 TFLOP/s

@@ -57,10 +57,11 @@ WAYS = {"a": "per turn, random micro-batches padded to their longest (official)"
 
 
 def trainer_for(examples: pl.DataFrame, model: Path, images: Path, out: Path, objective: str, packing: str,
-                cache: Path | None, dtype: str = "fp32", micro_batch: int = MICRO_BATCH, **training) -> Trainer:
+                cache: Path | None, dtype: str = "fp32", micro_batch: int = MICRO_BATCH, attention: str = "sdpa",
+                **training) -> Trainer:
     """A trainer of one micro-batch a step (Accelerate, no ZeRO; ``training``: other TrainingSection fields)."""
     hp = Hyperparameters(micro_batch=micro_batch, effective_batch=micro_batch, warmup_steps=0)
-    spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype=dtype),
+    spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype=dtype, attention=attention),
                      policy_template="respect-listener@1", images=images, out=TaskDir(out),
                      training=TrainingSection(zero_stage=None, packing=packing, **training), vision_cache=cache)
     return Trainer(spec, examples, examples.head(1))
@@ -95,7 +96,7 @@ def timed_step(trainer: Trainer, batch_of: list[int], sync: Callable[[], None]) 
 
 
 def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objective: str, *, dtype: str = "fp32",
-            micro_batch: int = MICRO_BATCH, sync: Callable[[], None] = lambda: None,
+            micro_batch: int = MICRO_BATCH, attention: str = "sdpa", sync: Callable[[], None] = lambda: None,
             budget_s: float = math.inf) -> dict:
     """Each way's seconds, tokens (without and with padding) and trained actions over the slices run, the
     cache's fill time, and the phases of one more micro-batch per way. ``sync`` waits for the device before a
@@ -103,9 +104,9 @@ def measure(examples: pl.DataFrame, model: Path, images: Path, root: Path, objec
     then run the same share of its micro-batches)."""
     set_distributed_env()
     turn = trainer_for(examples, model, images, root / f"{objective}-turn", objective, "turn", None, dtype,
-                       micro_batch)
+                       micro_batch, attention)
     game = trainer_for(examples, model, images, root / f"{objective}-game", objective, "game", root / "cache", dtype,
-                       micro_batch)
+                       micro_batch, attention)
     grouped = turn.data.epoch(0, turn.per_step)
     shuffled = [s for batch in grouped for s in batch]  # the same sequences in random micro-batches
     random.Random(1).shuffle(shuffled)

@@ -29,6 +29,7 @@ def test_every_part_of_the_gpu_benchmark_runs_on_a_tiny_model(tmp_path):
     for heading in ("### Training", "### Where a step's time goes", "### Memory", "### Decoding", "### A ZeRO-2 task"):
         assert heading in report
     assert " failed: " not in report
+    assert "random weights, fp32, sdpa attention, one GPU" in report
     assert re.search(r"Square matmuls ran at [\d.]+ TFLOP/s here", report)
     assert re.search(r"CPU time [\d.]+ s \(CPU self time\): matmul \d+%, attention \d+%, other \d+%", report)
     assert len(re.findall(r"^\| `[^`]+` \| (matmul|attention|other) \| [\d.]+ \| [\d.]+% \| \d+ \|$", report, re.M)) == 12
