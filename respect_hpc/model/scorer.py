@@ -24,6 +24,7 @@ batch runs again, so nothing is lost or scored twice.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -162,6 +163,9 @@ class FeedbackScorer:
         self.prefix_cache = prefix_cache
         self.label_ids = label_token_ids(tokenizer, template.labels)
         self.device = next(model.parameters()).device
+        # the key/value cache's name in and out of forward: ``cache`` where transformers has renamed it (the old
+        # ``past_key_values`` then warns, and goes in 5.40), ``past_key_values`` before
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if memory is None and batch_tokens is None and self.device.type == "cuda":
             memory = GpuMemory(self.device)
         self.memory = memory if batch_tokens is None else None  # set until the first batch has sized the budget
@@ -188,7 +192,7 @@ class FeedbackScorer:
         cached = None
         if prefix:
             cached = self.model(input_ids=torch.tensor([encoded[0][:prefix]], device=self.device),
-                                use_cache=True, logits_to_keep=1).past_key_values
+                                use_cache=True, logits_to_keep=1)[self.cache_name]
         suffixes = [e[prefix:] for e in encoded]
         lengths = [len(s) for s in suffixes]
         order = sorted(range(len(suffixes)), key=lambda i: -lengths[i])
@@ -196,7 +200,7 @@ class FeedbackScorer:
             batch = first_batch(order, lengths, self.batch_tokens)
             inputs = self._padded([suffixes[i] for i in batch], prefix)
             if cached is not None:
-                inputs["past_key_values"] = cache = copy.deepcopy(cached)
+                inputs[self.cache_name] = cache = copy.deepcopy(cached)
                 cache.batch_repeat_interleave(len(batch))
             if self.memory is not None:
                 self.memory.start()
