@@ -30,7 +30,8 @@ as failed, with its error, and the next one runs; each part's table goes to stde
 BENCH_GPU_TINY=1: the same code paths on a replica-sized model in fp32 on this CPU (the figures mean nothing;
 the tests run it). Knobs: BENCH_GPU_GAMES (48), BENCH_GPU_MICRO (4), BENCH_GPU_TRAIN_S (45 s of timed
 micro-batches per objective), BENCH_GPU_SWEEP_S (8 s a point of the memory sweep), BENCH_GPU_PROMPTS (1000),
-BENCH_GPU_ZERO2_GAMES (24), BENCH_GPU_ATTENTION (``model.attention``: sdpa, or flash_attention_2 where flash-attn
+BENCH_GPU_ZERO2_GAMES (24), BENCH_GPU_INTERFACE (a folder of IDEFICS2-8B's interface as
+``model.replica.write_interface`` writes it; benchmarks/gpu.sh prepares one), BENCH_GPU_ATTENTION (``model.attention``: sdpa, or flash_attention_2 where flash-attn
 is installed).
 """
 
@@ -40,6 +41,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -116,8 +118,15 @@ def matmul_peak(device: str, dtype: str) -> float:
 
 
 def interface(root: Path) -> Path:
-    """IDEFICS2-8B's interface folder without weights (TINY: with a replica's widths and depths)."""
-    folder = write_interface("idefics2-8b", root / "idefics2-8b")
+    """IDEFICS2-8B's interface folder without weights (TINY: with a replica's widths and depths): a copy of
+    BENCH_GPU_INTERFACE where set (a machine without mistral-common cannot rebuild the tokenizer), else
+    rebuilt."""
+    given = os.environ.get("BENCH_GPU_INTERFACE")
+    folder = root / "idefics2-8b"
+    if given:
+        shutil.copytree(given, folder)
+    else:
+        write_interface("idefics2-8b", folder)
     if TINY:
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(scaled_config(config, text_size(64, 2), vision_size(32, 2))))

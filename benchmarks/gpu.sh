@@ -24,7 +24,9 @@ if [ "${1:-}" = prepare ]; then
     mkdir -p gpu/whl
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d gpu/whl $EXTRA
-    if [ ! -f gpu/interface/config.json ]; then  # prepare.sh's own interface step looks for an older module path
+    if [ ! -f gpu/interface/config.json ]; then  # the benchmark's model interface (the tokenizer needs
+                                                 # mistral-common, which such a machine lacks); prepare.sh's own
+                                                 # interface step looks for an older module path
         rm -rf gpu/interface.part
         PYTHONPATH=$PWD .venv/bin/python -c "import sys; from respect_hpc.model.replica import write_interface; \
 write_interface('idefics2-8b', sys.argv[1])" gpu/interface.part
@@ -51,6 +53,7 @@ from respect_hpc.model.loading import check_transformers; check_transformers()" 
     fi
     export PYTHONPATH=$SITE
 fi
+[ -f gpu/interface/config.json ] && export BENCH_GPU_INTERFACE=$PWD/gpu/interface  # (no mistral-common there)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 status=0
