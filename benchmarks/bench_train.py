@@ -217,7 +217,8 @@ step. {"; ".join(notes)}.
 |---|---|---|---|---|---|
 {table}
 
-Targets: (d) at least 3x (b) for FFT and 4x for RL, the packed and per-turn forms equal (tests/test_packing.py).
+Targets: (d) at least 3x (b) for FFT and 4x for RL, the packed and per-turn forms equal
+(tests/integration/training/test_packing.py).
 The tokens per action bound what packing can gain: (b) / (c) in the token columns is the most it saves in
 the text model. The cache removes the vision model's share, which at real size is small next to the text
 model's (see the ratio above)."""
