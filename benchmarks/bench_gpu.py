@@ -31,8 +31,8 @@ BENCH_GPU_TINY=1: the same code paths on a replica-sized model in fp32 on this C
 the tests run it). Knobs: BENCH_GPU_GAMES (48), BENCH_GPU_MICRO (4), BENCH_GPU_TRAIN_S (45 s of timed
 micro-batches per objective), BENCH_GPU_SWEEP_S (8 s a point of the memory sweep), BENCH_GPU_PROMPTS (1000),
 BENCH_GPU_ZERO2_GAMES (24), BENCH_GPU_INTERFACE (a folder of IDEFICS2-8B's interface as
-``model.replica.write_interface`` writes it; benchmarks/gpu.sh prepares one), BENCH_GPU_ATTENTION (``model.attention``: sdpa, or flash_attention_2 where flash-attn
-is installed).
+``model.replica.write_interface`` writes it; benchmarks/gpu.sh prepares one), BENCH_GPU_ATTENTION
+(``model.attention``: sdpa, or flash_attention_2 where flash-attn is installed).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ from pathlib import Path
 
 import torch
 from bench_decode import benchmark_prompts, reference
-from bench_train import PHASES, WAYS, measure, synthetic_round, timed_step, trainer_for
+from bench_train import PHASES, WAYS, examples_of, measure, synthetic_round, timed_step, trainer_for
 
-from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, Variant
+from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection
 from respect_hpc.core.rundir import TaskDir
-from respect_hpc.data.datasets import training_set, validation_turns
+from respect_hpc.data.datasets import validation_turns
 from respect_hpc.domain.prompts import decoder_template
 from respect_hpc.model.loading import load_text_model, load_tokenizer
 from respect_hpc.model.replica import scaled_config, text_size, vision_size, write_interface
@@ -179,9 +179,8 @@ def _text_parameters_of(folder: Path) -> int:
 
 def train_section(folder: Path, images: Path, turns, feedback, root: Path, dtype: str, n: int) -> str:
     rows, notes = [], []
-    for objective, kind in (("fft", "binary"), ("rl", "ternary")):
-        examples = training_set((turns, feedback), None, hp=Hyperparameters(),
-                                variant=Variant(name=f"x-{objective}", feedback=kind, objective=objective))
+    for objective in ("fft", "rl"):
+        examples = examples_of(turns, feedback, objective)
         _reset_peak()
         m = measure(examples, folder, images, root, objective, dtype=dtype, micro_batch=MICRO_BATCH,
                     attention=ATTENTION, sync=_sync,
@@ -224,10 +223,9 @@ def profile_section(folder: Path, images: Path, turns, feedback, root: Path, dty
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    examples = training_set((turns, feedback), None, hp=Hyperparameters(),
-                            variant=Variant(name="x-fft", feedback="binary", objective="fft"))
-    with trainer_for(examples, folder, images, root / "profile", "fft", "game", root / "cache", dtype,
-                     MICRO_BATCH, ATTENTION) as trainer:
+    examples = examples_of(turns, feedback, "fft")
+    with trainer_for(examples, folder, images, root / "profile", "fft", "game", root / "cache", dtype, MICRO_BATCH,
+                     ATTENTION) as trainer:
         trainer.model.train()
         batches = trainer.data.epoch(0, trainer.per_step)
         timed_step(trainer, batches[0], _sync)
@@ -246,8 +244,8 @@ def profile_section(folder: Path, images: Path, turns, feedback, root: Path, dty
     busy = f"busy {100 * total / 1e6 / wall:.0f}% of the wall time under the profiler" if cuda else "CPU self time"
     return f"""### Where a step's time goes: torch.profiler over FFT micro-batches
 
-Game packing + cache, micro-batches of {MICRO_BATCH}, {len(profiled)} profiled after an untimed one; {"device" if cuda else "CPU"} time {total / 1e6:.2f} s \
-({busy}): {split}.
+Game packing + cache, micro-batches of {MICRO_BATCH}, {len(profiled)} profiled after an untimed one;
+{"device" if cuda else "CPU"} time {total / 1e6:.2f} s ({busy}): {split}.
 
 | kernel or op | kind | ms a micro-batch | share | calls a micro-batch |
 |---|---|---|---|---|
@@ -257,8 +255,7 @@ Game packing + cache, micro-batches of {MICRO_BATCH}, {len(profiled)} profiled a
 def memory_section(folder: Path, images: Path, turns, feedback, root: Path, dtype: str, n: int) -> str:
     """FFT, game packing with the vision cache, at each micro-batch of MEMORY_SWEEP with and without gradient
     checkpointing: trained actions/s, MFU and peak memory, or where it runs out of memory."""
-    examples = training_set((turns, feedback), None, hp=Hyperparameters(),
-                            variant=Variant(name="x-fft", feedback="binary", objective="fft"))
+    examples = examples_of(turns, feedback, "fft")
     rows = []
     for checkpointing in (False, True):
         too_big = False
@@ -267,32 +264,27 @@ def memory_section(folder: Path, images: Path, turns, feedback, root: Path, dtyp
             if too_big:
                 rows.append(f"{cell} not tried (a smaller one ran out of memory) | | |")
                 continue
-            trainer = None
+            _release()
             try:
-                _release()
-                trainer = trainer_for(examples, folder, images, root / f"sweep-{micro_batch}-{checkpointing}", "fft",
-                                      "game", root / "cache", dtype, micro_batch,
-                                      ATTENTION, gradient_checkpointing=checkpointing)
-                trainer.model.train()
-                batches = trainer.data.epoch(0, trainer.per_step)
-                timed_step(trainer, batches[0], _sync)  # warm-up, untimed
-                seconds = tokens = actions = 0
-                for batch_of in batches[1:] or batches:  # (the warm-up's again where it is the only one)
-                    phases, batch = timed_step(trainer, batch_of, _sync)
-                    seconds += sum(phases.values())
-                    tokens += int(batch["attention_mask"].sum())
-                    actions += trainer.data.answers([batch_of], 0)
-                    if seconds > SWEEP_S:
-                        break
+                with trainer_for(examples, folder, images, root / f"sweep-{micro_batch}-{checkpointing}", "fft",
+                                 "game", root / "cache", dtype, micro_batch, ATTENTION,
+                                 gradient_checkpointing=checkpointing) as trainer:
+                    trainer.model.train()
+                    batches = trainer.data.epoch(0, trainer.per_step)
+                    timed_step(trainer, batches[0], _sync)  # warm-up, untimed
+                    seconds = tokens = actions = 0
+                    for batch_of in batches[1:] or batches:  # (the warm-up's again where it is the only one)
+                        phases, batch = timed_step(trainer, batch_of, _sync)
+                        seconds += sum(phases.values())
+                        tokens += int(batch["attention_mask"].sum())
+                        actions += trainer.data.answers([batch_of], 0)
+                        if seconds > SWEEP_S:
+                            break
                 rows.append(f"{cell} {actions / seconds:.2f} | {6 * n * tokens / seconds / PEAK_FLOPS:.3f} | "
                             f"{peak_memory_gib():.1f} |")
             except torch.cuda.OutOfMemoryError:
                 rows.append(f"{cell} out of memory | | {peak_memory_gib():.1f} |")
                 too_big = True
-            finally:
-                if trainer is not None:
-                    trainer.__exit__(None, None, None)
-                del trainer
     table = "\n".join(rows)
     return f"""### Memory: micro-batch and gradient checkpointing
 
@@ -338,10 +330,10 @@ The token bound (the reference's 256 tokens a prompt over the scorer's suffix) i
 
 def zero2_section(folder: Path, images: Path, root: Path, dtype: str) -> str:
     _, _, turns, feedback = synthetic_round(root / "zero2-data", ZERO2_GAMES)
-    examples = training_set((turns, feedback), None, hp=Hyperparameters(),
-                            variant=Variant(name="x-fft", feedback="binary", objective="fft"))
+    examples = examples_of(turns, feedback, "fft")
     hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH, warmup_steps=0, epochs=1)
-    spec = TrainSpec(objective="fft", hp=hp, seed=1, model=ModelSection(path=folder, dtype=dtype, attention=ATTENTION),
+    spec = TrainSpec(objective="fft", hp=hp, seed=1,
+                     model=ModelSection(path=folder, dtype=dtype, attention=ATTENTION),
                      policy_template="respect-listener@1", images=images, out=TaskDir(root / "zero2"),
                      training=TrainingSection(zero_stage=2, packing="game"), vision_cache=root / "zero2-cache")
     validation = validation_turns(turns, limit=2 * MICRO_BATCH)
@@ -389,14 +381,16 @@ def main() -> str:
                 parts.append(section())
             except Exception as error:  # one part's failure must not lose the figures of the others
                 traceback.print_exc()
-                parts.append(f"### {title} failed: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+                first = (str(error).strip().splitlines() or [""])[0]
+                parts.append(f"### {title} failed: {type(error).__name__}: {first}")
             print(parts[-1], file=sys.stderr, flush=True)  # in the log as it comes, should a later part crash
             _release()
     import transformers
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (BENCH_GPU_TINY: the figures mean nothing)"
     body = "\n\n".join(parts)
-    return f"""## GPU: IDEFICS2-8B size, random weights, {dtype}, {ATTENTION} attention, one GPU (issue: fast on a GPU node)
+    heading = f"GPU: IDEFICS2-8B size, random weights, {dtype}, {ATTENTION} attention, one GPU"
+    return f"""## {heading} (issue: fast on a GPU node)
 
 {name}; torch {torch.__version__}, transformers {transformers.__version__}; N = {n / 1e9:.2f} B text parameters
 without embeddings; {GAMES} synthetic games ({turns.height} turns, {bank.source} images). MFU against 989 TFLOP/s

@@ -15,14 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
 import torch
-from bench_train import synthetic_round
+from bench_train import examples_of, synthetic_round
 
 from jobs.train import set_distributed_env
-from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection, Variant
+from respect_hpc.config.schema import Hyperparameters, ModelSection, TrainingSection
 from respect_hpc.core.rundir import TaskDir
-from respect_hpc.data.datasets import training_set
 from respect_hpc.model.replica import replica_like
 from respect_hpc.training.spec import TrainSpec
 from respect_hpc.training.trainer import Trainer
@@ -37,8 +35,7 @@ def main() -> str:
     set_distributed_env()
     root = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
     _, images, turns, feedback = synthetic_round(root, GAMES)
-    examples = training_set((turns, feedback.filter(pl.col("kind") == "binary")), None, hp=Hyperparameters(),
-                            variant=Variant(name="x-fft", feedback="binary", objective="fft"))
+    examples = examples_of(turns, feedback, "fft")
     model = replica_like("idefics2-8b", root / "model", hidden_size=TEXT[0], layers=TEXT[1], vision=VISION)
     hp = Hyperparameters(micro_batch=MICRO_BATCH, effective_batch=MICRO_BATCH * ACCUMULATED, warmup_steps=0)
     spec = TrainSpec(objective="fft", hp=hp, seed=1, model=ModelSection(path=model, dtype="fp32"),

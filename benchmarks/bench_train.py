@@ -7,8 +7,8 @@
 
 Model: the IDEFICS2-8B replica (its tokenizer, chat template and processor) with random weights, text model
 hidden 256 x 4 layers, vision model sized so that encoding an image costs about as many text tokens' work as
-SigLIP-so400m's 256 patches do in IDEFICS2-8B; LoRA in the official placement (the default), fp32 on this CPU. Data:
-synthetic games shaped like the public round-6 log (about 7 turns a game; that log: 6.5) on the real KiloGram tangrams (10
+SigLIP-so400m's 256 patches do in IDEFICS2-8B; LoRA in the official placement (the default), fp32 on this CPU.
+Data: synthetic games shaped like the public round-6 log (about 7 turns a game; that log: 6.5) on the real KiloGram tangrams (10
 images at 224 px a prompt), labelled by the synthetic follow-ups; the FFT and RL training sets the recipe builds.
 Timed per micro-batch (4 sequences: turns, or games): building it (tokens and pixels), forward, backward and the
 optimizer step. The four ways alternate slice by slice so that load from elsewhere slows them alike; the cache
@@ -61,7 +61,8 @@ def trainer_for(examples: pl.DataFrame, model: Path, images: Path, out: Path, ob
                 **training) -> Trainer:
     """A trainer of one micro-batch a step (Accelerate, no ZeRO; ``training``: other TrainingSection fields)."""
     hp = Hyperparameters(micro_batch=micro_batch, effective_batch=micro_batch, warmup_steps=0)
-    spec = TrainSpec(objective=objective, hp=hp, seed=1, model=ModelSection(path=model, dtype=dtype, attention=attention),
+    spec = TrainSpec(objective=objective, hp=hp, seed=1,
+                     model=ModelSection(path=model, dtype=dtype, attention=attention),
                      policy_template="respect-listener@1", images=images, out=TaskDir(out),
                      training=TrainingSection(zero_stage=None, packing=packing, **training), vision_cache=cache)
     return Trainer(spec, examples, examples.head(1))
@@ -186,14 +187,21 @@ def synthetic_round(root: Path, games: int):
     return bank, images, turns, feedback
 
 
+def examples_of(turns: pl.DataFrame, feedback: pl.DataFrame, objective: str) -> pl.DataFrame:
+    """The recipe's training set of ``objective`` from :func:`synthetic_round`'s data (FFT on the binary labels,
+    RL on the ternary ones)."""
+    kind = "binary" if objective == "fft" else "ternary"
+    return training_set((turns, feedback), None, hp=Hyperparameters(),
+                        variant=Variant(name=f"x-{objective}", feedback=kind, objective=objective))
+
+
 def main() -> str:
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     bank, images, turns, feedback = synthetic_round(root, GAMES)
     model = replica_like("idefics2-8b", root / "model", hidden_size=TEXT[0], layers=TEXT[1], vision=VISION)
     rows, notes = [], []
-    for objective, kind in (("fft", "binary"), ("rl", "ternary")):
-        examples = training_set((turns, feedback), None, hp=Hyperparameters(),
-                                variant=Variant(name=f"x-{objective}", feedback=kind, objective=objective))
+    for objective in ("fft", "rl"):
+        examples = examples_of(turns, feedback, objective)
         m = measure(examples, model, images, root, objective)
         s, t, p, a = m["seconds"], m["tokens"], m["padded"], m["actions"]
         for way, name in WAYS.items():

@@ -227,8 +227,8 @@ class Trainer:
         per_epoch = self.epoch_steps[0]
         progress(f"{engine}, {accelerator.num_processes} process(es) on {accelerator.device} ({spec.model.attention} "
                  f"attention), {self.accum} micro-batch(es) of {hp.micro_batch} sequences accumulated per step, "
-                 f"{per_epoch} steps per epoch; {n_examples} trained actions in {n_sequences} sequences ({spec.training.packing} "
-                 f"packing), about {n_examples / per_epoch:.1f} a step"
+                 f"{per_epoch} steps per epoch; {n_examples} trained actions in {n_sequences} sequences "
+                 f"({spec.training.packing} packing), about {n_examples / per_epoch:.1f} a step"
                  + ("" if self.data.drawn is None else "; negatives drawn afresh each epoch")
                  + (f"; vision features cached in {spec.vision_cache}" if self.vision_cache else ""))
         step, first_epoch = self.checkpoints.resume()

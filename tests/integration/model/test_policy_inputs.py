@@ -331,27 +331,30 @@ def test_a_qwen_replica_with_fewer_image_tokens_and_splitting_refused(qwen, imag
         encoder_for(small, images, image_splitting=True)
 
 
-def test_the_attention_setting_reaches_every_part_of_the_model_and_eager_gives_the_sdpa_logits(replica, images):
-    """``model.attention`` is transformers' attn_implementation of the text model, the vision tower and the
-    perceiver; eager and sdpa give the same answer logits of a left-padded batch, in fp32, the widest dtype a
-    manifest takes (only rounding differs; the bound is a few hundred ulps of the logits' size, not a measured
-    value)."""
+@pytest.mark.parametrize("family", ["replica", "smolvlm", "qwen"])  # IDEFICS2-8B, SmolVLM, Qwen2.5-VL replicas
+def test_the_attention_setting_reaches_every_part_of_the_model_and_eager_gives_the_sdpa_logits(family, images,
+                                                                                                request):
+    """``model.attention`` is transformers' attn_implementation of the model and each of its sub-models (text,
+    vision, and IDEFICS2's perceiver); eager and sdpa give the same answer logits of a padded batch, in fp32, the
+    widest dtype a manifest takes (only rounding differs; the bound is a few hundred ulps of the logits' size, not
+    a measured value)."""
     import torch
 
     from respect_hpc.config.schema import ModelSection
     from respect_hpc.model.loading import load_text_model
 
-    encoder = encoder_for(replica, images)
+    folder = request.getfixturevalue(family)
+    encoder = encoder_for(folder, images)
     short = {**ROW, "chats": ["the bird"], "previous_actions": [], "previous_selections": []}
     batch = encoder.collate([encoder.encode(policy_view(row, view_template())) for row in (ROW, short)])
     logits = {}
     for attention in ("sdpa", "eager"):
-        model = load_text_model(ModelSection(path=replica, dtype="fp32", attention=attention))
+        model = load_text_model(ModelSection(path=folder, dtype="fp32", attention=attention))
         config = model.config
-        parts = (config, config.text_config, config.vision_config, config.perceiver_config)
-        assert {part._attn_implementation for part in parts} == {attention}
+        parts = [config, *(getattr(config, name) for name in config.sub_configs)]
+        assert len(parts) > 2 and {part._attn_implementation for part in parts} == {attention}
         with torch.no_grad():
             logits[attention] = answer_logits(model, batch)
-    assert batch["attention_mask"][1, 0] == 0  # the short one is padded
+    assert not batch["attention_mask"][1].all()  # the short one is padded
     scale = logits["sdpa"].abs().max().item()
     assert torch.allclose(logits["sdpa"], logits["eager"], rtol=0, atol=512 * torch.finfo(torch.float32).eps * scale)
